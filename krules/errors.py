@@ -1,0 +1,56 @@
+"""The krules exception tree: one root, shallow branches, each raised at one boundary."""
+
+from __future__ import annotations
+
+
+class KRulesError(Exception):
+    """Root of every error krules raises on purpose."""
+
+
+class ConfigurationError(KRulesError):
+    """Raised when a setting, environment variable or provider override is invalid."""
+
+
+class RuleDefinitionError(KRulesError, TypeError):
+    """Raised when ``@on``/``@when``/``@middleware`` are given something they cannot register."""
+
+
+class RuleModuleError(KRulesError):
+    """Raised when a rule module named on the command line cannot be found or fails to import."""
+
+
+class EventFormatError(KRulesError, ValueError):
+    """Raised when an incoming event is not a valid CloudEvent krules can route."""
+
+
+class CascadeDepthExceeded(KRulesError):
+    """Raised when an event cascade goes deeper than the configured loop-guard limit."""
+
+    def __init__(self, limit: int, chain: list[str]) -> None:
+        self.limit = limit
+        self.chain = chain
+        shown = " -> ".join(chain[:4] + ["..."] + chain[-4:]) if len(chain) > 10 else " -> ".join(chain)
+        super().__init__(
+            f"Event cascade stopped at depth {limit} (KRULES_MAX_CASCADE_DEPTH): {shown}; "
+            "break the loop with a muted write, a @when filter or an extended property."
+        )
+
+
+class StorageError(KRulesError):
+    """Raised when the subject storage fails; the turn's writes are not applied."""
+
+
+class ValueNotSerializableError(StorageError, TypeError):
+    """Raised when a property value cannot be stored as JSON."""
+
+
+class StorageUnavailableError(StorageError):
+    """Raised when the storage cannot be reached after the configured retries."""
+
+
+class UpdateConflictError(StorageError):
+    """Raised when an atomic update keeps losing to concurrent writers beyond the retry bound."""
+
+
+class IngressError(KRulesError):
+    """Raised when an event cannot be delivered to a krules instance over HTTP."""

@@ -1,0 +1,219 @@
+"""Events inside the engine, and their CloudEvents form at the boundaries.
+
+Inside one process an event is a small slotted :class:`Event`; it becomes a ``cloudevents`` SDK
+object only when it crosses a boundary (HTTP, a stream, a handler asking for ``ctx.event``), so the
+hot path never pays for attribute validation or ``datetime`` formatting.
+
+Ids are cheap and deterministic for children: a root event gets ``<instance prefix>-<counter>``; the
+n-th event emitted while handling event ``P`` gets ``P.id + "." + n`` (hashed when that grows long).
+Re-processing ``P`` therefore re-emits the same ids, and a receiver can drop the duplicates.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import secrets
+import time as _time
+from datetime import UTC, datetime
+from typing import Any, Final
+
+from cloudevents.core.exceptions import BaseCloudEventException
+from cloudevents.core.v1.event import CloudEvent
+
+from krules.errors import EventFormatError
+
+__all__ = ["DEPTH_EXTENSION", "Event", "IdGenerator", "event_from_cloudevent", "event_from_dict"]
+
+DEPTH_EXTENSION: Final = "krulesdepth"
+"""CloudEvents extension attribute carrying the cascade depth of an event."""
+
+_MAX_ID_LENGTH: Final = 96
+_CORE_ATTRIBUTES: Final = frozenset(
+    {"id", "source", "type", "subject", "time", "specversion", "datacontenttype", "data", "data_base64"}
+)
+
+
+class IdGenerator:
+    """Makes root event ids: a random per-instance prefix plus a counter (no ``uuid4`` per event)."""
+
+    __slots__ = ("_counter", "_prefix")
+
+    def __init__(self, prefix: str | None = None) -> None:
+        self._prefix = prefix or secrets.token_hex(6)
+        self._counter = itertools.count(1)
+
+    def __call__(self) -> str:
+        return f"{self._prefix}-{next(self._counter)}"
+
+
+class Event:
+    """One event: CloudEvents attributes, a JSON-object payload, and its place in a cascade."""
+
+    __slots__ = ("_emitted", "data", "depth", "extensions", "id", "parent", "source", "subject", "time", "type")
+
+    def __init__(
+        self,
+        type: str,
+        subject: str,
+        data: dict[str, Any],
+        id: str,
+        source: str,
+        time: float,
+        depth: int = 0,
+        parent: Event | None = None,
+        extensions: dict[str, Any] | None = None,
+    ) -> None:
+        self.type = type
+        self.subject = subject
+        self.data = data
+        self.id = id
+        self.source = source
+        self.time = time
+        self.depth = depth
+        self.parent = parent
+        self.extensions = extensions
+        self._emitted = 0
+
+    def child(
+        self, type: str, subject: str, data: dict[str, Any], time: float, extensions: dict[str, Any] | None
+    ) -> Event:
+        """Return the next event caused by this one, with a deterministic id and depth + 1."""
+        self._emitted += 1
+        child_id = f"{self.id}.{self._emitted}"
+        if len(child_id) > _MAX_ID_LENGTH:
+            child_id = hashlib.blake2b(child_id.encode(), digest_size=16).hexdigest()
+        return Event(type, subject, data, child_id, self.source, time, self.depth + 1, self, extensions)
+
+    def chain(self) -> list[str]:
+        """Event types from the root of the cascade down to this event."""
+        types: list[str] = []
+        event: Event | None = self
+        while event is not None:
+            types.append(f"{event.type}({event.subject})")
+            event = event.parent
+        types.reverse()
+        return types
+
+    def attributes(self) -> dict[str, Any]:
+        """CloudEvents context attributes (no data), with ``time`` as an aware ``datetime``."""
+        attributes: dict[str, Any] = {
+            "specversion": "1.0",
+            "id": self.id,
+            "source": self.source,
+            "type": self.type,
+            "subject": self.subject,
+            "time": datetime.fromtimestamp(self.time, UTC),
+            "datacontenttype": "application/json",
+        }
+        if self.extensions:
+            attributes.update(self.extensions)
+        if self.depth:
+            attributes[DEPTH_EXTENSION] = self.depth
+        return attributes
+
+    def to_cloudevent(self) -> CloudEvent:
+        """This event as a ``cloudevents`` SDK object."""
+        return CloudEvent(self.attributes(), self.data)
+
+    def to_dict(self) -> dict[str, Any]:
+        """This event in CloudEvents JSON (structured mode) form."""
+        out = self.attributes()
+        out["time"] = out["time"].isoformat().replace("+00:00", "Z")
+        out["data"] = self.data
+        return out
+
+    def __repr__(self) -> str:
+        return f"Event({self.type!r}, subject={self.subject!r}, id={self.id!r}, depth={self.depth})"
+
+
+def _payload(data: Any, datacontenttype: str | None) -> dict[str, Any]:
+    if data is None:
+        return {}
+    if isinstance(data, (bytes, bytearray, str)):
+        if datacontenttype and "json" not in datacontenttype:
+            raise EventFormatError(
+                f"The event's datacontenttype {datacontenttype!r} is not JSON; krules payloads are JSON objects."
+            )
+        try:
+            data = json.loads(data)
+        except (ValueError, UnicodeDecodeError):
+            raise EventFormatError("The event's data is not valid JSON.") from None
+    if not isinstance(data, dict):
+        raise EventFormatError(
+            f"The event's data must be a JSON object, not {type(data).__name__}; wrap the value in an object."
+        )
+    return data
+
+
+def _timestamp(value: Any) -> float:
+    if value is None:
+        return _time.time()
+    if isinstance(value, datetime):
+        return value.timestamp()
+    if isinstance(value, str):
+        try:
+            return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+        except ValueError:
+            pass
+    raise EventFormatError(f"The event's time {value!r} is not an RFC 3339 timestamp.")
+
+
+def event_from_cloudevent(ce: Any) -> Event:
+    """Validate a ``cloudevents`` SDK event and turn it into an :class:`Event`."""
+    attributes: dict[str, Any] = dict(ce.get_attributes())
+    return _event_from_attributes(attributes, ce.get_data())
+
+
+def event_from_dict(obj: Any) -> Event:
+    """Validate one structured-mode CloudEvent (a decoded JSON object) and turn it into an :class:`Event`."""
+    if not isinstance(obj, dict):
+        raise EventFormatError(f"A CloudEvent must be a JSON object, not {type(obj).__name__}.")
+    attributes = dict(obj)
+    data = attributes.pop("data", None)
+    if data is None and "data_base64" in attributes:
+        raise EventFormatError("The event carries binary data (data_base64); krules payloads are JSON objects.")
+    try:
+        CloudEvent({k: v for k, v in attributes.items() if k != "time"})  # the SDK's attribute checks
+    except BaseCloudEventException as exc:
+        raise EventFormatError(_sdk_reason(exc)) from None
+    return _event_from_attributes(attributes, data)
+
+
+def _sdk_reason(exc: BaseCloudEventException) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return f"The request is not a valid CloudEvent: {text.rstrip('.')}."
+
+
+def _event_from_attributes(attributes: dict[str, Any], data: Any) -> Event:
+    specversion = attributes.get("specversion")
+    if specversion != "1.0":
+        raise EventFormatError(f"The event's specversion is {specversion!r}; krules accepts CloudEvents '1.0'.")
+    for required in ("id", "source", "type"):
+        value = attributes.get(required)
+        if not isinstance(value, str) or not value:
+            raise EventFormatError(f"The event has no {required!r} attribute; CloudEvents 1.0 requires it.")
+    subject = attributes.get("subject")
+    if not isinstance(subject, str) or not subject:
+        raise EventFormatError("The event has no 'subject' attribute; krules routes every event to a subject.")
+    depth_value = attributes.get(DEPTH_EXTENSION, 0)
+    try:
+        depth = int(depth_value)
+    except (TypeError, ValueError):
+        raise EventFormatError(f"The event's {DEPTH_EXTENSION} extension {depth_value!r} is not an integer.") from None
+    if depth < 0:
+        raise EventFormatError(f"The event's {DEPTH_EXTENSION} extension {depth} is negative.")
+    extensions = {
+        k: v for k, v in attributes.items() if k not in _CORE_ATTRIBUTES and k != DEPTH_EXTENSION and v is not None
+    }
+    return Event(
+        type=attributes["type"],
+        subject=subject,
+        data=_payload(data, attributes.get("datacontenttype")),
+        id=attributes["id"],
+        source=attributes["source"],
+        time=_timestamp(attributes.get("time")),
+        depth=depth,
+        extensions=extensions or None,
+    )

@@ -1,0 +1,134 @@
+"""In-process subject storage: the embedded default.
+
+Values are kept as JSON strings, exactly as the Redis backend keeps them, so a rule behaves the same
+on both (tuples come back as lists, a set is refused when written).  Every method body runs without
+awaiting in between reads and writes, which makes each call atomic on the event loop; callable
+updates re-apply on the stored value, so none is lost to a concurrent turn.  Nothing survives the
+process: embedded mode is at-most-once on a crash.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from storage.base import DELETE, Change, SubjectChanges, Update, decode, encode
+
+__all__ = ["MemoryStorage", "create_memory_storage"]
+
+_Maps = tuple[dict[str, str], dict[str, str]]
+
+
+class MemoryStorage:
+    """A dict of subjects, each a pair of ``{property: json}`` maps (ordinary, extended)."""
+
+    def __init__(self) -> None:
+        self._subjects: dict[str, _Maps] = {}
+
+    async def load(self, name: str) -> tuple[dict[str, Any], dict[str, Any]]:
+        maps = self._subjects.get(name)
+        if maps is None:
+            return {}, {}
+        props, ext = maps
+        return (
+            {k: decode(v) for k, v in props.items()},
+            {k: decode(v) for k, v in ext.items()} if ext else {},
+        )
+
+    async def store(self, batch: Sequence[SubjectChanges]) -> None:
+        # Resolve every conflicting update before touching anything, so an encoding error in a
+        # re-applied callable leaves the whole batch unapplied.
+        for changes in batch:
+            maps = self._subjects.get(changes.name)
+            if maps is None:
+                continue
+            self._resolve(changes.name, changes.props, maps[0])
+            self._resolve(changes.name, changes.ext, maps[1])
+        for changes in batch:
+            maps = self._subjects.get(changes.name)
+            if maps is None:
+                maps = self._subjects[changes.name] = ({}, {})
+            self._apply(changes.props, maps[0])
+            self._apply(changes.ext, maps[1])
+            if not maps[0] and not maps[1]:
+                del self._subjects[changes.name]
+
+    @staticmethod
+    def _resolve(name: str, changes: dict[str, Change], stored: dict[str, str]) -> None:
+        for prop, change in changes.items():
+            if type(change) is Update:
+                current = stored.get(prop)
+                if current != change.expected:
+                    change.reapply(current, name, prop)
+
+    @staticmethod
+    def _apply(changes: dict[str, Change], stored: dict[str, str]) -> None:
+        for prop, change in changes.items():
+            if type(change) is str:
+                stored[prop] = change
+            elif change is DELETE:
+                stored.pop(prop, None)
+            else:
+                stored[prop] = change.value  # type: ignore[union-attr]
+
+    def _map(self, name: str, ext: bool) -> dict[str, str] | None:
+        maps = self._subjects.get(name)
+        if maps is None:
+            return None
+        return maps[1] if ext else maps[0]
+
+    def _writable_map(self, name: str, ext: bool) -> dict[str, str]:
+        maps = self._subjects.get(name)
+        if maps is None:
+            maps = self._subjects[name] = ({}, {})
+        return maps[1] if ext else maps[0]
+
+    async def get(self, name: str, prop: str, *, ext: bool = False) -> Any:
+        stored = self._map(name, ext)
+        if stored is None or prop not in stored:
+            raise KeyError(prop)
+        return decode(stored[prop])
+
+    async def set(self, name: str, prop: str, value: str, *, ext: bool = False) -> tuple[bool, Any]:
+        stored = self._writable_map(name, ext)
+        old = stored.get(prop)
+        stored[prop] = value
+        return (old is not None, decode(old) if old is not None else None)
+
+    async def update(
+        self, name: str, prop: str, fn: Callable[[Any], Any], *, ext: bool = False
+    ) -> tuple[Any, Any, bool]:
+        stored = self._map(name, ext)
+        raw = stored.get(prop) if stored is not None else None
+        old = decode(raw) if raw is not None else None
+        new = fn(old)
+        encoded = encode(new, name, prop)  # before creating anything: a bad value changes nothing
+        self._writable_map(name, ext)[prop] = encoded
+        return new, old, raw is not None
+
+    async def delete(self, name: str, prop: str, *, ext: bool = False) -> tuple[bool, Any]:
+        maps = self._subjects.get(name)
+        if maps is None:
+            return False, None
+        stored = maps[1] if ext else maps[0]
+        raw = stored.pop(prop, None)
+        if not maps[0] and not maps[1]:
+            del self._subjects[name]
+        return (raw is not None, decode(raw) if raw is not None else None)
+
+    async def flush(self, name: str) -> None:
+        self._subjects.pop(name, None)
+
+    async def subjects(self, prefix: str = "") -> list[str]:
+        return sorted(n for n in self._subjects if n.startswith(prefix))
+
+    async def check(self) -> None:
+        """Always reachable."""
+
+    async def close(self) -> None:
+        """Nothing to release; the data stays readable until the object is dropped."""
+
+
+def create_memory_storage() -> MemoryStorage:
+    """Return a new, empty in-process storage (the default of ``KRulesContainer.subject_storage``)."""
+    return MemoryStorage()
