@@ -1,0 +1,47 @@
+"""krules: a reactive event-rule engine with subjects.
+
+Rule modules are plain modules of ``async def`` handlers::
+
+    from krules import on, when
+
+    @on("order.submitted")
+    @when(lambda ctx: ctx.payload["total"] > 0)
+    async def validate(ctx):
+        await ctx.subject.set("status", "validated")
+        await ctx.emit("order.validated")
+"""
+
+from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError, version
+
+from krules import event_types
+from krules.app import default_container, emit, middleware, on, subject, use_container, when
+from krules.config import Settings
+from krules.container import KRulesContainer
+from krules.context import EventContext
+from krules.errors import KRulesError
+from krules.subject import Subject
+from middleware.base import SkipEvent
+
+try:
+    __version__ = version("krules")
+except PackageNotFoundError:  # a source tree without an install
+    __version__ = "0+unknown"
+
+__all__ = [
+    "EventContext",
+    "KRulesContainer",
+    "KRulesError",
+    "Settings",
+    "SkipEvent",
+    "Subject",
+    "default_container",
+    "emit",
+    "event_types",
+    "middleware",
+    "on",
+    "subject",
+    "use_container",
+    "when",
+]

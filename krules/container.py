@@ -1,0 +1,87 @@
+"""``KRulesContainer``: the dependency-injector container that assembles one krules app.
+
+Every collaborator is a provider, so tests and deployments swap them without touching rule code::
+
+    container = KRulesContainer()
+    container.subject_storage.override(providers.Object(create_redis_storage(url=..., key_prefix=...)))
+    on, when, middleware, emit = container.handlers()
+    order = container.subject("order-1")
+
+Override providers before the first event is emitted (the engine is a singleton built on first use).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from dependency_injector import containers, providers
+
+from krules.clock import SystemClock
+from krules.config import Settings
+from krules.engine import Engine
+from krules.rules import Filter, RuleRegistry
+from krules.subject import Subject
+from middleware.base import Middleware, default_middleware
+from storage.memory import create_memory_storage
+
+__all__ = ["KRulesContainer", "create_handlers"]
+
+Handlers = tuple[
+    Callable[..., Callable[[Any], Any]],
+    Callable[..., Callable[[Any], Any]],
+    Callable[[Any], Any],
+    Callable[..., Any],
+]
+
+
+def _registry(middlewares: list[Middleware]) -> RuleRegistry:
+    registry = RuleRegistry()
+    for mw in middlewares:
+        registry.add_middleware(mw)
+    return registry
+
+
+def create_handlers(registry: RuleRegistry, engine: Callable[[], Engine]) -> Handlers:
+    """Return ``(on, when, middleware, emit)`` bound to one app (``emit`` finds the engine lazily)."""
+
+    def on(*patterns: str) -> Callable[[Any], Any]:
+        return registry.on(*patterns)
+
+    def when(*filters: Filter) -> Callable[[Any], Any]:
+        return registry.when(*filters)
+
+    def middleware(mw: Any) -> Any:
+        return registry.middleware(mw)
+
+    async def emit(event_type: str, subject: Subject | str, payload: dict[str, Any] | None = None, **ext: Any) -> None:
+        await engine().emit(event_type, subject, payload, **ext)
+
+    on.__doc__ = RuleRegistry.on.__doc__
+    when.__doc__ = RuleRegistry.when.__doc__
+    middleware.__doc__ = RuleRegistry.middleware.__doc__
+    emit.__doc__ = Engine.emit.__doc__
+    return on, when, middleware, emit
+
+
+def _subject(name: str, engine: Engine) -> Subject:
+    return engine.subject(name)
+
+
+class KRulesContainer(containers.DeclarativeContainer):
+    """Providers of one krules app; override any of them (storage, settings, clock, middleware)."""
+
+    config = providers.Configuration()
+    """Free-form application configuration (as in KRules); the engine reads ``settings``."""
+
+    settings = providers.Singleton(Settings.from_env)
+    clock = providers.Singleton(SystemClock)
+    subject_storage = providers.Singleton(create_memory_storage)
+    middlewares = providers.Callable(default_middleware)
+    registry = providers.Singleton(_registry, middlewares=middlewares)
+    engine = providers.Singleton(
+        Engine, registry=registry, storage=subject_storage, settings=settings, clock=clock
+    )
+    event_bus = engine
+    handlers = providers.Callable(create_handlers, registry=registry, engine=engine.provider)
+    subject = providers.Factory(_subject, engine=engine)

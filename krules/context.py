@@ -1,0 +1,133 @@
+"""What a handler receives: the event, its subject, and a way to emit what follows."""
+
+from __future__ import annotations
+
+from contextvars import ContextVar
+from typing import TYPE_CHECKING, Any, Final
+
+from krules.event_types import SUBJECT_PROPERTY_CHANGED, SUBJECT_PROPERTY_DELETED
+
+if TYPE_CHECKING:
+    from cloudevents.core.v1.event import CloudEvent
+
+    from krules.clock import Clock
+    from krules.engine import Engine
+    from krules.events import Event
+    from krules.rules import Rule
+    from krules.subject import Subject
+    from krules.turn import Turn
+
+__all__ = ["EventContext", "current_context"]
+
+_PROPERTY_EVENTS: Final = frozenset({SUBJECT_PROPERTY_CHANGED, SUBJECT_PROPERTY_DELETED})
+
+_current: ContextVar[EventContext | None] = ContextVar("krules_current_context", default=None)
+
+
+def current_context() -> EventContext | None:
+    """The context of the handler running in this task, or None outside handlers."""
+    return _current.get()
+
+
+class EventContext:
+    """One handler call's view of an event (each matching handler gets its own context)."""
+
+    __slots__ = ("_engine", "_event", "_metadata", "extra", "rule", "subject", "turn")
+
+    def __init__(
+        self,
+        engine: Engine,
+        turn: Turn,
+        event: Event,
+        subject: Subject,
+        rule: Rule | None,
+        extra: dict[str, Any] | None,
+    ) -> None:
+        self._engine = engine
+        self.turn = turn
+        self._event = event
+        self.subject = subject
+        self.rule = rule
+        self.extra = extra
+        self._metadata: dict[str, Any] | None = None
+
+    # -- the event ---------------------------------------------------------------------------
+    @property
+    def event_type(self) -> str:
+        """The CloudEvent ``type``."""
+        return self._event.type
+
+    @property
+    def payload(self) -> dict[str, Any]:
+        """The CloudEvent ``data`` (a JSON object)."""
+        return self._event.data
+
+    @property
+    def event(self) -> CloudEvent:
+        """The event as a ``cloudevents`` SDK object (built on demand)."""
+        return self._event.to_cloudevent()
+
+    @property
+    def raw_event(self) -> Event:
+        """The engine's own event object (id, depth, parent)."""
+        return self._event
+
+    @property
+    def event_id(self) -> str:
+        """The CloudEvent ``id``."""
+        return self._event.id
+
+    @property
+    def property_name(self) -> str | None:
+        """For property-changed/-deleted events: which property."""
+        return self._event.data.get("property_name") if self._event.type in _PROPERTY_EVENTS else None
+
+    @property
+    def old_value(self) -> Any:
+        """For property-changed/-deleted events: the value before."""
+        return self._event.data.get("old_value") if self._event.type in _PROPERTY_EVENTS else None
+
+    @property
+    def new_value(self) -> Any:
+        """For property-changed events: the value after."""
+        return self._event.data.get("value") if self._event.type in _PROPERTY_EVENTS else None
+
+    @property
+    def handler_name(self) -> str:
+        """Dotted name of the handler this context belongs to."""
+        return self.rule.name if self.rule is not None else "<none>"
+
+    @property
+    def clock(self) -> Clock:
+        """The engine's clock; ``await ctx.clock.sleep(s)`` is how rules back off (tests fake it)."""
+        return self._engine.clock
+
+    # -- metadata shared by middleware and the handler ----------------------------------------
+    def get_metadata(self, key: str, default: Any = None) -> Any:
+        """Metadata set by middleware, falling back to the event's CloudEvents extensions."""
+        if self._metadata is not None and key in self._metadata:
+            return self._metadata[key]
+        extensions = self._event.extensions
+        if extensions is not None and key in extensions:
+            return extensions[key]
+        return default
+
+    def set_metadata(self, key: str, value: Any) -> None:
+        """Attach a value for later middleware or the handler (this handler call only)."""
+        if self._metadata is None:
+            self._metadata = {}
+        self._metadata[key] = value
+
+    # -- emitting ----------------------------------------------------------------------------
+    async def emit(
+        self,
+        event_type: str,
+        payload: dict[str, Any] | None = None,
+        subject: Subject | str | None = None,
+        **extensions: Any,
+    ) -> None:
+        """Emit an event caused by this one (same subject unless given); it is handled inline."""
+        await self._engine.emit_child(self, event_type, payload, subject, extensions)
+
+    def __repr__(self) -> str:
+        return f"EventContext({self._event!r}, handler={self.handler_name})"

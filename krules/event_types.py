@@ -1,0 +1,23 @@
+"""Event types the subject system emits by itself (the same strings as KRules)."""
+
+from __future__ import annotations
+
+from typing import Final
+
+SUBJECT_PROPERTY_CHANGED: Final = "subject-property-changed"
+SUBJECT_PROPERTY_DELETED: Final = "subject-property-deleted"
+SUBJECT_DELETED: Final = "subject-deleted"
+
+# KRules-style CamelCase aliases, so ported rule modules keep working.
+SubjectPropertyChanged: Final = SUBJECT_PROPERTY_CHANGED
+SubjectPropertyDeleted: Final = SUBJECT_PROPERTY_DELETED
+SubjectDeleted: Final = SUBJECT_DELETED
+
+__all__ = [
+    "SUBJECT_DELETED",
+    "SUBJECT_PROPERTY_CHANGED",
+    "SUBJECT_PROPERTY_DELETED",
+    "SubjectDeleted",
+    "SubjectPropertyChanged",
+    "SubjectPropertyDeleted",
+]

@@ -1,0 +1,221 @@
+"""The rules registry: ``@on``/``@when``/``@middleware`` and the index that finds matching rules.
+
+Matching never scans every rule.  Rules are indexed by exact event type; glob patterns (``order.*``,
+``*``) are kept apart, and the rules for an event type are computed once and memoised, so an emit
+costs one dict lookup however many rules do not match.  Registering a rule or a middleware clears
+the memo and re-composes middleware chains; that happens at import time, never on the hot path.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import re
+from collections.abc import Callable, Iterable, Sequence
+from fnmatch import translate
+from typing import Any, Final, TypeVar
+
+from krules.errors import RuleDefinitionError
+from middleware.base import Call, Middleware, build_chain
+
+__all__ = ["Filter", "Rule", "RuleRegistry"]
+
+logger = logging.getLogger(__name__)
+
+F = TypeVar("F", bound=Callable[..., Any])
+Filter = Callable[[Any], Any]
+
+_GLOB_CHARS: Final = frozenset("*?[")
+_MEMO_LIMIT: Final = 4096
+_PENDING_FILTERS: Final = "_krules_pending_filters"
+_RULES_ATTR: Final = "_krules_rules"
+
+
+def _name_of(obj: Any) -> str:
+    return str(getattr(obj, "__qualname__", None) or getattr(obj, "__name__", None) or type(obj).__name__)
+
+
+def _is_async_callable(fn: Any) -> bool:
+    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(getattr(fn, "__call__", None))
+
+
+class Rule:
+    """One registered handler: its patterns, its filters and its composed middleware chain."""
+
+    __slots__ = ("call", "filters", "handler", "name", "order", "patterns")
+
+    def __init__(self, handler: Call, patterns: tuple[str, ...], order: int) -> None:
+        self.handler = handler
+        self.name = f"{getattr(handler, '__module__', '?')}.{_name_of(handler)}"
+        self.patterns = patterns
+        self.order = order
+        self.filters: list[tuple[Filter, bool]] = []
+        self.call: Call = handler
+
+    def add_filters(self, filters: Iterable[Filter]) -> None:
+        """Append filters (all must pass); async ones are awaited."""
+        self.filters.extend((f, _is_async_callable(f)) for f in filters)
+
+    def __repr__(self) -> str:
+        return f"Rule({self.name}, patterns={list(self.patterns)!r})"
+
+
+def _check_pattern(pattern: Any) -> str:
+    if not isinstance(pattern, str) or not pattern or pattern != pattern.strip() or " " in pattern:
+        raise RuleDefinitionError(
+            f"@on got the event-type pattern {pattern!r}; use a non-empty string without spaces, "
+            "such as 'order.submitted', 'order.*' or '*'."
+        )
+    if pattern.count("[") != pattern.count("]"):
+        raise RuleDefinitionError(f"@on got the event-type pattern {pattern!r} with an unbalanced '[...]'.")
+    return pattern
+
+
+def _check_filters(filters: Sequence[Any]) -> None:
+    if not filters:
+        raise RuleDefinitionError("@when needs at least one filter: a function of ctx returning a bool.")
+    for f in filters:
+        if not callable(f):
+            raise RuleDefinitionError(
+                f"@when got {f!r} ({type(f).__name__}), which is not callable; "
+                "pass a function of ctx that returns a bool (sync or async)."
+            )
+
+
+class RuleRegistry:
+    """All rules and middleware of one app."""
+
+    def __init__(self) -> None:
+        self._rules: list[Rule] = []
+        self._exact: dict[str, list[Rule]] = {}
+        self._globs: list[tuple[re.Pattern[str], Rule]] = []
+        self._middleware: list[Middleware] = []
+        self._memo: dict[str, tuple[Rule, ...]] = {}
+
+    # -- registration -----------------------------------------------------------------------
+    def on(self, *patterns: str) -> Callable[[F], F]:
+        """Decorator: register an ``async def handler(ctx)`` for events matching any pattern."""
+        if not patterns:
+            raise RuleDefinitionError("@on needs at least one event-type pattern, e.g. @on('order.submitted').")
+        checked = tuple(_check_pattern(p) for p in patterns)
+
+        def decorator(handler: F) -> F:
+            rule = self.add_rule(handler, checked)
+            pending = getattr(handler, _PENDING_FILTERS, None)
+            if pending:
+                rule.add_filters(pending)
+            rules = getattr(handler, _RULES_ATTR, None)
+            if rules is None:
+                try:
+                    setattr(handler, _RULES_ATTR, [rule])
+                except AttributeError:  # e.g. a bound method; @when above @on is then unavailable
+                    pass
+            else:
+                rules.append(rule)
+            return handler
+
+        return decorator
+
+    def when(self, *filters: Filter) -> Callable[[F], F]:
+        """Decorator: add filters to a handler; works above or below ``@on`` and stacks (ANDed)."""
+        _check_filters(filters)
+
+        def decorator(handler: F) -> F:
+            rules = getattr(handler, _RULES_ATTR, None)
+            if rules:
+                for rule in rules:
+                    rule.add_filters(filters)
+            else:
+                pending = getattr(handler, _PENDING_FILTERS, None)
+                if pending is None:
+                    pending = []
+                    setattr(handler, _PENDING_FILTERS, pending)
+                # Decorators apply bottom-up: prepend so filters still run top to bottom.
+                pending[:0] = filters
+            return handler
+
+        return decorator
+
+    def middleware(self, mw: F) -> F:
+        """Decorator: add ``async def mw(ctx, next)`` around every handler call (first added is outermost)."""
+        self.add_middleware(mw)
+        return mw
+
+    def add_rule(self, handler: Callable[..., Any], patterns: Sequence[str]) -> Rule:
+        """Register ``handler`` for ``patterns``; reject plain functions with a fix-it message."""
+        if not callable(handler):
+            raise RuleDefinitionError(f"@on decorates functions; got {handler!r} ({type(handler).__name__}).")
+        if not _is_async_callable(handler):
+            name = _name_of(handler)
+            raise RuleDefinitionError(
+                f"Handler {name!r} is not a coroutine function; krules awaits every handler, so declare it "
+                f"as 'async def {name}(ctx): ...'."
+            )
+        rule = Rule(handler, tuple(patterns), len(self._rules))
+        rule.call = build_chain(self._middleware, handler)
+        self._rules.append(rule)
+        for pattern in rule.patterns:
+            if _GLOB_CHARS.isdisjoint(pattern):
+                self._exact.setdefault(pattern, []).append(rule)
+            else:
+                self._globs.append((re.compile(translate(pattern)), rule))
+        self._memo.clear()
+        logger.debug("registered %s for %s", rule.name, rule.patterns)
+        return rule
+
+    def add_middleware(self, mw: Middleware) -> None:
+        """Append a middleware and re-compose every rule's chain once."""
+        if not _is_async_callable(mw):
+            name = _name_of(mw)
+            raise RuleDefinitionError(
+                f"Middleware {name!r} is not a coroutine function; declare it as "
+                f"'async def {name}(ctx, next): ... await next()'."
+            )
+        self._middleware.append(mw)
+        for rule in self._rules:
+            rule.call = build_chain(self._middleware, rule.handler)
+
+    def remove(self, handler: Callable[..., Any]) -> int:
+        """Unregister every rule of ``handler``; return how many were removed."""
+        keep = [r for r in self._rules if r.handler is not handler]
+        removed = len(self._rules) - len(keep)
+        if removed:
+            self._rebuild(keep)
+        return removed
+
+    def clear(self) -> None:
+        """Forget every rule (middleware stays)."""
+        self._rebuild([])
+
+    def _rebuild(self, rules: list[Rule]) -> None:
+        self._rules, self._exact, self._globs = [], {}, []
+        for rule in rules:
+            new = self.add_rule(rule.handler, rule.patterns)
+            new.filters = rule.filters
+
+    # -- lookup ------------------------------------------------------------------------------
+    @property
+    def rules(self) -> tuple[Rule, ...]:
+        """Every registered rule, in registration order."""
+        return tuple(self._rules)
+
+    @property
+    def middlewares(self) -> tuple[Middleware, ...]:
+        """Registered middleware, outermost first."""
+        return tuple(self._middleware)
+
+    def match(self, event_type: str) -> tuple[Rule, ...]:
+        """Rules whose patterns match ``event_type``, in registration order (memoised)."""
+        try:
+            return self._memo[event_type]
+        except KeyError:
+            pass
+        found = {r.order: r for r in self._exact.get(event_type, ())}
+        for regex, rule in self._globs:
+            if regex.match(event_type):
+                found[rule.order] = rule
+        result = tuple(found[k] for k in sorted(found))
+        if len(self._memo) >= _MEMO_LIMIT:
+            self._memo.clear()  # unbounded event-type vocabularies must not grow memory forever
+        self._memo[event_type] = result
+        return result

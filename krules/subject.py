@@ -1,0 +1,332 @@
+"""Subjects: named, stateful entities whose property changes are events.
+
+A subject loads its properties from storage on first use and then serves reads from its cache.
+Writes are cached too (the default) and stored together when the turn ends or on ``store()``;
+``use_cache=False`` writes go to storage at once, atomically.  ``set`` fires
+``subject-property-changed`` inline (handlers run before ``set`` returns) when the value really
+changed and the write is not muted; extended properties never fire events.
+
+Callable updates (``set("n", lambda n: (n or 0) + 1)``) are never lost: in cached mode the store is
+a compare-and-set against the value the callable saw, and the storage re-applies the callable when
+another writer got there first.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Final
+
+from krules.context import _current
+from krules.event_types import SUBJECT_DELETED, SUBJECT_PROPERTY_CHANGED, SUBJECT_PROPERTY_DELETED
+from storage.base import DELETE, Change, SubjectChanges, Update, decode, encode
+
+if TYPE_CHECKING:
+    from krules.engine import Engine
+
+__all__ = ["Subject"]
+
+
+class _Missing:
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "<missing>"
+
+
+_MISSING: Final = _Missing()
+
+
+class Subject:
+    """A named entity with properties (reactive) and extended properties (silent metadata)."""
+
+    __slots__ = ("_changes", "_engine", "_ext", "_props", "_use_cache", "name")
+
+    def __init__(self, name: str, engine: Engine, use_cache_default: bool = True) -> None:
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"A subject name must be a non-empty string, not {name!r}.")
+        self.name = name
+        self._engine = engine
+        self._use_cache = use_cache_default
+        self._props: dict[str, Any] | None = None
+        self._ext: dict[str, Any] = {}
+        self._changes: SubjectChanges | None = None
+
+    def __str__(self) -> str:
+        return self.name
+
+    def __repr__(self) -> str:
+        return f"Subject<{self.name}>"
+
+    # -- cache -------------------------------------------------------------------------------
+    async def _load(self) -> dict[str, Any]:
+        props = self._props
+        if props is None:
+            props, self._ext = await self._engine.storage.load(self.name)
+            self._props = props
+        return props
+
+    def _pending(self) -> SubjectChanges:
+        changes = self._changes
+        if changes is None:
+            changes = self._changes = SubjectChanges(self.name)
+            ctx = _current.get()
+            if ctx is not None:
+                ctx.turn.adopt(self)
+        return changes
+
+    @property
+    def dirty(self) -> bool:
+        """True when cached writes wait to be stored."""
+        return bool(self._changes)
+
+    def _cached_write(
+        self, values: dict[str, Any], changes: dict[str, Change], prop: str, value: Any
+    ) -> tuple[Any, Any]:
+        old = values.get(prop, _MISSING)
+        pending = changes.get(prop)
+        if callable(value):
+            fn: Callable[[Any], Any] = value
+            new = fn(None if old is _MISSING else old)
+            encoded = encode(new, self.name, prop)
+            if pending is None:
+                expected = None if old is _MISSING else encode(old, self.name, prop)
+                changes[prop] = Update(expected, fn, encoded)
+            elif type(pending) is Update:
+                inner = pending.fn
+                changes[prop] = Update(pending.expected, lambda v: fn(inner(v)), encoded)
+            else:  # after a plain write or a delete the result is absolute
+                changes[prop] = encoded
+        else:
+            new = value
+            changes[prop] = encode(value, self.name, prop)
+        values[prop] = new
+        return new, old
+
+    def _forget_pending(self, prop: str, ext: bool) -> None:
+        if self._changes is not None:
+            (self._changes.ext if ext else self._changes.props).pop(prop, None)
+
+    # -- ordinary properties -----------------------------------------------------------------
+    async def get(self, prop: str, default: Any = _MISSING, use_cache: bool | None = None) -> Any:
+        """Return a property; a missing one raises ``AttributeError`` unless a default is given."""
+        if use_cache is False or (use_cache is None and not self._use_cache):
+            try:
+                value = await self._engine.storage.get(self.name, prop)
+            except KeyError:
+                if default is _MISSING:
+                    raise AttributeError(f"Subject {self.name!r} has no property {prop!r}.") from None
+                return default
+            if self._props is not None and not (self._changes and prop in self._changes.props):
+                self._props[prop] = value
+            return value
+        props = self._props if self._props is not None else await self._load()
+        try:
+            return props[prop]
+        except KeyError:
+            if default is _MISSING:
+                raise AttributeError(f"Subject {self.name!r} has no property {prop!r}.") from None
+            return default
+
+    async def set(
+        self,
+        prop: str,
+        value: Any,
+        muted: bool = False,
+        extra: dict[str, Any] | None = None,
+        use_cache: bool | None = None,
+    ) -> tuple[Any, Any]:
+        """Set a property (a value, or a callable of the old value); return ``(new, old)``.
+
+        Fires ``subject-property-changed`` inline when the value changed and ``muted`` is False.
+        ``old`` is None when the property did not exist.
+        """
+        will_emit = not muted
+        if will_emit:
+            self._engine.check_depth(self.name, SUBJECT_PROPERTY_CHANGED)
+        if use_cache is False or (use_cache is None and not self._use_cache):
+            storage = self._engine.storage
+            if callable(value):
+                new, old, existed = await storage.update(self.name, prop, value)
+            else:
+                existed, old = await storage.set(self.name, prop, encode(value, self.name, prop))
+                new = value
+            if self._props is not None:
+                self._props[prop] = new
+                self._forget_pending(prop, ext=False)
+            changed = not existed or new != old
+        else:
+            props = self._props if self._props is not None else await self._load()
+            new, old = self._cached_write(props, self._pending().props, prop, value)
+            changed = old is _MISSING or new != old
+            if old is _MISSING:
+                old = None
+        if will_emit and changed:
+            await self._engine.emit_change(
+                self, SUBJECT_PROPERTY_CHANGED, {"property_name": prop, "old_value": old, "value": new}, extra
+            )
+        return new, old
+
+    async def delete(
+        self, prop: str, muted: bool = False, extra: dict[str, Any] | None = None, use_cache: bool | None = None
+    ) -> None:
+        """Delete a property (``AttributeError`` if missing); fires ``subject-property-deleted`` unless muted."""
+        if not muted:
+            self._engine.check_depth(self.name, SUBJECT_PROPERTY_DELETED)
+        if use_cache is False or (use_cache is None and not self._use_cache):
+            existed, old = await self._engine.storage.delete(self.name, prop)
+            if not existed:
+                raise AttributeError(f"Subject {self.name!r} has no property {prop!r}.")
+            if self._props is not None:
+                self._props.pop(prop, None)
+                self._forget_pending(prop, ext=False)
+        else:
+            props = self._props if self._props is not None else await self._load()
+            if prop not in props:
+                raise AttributeError(f"Subject {self.name!r} has no property {prop!r}.")
+            old = props.pop(prop)
+            self._pending().props[prop] = DELETE
+        if not muted:
+            await self._engine.emit_change(
+                self, SUBJECT_PROPERTY_DELETED, {"property_name": prop, "old_value": old}, extra
+            )
+
+    async def has(self, prop: str, use_cache: bool | None = None) -> bool:
+        """True when the property exists."""
+        if use_cache is False or (use_cache is None and not self._use_cache):
+            try:
+                await self._engine.storage.get(self.name, prop)
+            except KeyError:
+                return False
+            return True
+        props = self._props if self._props is not None else await self._load()
+        return prop in props
+
+    async def keys(self, use_cache: bool | None = None) -> list[str]:
+        """Names of the ordinary properties."""
+        if use_cache is False or (use_cache is None and not self._use_cache):
+            props, _ = await self._engine.storage.load(self.name)
+            return list(props)
+        props = self._props if self._props is not None else await self._load()
+        return list(props)
+
+    # -- extended properties (never emit) ----------------------------------------------------
+    async def get_ext(self, prop: str, default: Any = _MISSING, use_cache: bool | None = None) -> Any:
+        """Return an extended property; missing raises ``AttributeError`` unless a default is given."""
+        if use_cache is False or (use_cache is None and not self._use_cache):
+            try:
+                return await self._engine.storage.get(self.name, prop, ext=True)
+            except KeyError:
+                if default is _MISSING:
+                    raise AttributeError(f"Subject {self.name!r} has no extended property {prop!r}.") from None
+                return default
+        if self._props is None:
+            await self._load()
+        try:
+            return self._ext[prop]
+        except KeyError:
+            if default is _MISSING:
+                raise AttributeError(f"Subject {self.name!r} has no extended property {prop!r}.") from None
+            return default
+
+    async def set_ext(self, prop: str, value: Any, use_cache: bool | None = None) -> tuple[Any, Any]:
+        """Set an extended property (a value or a callable of the old value); never emits."""
+        if use_cache is False or (use_cache is None and not self._use_cache):
+            if callable(value):
+                new, old, _ = await self._engine.storage.update(self.name, prop, value, ext=True)
+            else:
+                _, old = await self._engine.storage.set(self.name, prop, encode(value, self.name, prop), ext=True)
+                new = value
+            if self._props is not None:
+                self._ext[prop] = new
+                self._forget_pending(prop, ext=True)
+            return new, old
+        if self._props is None:
+            await self._load()
+        new, old = self._cached_write(self._ext, self._pending().ext, prop, value)
+        return new, (None if old is _MISSING else old)
+
+    async def delete_ext(self, prop: str, use_cache: bool | None = None) -> None:
+        """Delete an extended property (``AttributeError`` if missing); never emits."""
+        if use_cache is False or (use_cache is None and not self._use_cache):
+            existed, _ = await self._engine.storage.delete(self.name, prop, ext=True)
+            if not existed:
+                raise AttributeError(f"Subject {self.name!r} has no extended property {prop!r}.")
+            if self._props is not None:
+                self._ext.pop(prop, None)
+                self._forget_pending(prop, ext=True)
+            return
+        if self._props is None:
+            await self._load()
+        if prop not in self._ext:
+            raise AttributeError(f"Subject {self.name!r} has no extended property {prop!r}.")
+        del self._ext[prop]
+        self._pending().ext[prop] = DELETE
+
+    async def has_ext(self, prop: str, use_cache: bool | None = None) -> bool:
+        """True when the extended property exists."""
+        if use_cache is False or (use_cache is None and not self._use_cache):
+            _, ext = await self._engine.storage.load(self.name)
+            return prop in ext
+        if self._props is None:
+            await self._load()
+        return prop in self._ext
+
+    async def get_ext_props(self, use_cache: bool | None = None) -> dict[str, Any]:
+        """A copy of all extended properties."""
+        if use_cache is False or (use_cache is None and not self._use_cache):
+            _, ext = await self._engine.storage.load(self.name)
+            return ext
+        if self._props is None:
+            await self._load()
+        return dict(self._ext)
+
+    # -- whole subject -----------------------------------------------------------------------
+    async def dict(self, use_cache: bool | None = None) -> dict[str, Any]:
+        """``{"name": ..., <properties>..., "ext": {<extended properties>}}``."""
+        if use_cache is False or (use_cache is None and not self._use_cache):
+            props, ext = await self._engine.storage.load(self.name)
+        else:
+            props = self._props if self._props is not None else await self._load()
+            ext = self._ext
+        out: dict[str, Any] = {"name": self.name}
+        out.update(props)
+        out["ext"] = dict(ext)
+        return out
+
+    async def store(self) -> None:
+        """Write the cached changes now (otherwise they are written when the turn ends)."""
+        changes = self._changes
+        if changes:
+            await self._engine.storage.store((changes,))
+            self.stored()
+
+    def stored(self) -> None:
+        """Called after the pending changes were written: take what the storage really wrote."""
+        changes = self._changes
+        if changes is None:
+            return
+        self._changes = None
+        if self._props is not None:
+            for values, section in ((self._props, changes.props), (self._ext, changes.ext)):
+                for prop, change in section.items():
+                    if type(change) is Update:
+                        values[prop] = decode(change.value)
+
+    def reload(self) -> None:
+        """Drop the cache (and any unstored writes): the next read loads from storage."""
+        self._props = None
+        self._ext = {}
+        self._changes = None
+
+    async def flush(self) -> None:
+        """Delete the subject: property-deleted for each property, then ``subject-deleted``."""
+        props = dict(self._props if self._props is not None else await self._load())
+        ext = dict(self._ext)
+        self._engine.check_depth(self.name, SUBJECT_DELETED)
+        await self._engine.storage.flush(self.name)
+        self._props, self._ext, self._changes = {}, {}, None
+        for prop, value in props.items():
+            await self._engine.emit_change(
+                self, SUBJECT_PROPERTY_DELETED, {"property_name": prop, "old_value": value}, None
+            )
+        await self._engine.emit_change(self, SUBJECT_DELETED, {"props": props, "ext_props": ext}, None)

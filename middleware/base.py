@@ -1,0 +1,59 @@
+"""The middleware chain contract.
+
+A middleware is ``async def mw(ctx, next)``: it wraps **one handler call**, may look at or annotate
+``ctx`` and decides whether and when to ``await next()``.  The chain for a handler is composed once
+(when rules or middleware are registered, never per call): the first middleware registered is the
+outermost, and everything runs in the handler's own task, so context variables and tracing spans
+set by an outer middleware are visible inside.
+
+Raising :class:`SkipEvent` from a middleware (or handler) ends that handler call quietly: it is not
+a failure.  Any other exception is a failure of the handler call and is reported by the engine.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from functools import partial
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from krules.context import EventContext
+
+__all__ = ["Call", "Middleware", "Next", "SkipEvent", "build_chain", "default_middleware"]
+
+Next = Callable[[], Awaitable[None]]
+"""What a middleware awaits to run the rest of the chain (and finally the handler)."""
+
+Call = Callable[["EventContext"], Awaitable[Any]]
+"""A handler, or a handler already wrapped in middleware."""
+
+
+class Middleware(Protocol):
+    """``async def mw(ctx, next)``."""
+
+    def __call__(self, ctx: EventContext, next: Next, /) -> Awaitable[None]: ...
+
+
+class SkipEvent(Exception):  # noqa: N818 - a control-flow signal, not an error
+    """Raised by a middleware or handler to stop this handler call without counting it as failed."""
+
+
+def _layer(mw: Middleware, inner: Call) -> Call:
+    async def call(ctx: EventContext) -> None:
+        await mw(ctx, partial(inner, ctx))
+
+    call.__qualname__ = f"{getattr(mw, '__qualname__', type(mw).__name__)}>"
+    return call
+
+
+def build_chain(middlewares: Sequence[Middleware], handler: Call) -> Call:
+    """Compose ``middlewares`` around ``handler``; the first in the sequence is the outermost."""
+    call = handler
+    for mw in reversed(middlewares):
+        call = _layer(mw, call)
+    return call
+
+
+def default_middleware() -> list[Middleware]:
+    """The middleware ``krules run`` installs by default (the built-ins arrive in their own modules)."""
+    return []
