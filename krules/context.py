@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Coroutine
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, Final
 
@@ -119,15 +120,16 @@ class EventContext:
         self._metadata[key] = value
 
     # -- emitting ----------------------------------------------------------------------------
-    async def emit(
+    def emit(
         self,
         event_type: str,
         payload: dict[str, Any] | None = None,
         subject: Subject | str | None = None,
         **extensions: Any,
-    ) -> None:
-        """Emit an event caused by this one (same subject unless given); it is handled inline."""
-        await self._engine.emit_child(self, event_type, payload, subject, extensions)
+    ) -> Coroutine[Any, Any, None]:
+        """Emit an event caused by this one (same subject unless given); ``await`` it: it is handled inline."""
+        # Returning the engine's coroutine (instead of awaiting it here) saves a frame per emit.
+        return self._engine.emit_child(self, event_type, payload, subject, extensions)
 
     def __repr__(self) -> str:
         return f"EventContext({self._event!r}, handler={self.handler_name})"

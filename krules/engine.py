@@ -92,8 +92,11 @@ class Engine:
         self._ids = ids or IdGenerator()
         self._max_depth = self.settings.max_cascade_depth
         self._source = self.settings.source
-        self._lanes: dict[str, deque[asyncio.Future[None]]] = {}
-        self._slots = asyncio.Semaphore(self.settings.max_concurrent_turns)
+        # subject -> waiters for its lane (None: busy, nobody waiting); absent: free
+        self._lanes: dict[str, deque[asyncio.Future[None]] | None] = {}
+        self._max_running = self.settings.max_concurrent_turns
+        self._running = 0
+        self._slot_waiters: deque[asyncio.Future[None]] = deque()
         self._inflight = 0
         self._idle: asyncio.Event | None = None
         self.event_observers: list[EventObserver] = []
@@ -139,25 +142,25 @@ class Engine:
         event_type: str,
         payload: dict[str, Any] | None,
         subject: Subject | str | None,
-        extensions: dict[str, Any],
+        extensions: dict[str, Any] | None,
     ) -> None:
         """Emit an event caused by ``ctx``'s event and handle it inline in the same turn."""
-        if not isinstance(event_type, str) or not event_type:
+        if event_type.__class__ is not str or not event_type:
             raise EventFormatError(f"An event type must be a non-empty string, not {event_type!r}.")
         if subject is None:
             subject_obj: Subject | None = ctx.subject
             name = ctx.subject.name
         else:
             name, subject_obj = _subject_name(subject)
+        if payload is None:
+            payload = {}
+        elif payload.__class__ is not dict:
+            payload = _check_payload(payload)
         parent = ctx._event
         if parent.depth >= self._max_depth:
             raise CascadeDepthExceeded(self._max_depth, [*parent.chain(), f"{event_type}({name})"])
         child = parent.child(
-            event_type,
-            name,
-            _check_payload(payload),
-            self._now(),
-            _check_extensions(extensions) if extensions else None,
+            event_type, name, payload, self._now(), _check_extensions(extensions) if extensions else None
         )
         await self._dispatch(child, ctx.turn, subject_obj, None)
 
@@ -188,15 +191,24 @@ class Engine:
         name = event.subject
         self._inflight += 1
         try:
-            await self._enter_lane(name)
+            if name in self._lanes:
+                await self._wait_for_lane(name)
+            else:
+                self._lanes[name] = None
             try:
-                async with self._slots:
+                if self._running >= self._max_running:
+                    await self._wait_for_slot()
+                self._running += 1
+                try:
                     turn = Turn(self, event)
                     if subject is not None:
                         turn.adopt(subject)
                     await self._dispatch(event, turn, subject, extra)
                     await turn.commit()
                     return turn
+                finally:
+                    self._running -= 1
+                    self._wake(self._slot_waiters)
             finally:
                 self._release(name)
         finally:
@@ -204,11 +216,10 @@ class Engine:
             if not self._inflight and self._idle is not None:
                 self._idle.set()
 
-    async def _enter_lane(self, name: str) -> None:
-        queue = self._lanes.get(name)
+    async def _wait_for_lane(self, name: str) -> None:
+        queue = self._lanes[name]
         if queue is None:
-            self._lanes[name] = deque()
-            return
+            queue = self._lanes[name] = deque()
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         queue.append(waiter)
         try:
@@ -223,14 +234,30 @@ class Engine:
                     pass
             raise
 
+    async def _wait_for_slot(self) -> None:
+        while self._running >= self._max_running:
+            waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._slot_waiters.append(waiter)
+            try:
+                await waiter
+            except asyncio.CancelledError:
+                if waiter.done() and not waiter.cancelled():
+                    self._wake(self._slot_waiters)  # pass the wake-up on
+                raise
+
+    @staticmethod
+    def _wake(waiters: deque[asyncio.Future[None]]) -> bool:
+        while waiters:
+            waiter = waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return True
+        return False
+
     def _release(self, name: str) -> None:
         queue = self._lanes.get(name)
-        while queue:
-            waiter = queue.popleft()
-            if not waiter.done():
-                waiter.set_result(None)  # hand the lane over in arrival order
-                return
-        self._lanes.pop(name, None)
+        if queue is None or not self._wake(queue):  # else the lane is handed over in arrival order
+            del self._lanes[name]
 
     async def settled(self) -> None:
         """Wait until no turn is running or waiting."""
@@ -262,7 +289,7 @@ class Engine:
     async def _run(self, rule: Rule, ctx: EventContext) -> None:
         token = _current.set(ctx)
         try:
-            for check, is_async in rule.filters:
+            for check, is_async in rule.filters or ():
                 try:
                     ok = check(ctx)
                     if is_async or (ok.__class__ is not bool and isawaitable(ok)):

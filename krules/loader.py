@@ -1,0 +1,67 @@
+"""Importing rule modules by dotted name or file path, with one clear error when that fails."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
+from krules.errors import RuleModuleError
+
+__all__ = ["load_rule_module"]
+
+
+def _looks_like_path(target: str) -> bool:
+    return target.endswith(".py") or "/" in target or "\\" in target
+
+
+def load_rule_module(target: str, *, fresh: bool = False) -> ModuleType:
+    """Import the rule module ``target`` (``rulesets.orders`` or ``path/to/rules.py``).
+
+    With ``fresh=True`` the module body runs again even if it was imported before, and the result
+    is not cached in ``sys.modules``: this is how test apps register a module's rules on themselves.
+    Raises :class:`RuleModuleError` with a one-sentence reason.
+    """
+    if not isinstance(target, str) or not target.strip():
+        raise RuleModuleError(f"A rule module must be a dotted name or a .py path, not {target!r}.")
+    if _looks_like_path(target):
+        path = Path(target)
+        if not path.is_file():
+            raise RuleModuleError(f"Rule module file {target!r} does not exist.")
+        name = f"krules_rules_{path.stem}" if fresh else path.stem
+        spec = importlib.util.spec_from_file_location(name, path)
+    else:
+        if not fresh:
+            return _import(target)
+        try:
+            spec = importlib.util.find_spec(target)
+        except (ImportError, ValueError) as exc:
+            raise RuleModuleError(f"Cannot find rule module {target!r}: {exc}.") from None
+    if spec is None or spec.loader is None:
+        raise RuleModuleError(f"Cannot find rule module {target!r}; check the name and that it is importable.")
+    module = importlib.util.module_from_spec(spec)
+    if not fresh:
+        sys.modules[spec.name] = module
+    try:
+        spec.loader.exec_module(module)
+    except Exception as exc:
+        if not fresh:
+            sys.modules.pop(spec.name, None)
+        raise RuleModuleError(f"Rule module {target!r} failed while importing: {type(exc).__name__}: {exc}") from exc
+    return module
+
+
+def _import(name: str) -> ModuleType:
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as exc:
+        if exc.name is not None and (name == exc.name or name.startswith(exc.name + ".")):
+            raise RuleModuleError(
+                f"Cannot find rule module {name!r} (no module named {exc.name!r}); check the spelling and "
+                "that its package is on the Python path."
+            ) from None
+        raise RuleModuleError(f"Rule module {name!r} failed while importing: {exc}") from exc
+    except Exception as exc:
+        raise RuleModuleError(f"Rule module {name!r} failed while importing: {type(exc).__name__}: {exc}") from exc
