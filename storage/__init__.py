@@ -1,0 +1,1 @@
+"""Subject storage: the protocol (:mod:`storage.base`) and its backends (memory, Redis)."""

@@ -1,0 +1,503 @@
+"""Redis subject storage: one hash per subject, JSON values, atomic Lua writes, bounded retries.
+
+The key layout is :mod:`storage.keys`; the scripts are ``storage/redis_*.lua``, loaded once per
+server (``SCRIPT LOAD`` on :meth:`RedisStorage.check` or on the first ``NOSCRIPT`` reply, e.g. after
+a restart) and run with ``EVALSHA``.
+
+What each operation costs (round trips; commands as ``INFO commandstats`` counts them, including the
+ones a script makes)::
+
+    load            1 round trip   HGETALL
+    store(batch)    1 round trip   one EVALSHA per partition touched, run as one pipeline; inside,
+                                   HMGET (only when the batch has callable updates), HSET, HDEL
+                                   (only when it deletes) per subject
+    get             1              HGET
+    set / delete    1              EVALSHA (HGET + HSET / HGET + HDEL)
+    update          2              HGET, then the store script on one subject
+    flush           1              DEL
+    subjects        1 per SCAN page
+
+Callable updates are compare-and-set: the store script writes a partition's changes only if every
+callable update's property still holds the JSON the callable saw; otherwise it writes nothing and
+returns the current values, the client re-applies the callables (:meth:`storage.base.Update.reapply`)
+and sends only the conflicting partitions again, a bounded number of times with jittered exponential
+backoff, then raises :class:`~krules.errors.UpdateConflictError`.  Each call carrying callable
+updates also records a random write token in the subjects it updates (the ``m:w`` field keeps the
+last few): when a connection drops after the server applied a call but before the reply arrived,
+the retried call finds its token and does not apply the callables a second time.
+
+Connection failures, timeouts, a server still loading its data and a read-only replica are retried
+with jittered exponential backoff, then reported as :class:`~krules.errors.StorageUnavailableError`
+naming the URL without its password; rejected credentials are a
+:class:`~krules.errors.ConfigurationError`.  The client this module creates from a URL does not
+retry on its own, so the retry policy is the one configured here.
+
+Limits: the changes of one partition are stored atomically, a batch spanning partitions is stored
+partition by partition (on a Redis Cluster they live in different slots).  Plain ``set``/``delete``
+calls retried after a lost reply are applied again, which is harmless for the stored value, but the
+old value they report may then be their own first write.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from functools import partial
+from typing import Any, Final, TypeVar
+from urllib.parse import urlsplit, urlunsplit
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import (
+    AuthenticationError,
+    AuthenticationWrongNumberOfArgsError,
+    AuthorizationError,
+    NoPermissionError,
+    NoScriptError,
+    ReadOnlyError,
+    RedisError,
+    TryAgainError,
+)
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from krules.errors import (
+    ConfigurationError,
+    StorageError,
+    StorageUnavailableError,
+    UpdateConflictError,
+)
+from storage.base import DELETE, Change, SubjectChanges, Update, decode, encode
+from storage.keys import (
+    EXTENDED_FIELD_PREFIX,
+    PROPERTY_FIELD_PREFIX,
+    WRITE_TOKENS_FIELD,
+    KeySchema,
+    property_field,
+)
+from storage.lua import LuaScript, lua_script
+
+__all__ = ["RedisStorage", "create_redis_storage"]
+
+_log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
+
+_TOKENS_KEPT: Final = 16
+_TOKEN_BYTES: Final = 8
+_SCRIPT_RELOADS: Final = 3
+_CONFLICT_BACKOFF: Final = 0.001
+_CONFLICT_BACKOFF_CAP: Final = 0.05
+_SCAN_COUNT: Final = 1000
+
+_CREDENTIAL_ERRORS: Final = (
+    AuthenticationError,
+    AuthenticationWrongNumberOfArgsError,
+    AuthorizationError,
+    NoPermissionError,
+)
+# ConnectionError covers refused and dropped connections and BusyLoadingError (a restarted server
+# still loading its data); READONLY and TRYAGAIN are what a failover answers for a moment.
+_TRANSIENT_ERRORS: Final = (RedisConnectionError, RedisTimeoutError, ReadOnlyError, TryAgainError)
+
+_Reply = list[Any]
+_Group = list[SubjectChanges]
+
+
+def create_redis_storage(
+    url: str | None = None,
+    key_prefix: str = "krules:",
+    *,
+    client: aioredis.Redis | None = None,
+    partitions: int = 1,
+    retries: int = 8,
+    retry_backoff: float = 0.05,
+    retry_backoff_cap: float = 2.0,
+    update_attempts: int = 50,
+    connect_timeout: float = 5.0,
+    socket_timeout: float = 30.0,
+) -> RedisStorage:
+    """Return a Redis subject storage; nothing is sent to the server before the first call.
+
+    ``url`` defaults to ``redis://127.0.0.1:6379/0``.  Pass ``client`` to use a client you built
+    (e.g. ``fakeredis.FakeAsyncRedis()``); it is not closed by :meth:`RedisStorage.close`, keeps its
+    own retry settings, and ``url`` then only names the server in messages.  ``partitions`` must be
+    the deployment's partition count: it decides the hash tag of every subject key.  ``retries``
+    bounds the retries of an operation that cannot reach the server (``retry_backoff`` doubling up
+    to ``retry_backoff_cap`` seconds, jittered); ``update_attempts`` bounds the compare-and-set
+    attempts of callable updates under contention.
+    """
+    keys = KeySchema(key_prefix, partitions)
+    _require_count("retries", retries, 0)
+    _require_count("update_attempts", update_attempts, 1)
+    for name, value in (
+        ("retry_backoff", retry_backoff),
+        ("retry_backoff_cap", retry_backoff_cap),
+        ("connect_timeout", connect_timeout),
+        ("socket_timeout", socket_timeout),
+    ):
+        if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+            raise ConfigurationError(f"{name} must be a positive number of seconds, not {value!r}.")
+    if client is not None:
+        display = _redact(url) if url is not None else _describe_client(client)
+        owns_client = False
+    else:
+        url = url if url is not None else "redis://127.0.0.1:6379/0"
+        display = _redact(url)
+        try:
+            client = aioredis.Redis.from_url(
+                url,
+                decode_responses=True,
+                retry=Retry(NoBackoff(), 0),
+                socket_connect_timeout=connect_timeout,
+                socket_timeout=socket_timeout,
+            )
+        except ValueError as exc:
+            raise ConfigurationError(
+                f"The Redis URL {display!r} is not valid ({exc}); use "
+                "redis://[user:password@]host[:port][/db], rediss://... or unix:///path/to/socket."
+            ) from None
+        owns_client = True
+    return RedisStorage(
+        client,
+        keys,
+        url=display,
+        owns_client=owns_client,
+        retries=retries,
+        retry_backoff=retry_backoff,
+        retry_backoff_cap=retry_backoff_cap,
+        update_attempts=update_attempts,
+    )
+
+
+class RedisStorage:
+    """Subjects as Redis hashes; see the module docstring for the layout, costs and guarantees."""
+
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        keys: KeySchema,
+        *,
+        url: str,
+        owns_client: bool,
+        retries: int,
+        retry_backoff: float,
+        retry_backoff_cap: float,
+        update_attempts: int,
+    ) -> None:
+        self.keys: Final = keys
+        self.url: Final = url
+        self._client = client
+        self._owns_client = owns_client
+        self._retries = retries
+        self._retry_backoff = retry_backoff
+        self._retry_backoff_cap = retry_backoff_cap
+        self._update_attempts = update_attempts
+        self._store_script = lua_script("redis_store")
+        self._set_script = lua_script("redis_set")
+        self._delete_script = lua_script("redis_delete")
+        self._scripts = (self._store_script, self._set_script, self._delete_script)
+        self._scripts_missing = False
+
+    # -- reads ---------------------------------------------------------------------------------
+
+    async def load(self, name: str) -> tuple[dict[str, Any], dict[str, Any]]:
+        key = self.keys.subject(name)
+        stored = await self._run(lambda: self._client.hgetall(key), "load subject %r", name)
+        props: dict[str, Any] = {}
+        ext: dict[str, Any] = {}
+        for raw_field, raw_value in stored.items():
+            field = _text(raw_field)
+            if field.startswith(PROPERTY_FIELD_PREFIX):
+                props[field[2:]] = decode(raw_value)
+            elif field.startswith(EXTENDED_FIELD_PREFIX):
+                ext[field[2:]] = decode(raw_value)
+        return props, ext
+
+    async def get(self, name: str, prop: str, *, ext: bool = False) -> Any:
+        key, field = self.keys.subject(name), property_field(prop, ext)
+        raw = await self._run(lambda: self._client.hget(key, field), "read subject %r", name)
+        if raw is None:
+            raise KeyError(prop)
+        return decode(raw)
+
+    async def subjects(self, prefix: str = "") -> list[str]:
+        pattern = self.keys.subject_pattern(prefix)
+
+        async def scan() -> set[str]:
+            found: set[str] = set()
+            cursor = 0
+            while True:
+                cursor, page = await self._client.scan(cursor, match=pattern, count=_SCAN_COUNT)
+                for raw_key in page:
+                    name = self.keys.subject_name(_text(raw_key))
+                    if name is not None and name.startswith(prefix):
+                        found.add(name)
+                if cursor == 0:
+                    return found
+
+        return sorted(await self._run(scan, "list subjects starting with %r", prefix))
+
+    # -- writes --------------------------------------------------------------------------------
+
+    async def store(self, batch: Sequence[SubjectChanges]) -> None:
+        by_partition: dict[int, _Group] = {}
+        for changes in batch:
+            if changes:
+                by_partition.setdefault(self.keys.partition(changes.name), []).append(changes)
+        pending = list(by_partition.values())
+        if not pending:
+            return
+        token = os.urandom(_TOKEN_BYTES).hex()
+        for attempt in range(1, self._update_attempts + 1):
+            calls = [self._store_call(group, token) for group in pending]
+            replies = await self._run(
+                partial(self._eval_all, self._store_script, calls),
+                "store subjects %s",
+                [c.name for g in pending for c in g],
+            )
+            conflicted: list[_Group] = []
+            for group, reply in zip(pending, replies, strict=True):
+                if reply[0] != 1:
+                    _reapply(group, reply[1:])
+                    conflicted.append(group)
+            if not conflicted:
+                return
+            pending = conflicted
+            await _pause_after_conflict(attempt)
+        names = sorted({c.name for g in pending for c in g})
+        raise UpdateConflictError(
+            f"Callable updates of subjects {names!r} lost to concurrent writers "
+            f"{self._update_attempts} times in a row; nothing of those subjects was stored, and the "
+            "contention on them needs lowering (or raise update_attempts)."
+        )
+
+    async def set(self, name: str, prop: str, value: str, *, ext: bool = False) -> tuple[bool, Any]:
+        keys, args = [self.keys.subject(name)], [property_field(prop, ext), value]
+        old = await self._run(lambda: self._eval(self._set_script, keys, args), "write subject %r", name)
+        return (old is not None, decode(old) if old is not None else None)
+
+    async def update(
+        self, name: str, prop: str, fn: Callable[[Any], Any], *, ext: bool = False
+    ) -> tuple[Any, Any, bool]:
+        key, field = self.keys.subject(name), property_field(prop, ext)
+        raw = await self._run(lambda: self._client.hget(key, field), "read subject %r", name)
+        token = os.urandom(_TOKEN_BYTES).hex()
+        for attempt in range(1, self._update_attempts + 1):
+            old = decode(raw) if raw is not None else None
+            new = fn(old)
+            # One subject, one check, one set, no delete (see redis_store.lua).
+            args = [token, WRITE_TOKENS_FIELD, _TOKENS_KEPT, 1, 1, 0]
+            args += (field, _text(raw) if raw is not None else "", field, encode(new, name, prop))
+            reply = await self._run(
+                partial(self._eval, self._store_script, [key], args), "update subject %r", name
+            )
+            if reply[0] == 1:
+                return new, old, raw is not None
+            raw = reply[1][2]
+            await _pause_after_conflict(attempt)
+        raise UpdateConflictError(
+            f"Updating property {prop!r} of subject {name!r} lost to concurrent writers "
+            f"{self._update_attempts} times in a row; nothing was stored, and the contention on it "
+            "needs lowering (or raise update_attempts)."
+        )
+
+    async def delete(self, name: str, prop: str, *, ext: bool = False) -> tuple[bool, Any]:
+        keys, args = [self.keys.subject(name)], [property_field(prop, ext), WRITE_TOKENS_FIELD]
+        old = await self._run(
+            lambda: self._eval(self._delete_script, keys, args), "delete from subject %r", name
+        )
+        return (old is not None, decode(old) if old is not None else None)
+
+    async def flush(self, name: str) -> None:
+        key = self.keys.subject(name)
+        await self._run(lambda: self._client.delete(key), "flush subject %r", name)
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    async def check(self) -> None:
+        """Ping the server and load the scripts; raise a one-sentence error saying what is wrong."""
+
+        async def ping_and_load() -> None:
+            await self._client.ping()
+            await self._load_scripts()
+
+        await self._run(ping_and_load, "answer a ping")
+
+    async def close(self) -> None:
+        """Close the connections this storage opened (a client passed in stays open)."""
+        if self._owns_client:
+            await self._client.aclose()
+
+    def __repr__(self) -> str:
+        return f"RedisStorage(url={self.url!r}, keys={self.keys!r})"
+
+    # -- plumbing ------------------------------------------------------------------------------
+
+    def _store_call(self, group: _Group, token: str) -> tuple[list[str], list[Any]]:
+        """Return the keys and arguments of one store-script call (see ``redis_store.lua``)."""
+        keys: list[str] = []
+        body: list[Any] = []
+        any_checks = False
+        for changes in group:
+            keys.append(self.keys.subject(changes.name))
+            checks: list[str] = []
+            sets: list[str] = []
+            dels: list[str] = []
+            for field_prefix, mapping in (
+                (PROPERTY_FIELD_PREFIX, changes.props),
+                (EXTENDED_FIELD_PREFIX, changes.ext),
+            ):
+                for prop, change in mapping.items():
+                    field = field_prefix + prop
+                    if type(change) is str:
+                        sets += (field, change)
+                    elif change is DELETE:
+                        dels.append(field)
+                    elif isinstance(change, Update):
+                        checks += (field, change.expected if change.expected is not None else "")
+                        sets += (field, change.value)
+            any_checks = any_checks or bool(checks)
+            body += (len(checks) // 2, len(sets) // 2, len(dels), *checks, *sets, *dels)
+        head = [token if any_checks else "", WRITE_TOKENS_FIELD, _TOKENS_KEPT]
+        return keys, head + body
+
+    async def _eval(self, script: LuaScript, keys: list[str], args: list[Any]) -> Any:
+        return await self._client.evalsha(script.sha, len(keys), *keys, *args)
+
+    async def _eval_all(self, script: LuaScript, calls: list[tuple[list[str], list[Any]]]) -> list[_Reply]:
+        """Run ``script`` once per call, all in one round trip; raise the first error reply."""
+        if len(calls) == 1:
+            keys, args = calls[0]
+            return [await self._eval(script, keys, args)]
+        pipe = self._client.pipeline(transaction=False)
+        for keys, args in calls:
+            pipe.evalsha(script.sha, len(keys), *keys, *args)
+        replies = await pipe.execute(raise_on_error=False)
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise reply
+        return replies
+
+    async def _load_scripts(self) -> None:
+        pipe = self._client.pipeline(transaction=False)
+        for script in self._scripts:
+            pipe.script_load(script.source)
+        await pipe.execute()
+        self._scripts_missing = False
+
+    async def _run(self, op: Callable[[], Awaitable[_T]], action: str, *details: object) -> _T:
+        """Run ``op``, reloading scripts and retrying transient failures; translate driver errors.
+
+        ``action % details`` completes "could not ..." in error messages; it is formatted only on
+        failure, so the hot path builds no strings.
+        """
+        failures = 0
+        reloads = 0
+        started = time.monotonic()
+        while True:
+            try:
+                if self._scripts_missing:
+                    await self._load_scripts()
+                return await op()
+            except NoScriptError:
+                reloads += 1
+                if reloads > _SCRIPT_RELOADS:
+                    raise StorageError(
+                        f"Redis at {self.url} forgot krules' Lua scripts {reloads} times while trying to "
+                        f"{action % details}; check that nothing runs SCRIPT FLUSH in a loop."
+                    ) from None
+                self._scripts_missing = True
+            except _CREDENTIAL_ERRORS as exc:
+                raise ConfigurationError(
+                    f"Redis at {self.url} refused krules' credentials when asked to "
+                    f"{action % details} ({exc}); fix the user name or password in the Redis URL."
+                ) from None
+            except _TRANSIENT_ERRORS as exc:
+                failures += 1
+                if failures > self._retries:
+                    raise StorageUnavailableError(
+                        f"Redis at {self.url} could not {action % details} after {failures} attempts "
+                        f"in {time.monotonic() - started:.1f} s ({_reason(exc)}); check that the server "
+                        "is running and reachable at that address."
+                    ) from None
+                delay = min(self._retry_backoff_cap, self._retry_backoff * 2 ** (failures - 1))
+                delay *= 0.5 + random.random() / 2
+                _log.warning(
+                    "Redis at %s failed (%s); retry %d of %d in %.2f s",
+                    self.url,
+                    _reason(exc),
+                    failures,
+                    self._retries,
+                    delay,
+                )
+                await asyncio.sleep(delay)
+            except RedisError as exc:
+                raise StorageError(
+                    f"Redis at {self.url} refused to {action % details}: {_reason(exc)}."
+                ) from None
+
+
+def _reapply(group: _Group, conflicts: list[Any]) -> None:
+    """Re-apply the callables the store script reported stale: ``[[index, field, current, ...], ...]``."""
+    for conflict in conflicts:
+        changes = group[int(conflict[0]) - 1]
+        for i in range(1, len(conflict), 2):
+            field = _text(conflict[i])
+            current = _text(conflict[i + 1]) if conflict[i + 1] is not None else None
+            prop = field[2:]
+            mapping: dict[str, Change] = (
+                changes.ext if field.startswith(EXTENDED_FIELD_PREFIX) else changes.props
+            )
+            change = mapping[prop]
+            if isinstance(change, Update):
+                change.reapply(current, changes.name, prop)
+
+
+async def _pause_after_conflict(attempt: int) -> None:
+    """Retry a lost compare-and-set at once, then with full-jitter exponential backoff."""
+    if attempt > 1:
+        cap = min(_CONFLICT_BACKOFF_CAP, _CONFLICT_BACKOFF * 2 ** (attempt - 2))
+        await asyncio.sleep(random.random() * cap)
+
+
+def _require_count(name: str, value: int, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigurationError(f"{name} must be an integer of at least {minimum}, not {value!r}.")
+
+
+def _text(value: str | bytes) -> str:
+    return value.decode("utf-8") if isinstance(value, bytes) else value
+
+
+def _reason(exc: Exception) -> str:
+    text = str(exc).strip().rstrip(".")
+    return text or type(exc).__name__
+
+
+def _redact(url: str) -> str:
+    """Return ``url`` without its password and query string (which may carry one)."""
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        port = parts.port
+    except ValueError:
+        scheme, _, rest = url.partition("://")
+        return f"{scheme}://{rest.rpartition('@')[2].partition('?')[0]}"
+    netloc = (f"[{host}]" if ":" in host else host) + (f":{port}" if port is not None else "")
+    if parts.username:
+        netloc = f"{parts.username}@{netloc}"
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+def _describe_client(client: aioredis.Redis) -> str:
+    """Name the server a client passed in talks to, as a URL without credentials."""
+    kwargs = client.connection_pool.connection_kwargs
+    if kwargs.get("path"):
+        return f"unix://{kwargs['path']}"
+    return f"redis://{kwargs.get('host', 'localhost')}:{kwargs.get('port', 6379)}/{kwargs.get('db', 0)}"
