@@ -146,10 +146,10 @@ class RuleRegistry:
         if not callable(handler):
             raise RuleDefinitionError(f"@on decorates functions; got {handler!r} ({type(handler).__name__}).")
         if not _is_async_callable(handler):
-            name = _name_of(handler)
+            short = getattr(handler, "__name__", "handler")
             raise RuleDefinitionError(
-                f"Handler {name!r} is not a coroutine function; krules awaits every handler, so declare it "
-                f"as 'async def {name}(ctx): ...'."
+                f"Handler {_name_of(handler)!r} is not a coroutine function; krules awaits every handler, "
+                f"so declare it as 'async def {short}(ctx): ...'."
             )
         rule = Rule(handler, tuple(patterns), len(self._rules))
         rule.call = build_chain(self._middleware, handler)
@@ -166,10 +166,10 @@ class RuleRegistry:
     def add_middleware(self, mw: Middleware) -> None:
         """Append a middleware and re-compose every rule's chain once."""
         if not _is_async_callable(mw):
-            name = _name_of(mw)
+            short = getattr(mw, "__name__", "middleware")
             raise RuleDefinitionError(
-                f"Middleware {name!r} is not a coroutine function; declare it as "
-                f"'async def {name}(ctx, next): ... await next()'."
+                f"Middleware {_name_of(mw)!r} is not a coroutine function; declare it as "
+                f"'async def {short}(ctx, next): ... await next()'."
             )
         self._middleware.append(mw)
         for rule in self._rules:

@@ -1,0 +1,337 @@
+"""The dispatcher: concurrency, isolation, ordering, loop guard, middleware and auto-store."""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+from typing import Any
+
+import pytest
+
+from krules import SkipEvent
+from krules.config import Settings
+from krules.context import EventContext
+from krules.errors import CascadeDepthExceeded, EventFormatError
+from krules.event_types import SUBJECT_PROPERTY_CHANGED
+from krules.testing import KRulesTestApp
+
+
+async def test_handlers_of_one_event_run_concurrently(krules_app: KRulesTestApp) -> None:
+    started: list[str] = []
+    both_started = asyncio.Event()
+
+    async def wait_for_the_other(name: str) -> None:
+        started.append(name)
+        if len(started) == 2:
+            both_started.set()
+        await asyncio.wait_for(both_started.wait(), 2)
+
+    @krules_app.on("x")
+    async def first(ctx: EventContext) -> None:
+        await wait_for_the_other("first")
+
+    @krules_app.on("x")
+    async def second(ctx: EventContext) -> None:
+        await wait_for_the_other("second")
+
+    await krules_app.emit("x", "s")
+    assert sorted(started) == ["first", "second"]
+    assert krules_app.recorder.failures == []
+
+
+async def test_a_single_matching_handler_runs_in_the_callers_task(krules_app: KRulesTestApp) -> None:
+    tasks: list[asyncio.Task[Any] | None] = []
+
+    @krules_app.on("x")
+    async def handler(ctx: EventContext) -> None:
+        tasks.append(asyncio.current_task())
+
+    await krules_app.emit("x", "s")
+    assert tasks == [asyncio.current_task()]
+
+
+async def test_a_failing_handler_does_not_stop_the_others(krules_app: KRulesTestApp) -> None:
+    ran: list[str] = []
+
+    @krules_app.on("user.action")
+    async def broken(ctx: EventContext) -> None:
+        raise RuntimeError("boom")
+
+    @krules_app.on("user.action")
+    async def healthy(ctx: EventContext) -> None:
+        ran.append("healthy")
+        await ctx.subject.set("seen", True)
+
+    await krules_app.emit("user.action", "u1")
+    assert ran == ["healthy"]
+    assert [(f.handler.rsplit(".", 1)[-1], str(f.error)) for f in krules_app.recorder.failures] == [
+        ("broken", "boom")
+    ]
+    assert await krules_app.stored("u1") == {"seen": True}
+
+
+async def test_a_raising_filter_is_logged_and_isolated(
+    krules_app: KRulesTestApp, caplog: pytest.LogCaptureFixture
+) -> None:
+    ran: list[str] = []
+
+    @krules_app.on("x")
+    @krules_app.when(lambda ctx: ctx.payload["missing"])
+    async def filtered(ctx: EventContext) -> None:
+        ran.append("filtered")
+
+    @krules_app.on("x")
+    async def other(ctx: EventContext) -> None:
+        ran.append("other")
+
+    await krules_app.emit("x", "s", {})
+    assert ran == ["other"]
+    assert len(krules_app.recorder.failures) == 1
+    assert "filter of" in caplog.text and "KeyError" in caplog.text
+
+
+async def test_stacked_sync_and_async_filters_must_all_pass(krules_app: KRulesTestApp) -> None:
+    ran: list[int] = []
+
+    async def is_active(ctx: EventContext) -> bool:
+        return bool(await ctx.subject.get("active", default=False))
+
+    @krules_app.on("feature.use")
+    @krules_app.when(lambda ctx: ctx.payload["credits"] > 0)
+    @krules_app.when(is_active)
+    async def use(ctx: EventContext) -> None:
+        ran.append(ctx.payload["credits"])
+
+    await krules_app.emit("feature.use", "u", {"credits": 1})
+    await krules_app.subject("u").set("active", True)
+    await krules_app.emit("feature.use", "u", {"credits": 0})
+    await krules_app.emit("feature.use", "u", {"credits": 2})
+    assert ran == [2]
+
+
+async def test_events_of_one_subject_are_processed_one_at_a_time_in_arrival_order(
+    krules_app: KRulesTestApp,
+) -> None:
+    log: list[str] = []
+
+    @krules_app.on("step")
+    async def step(ctx: EventContext) -> None:
+        log.append(f"start {ctx.subject.name} {ctx.payload['n']}")
+        await asyncio.sleep(0.01 if ctx.payload["n"] == 0 else 0)
+        log.append(f"end {ctx.subject.name} {ctx.payload['n']}")
+
+    await asyncio.gather(*(krules_app.emit("step", "a", {"n": n}) for n in range(3)))
+    assert log == ["start a 0", "end a 0", "start a 1", "end a 1", "start a 2", "end a 2"]
+
+
+async def test_events_of_different_subjects_run_concurrently(krules_app: KRulesTestApp) -> None:
+    inside = 0
+    most = 0
+
+    @krules_app.on("step")
+    async def step(ctx: EventContext) -> None:
+        nonlocal inside, most
+        inside += 1
+        most = max(most, inside)
+        await asyncio.sleep(0.01)
+        inside -= 1
+
+    await asyncio.gather(*(krules_app.emit("step", f"s{n}") for n in range(5)))
+    assert most == 5
+
+
+async def test_concurrent_turns_are_bounded_by_the_setting() -> None:
+    async with KRulesTestApp(settings=Settings(max_concurrent_turns=2)) as app:
+        inside = 0
+        most = 0
+
+        @app.on("step")
+        async def step(ctx: EventContext) -> None:
+            nonlocal inside, most
+            inside += 1
+            most = max(most, inside)
+            await asyncio.sleep(0.005)
+            inside -= 1
+
+        await asyncio.gather(*(app.emit("step", f"s{n}") for n in range(6)))
+        assert most == 2
+
+
+async def test_a_cascade_deeper_than_the_limit_stops_with_a_clear_error(krules_app: KRulesTestApp) -> None:
+    @krules_app.on("ping")
+    async def ping(ctx: EventContext) -> None:
+        await ctx.emit("ping")
+
+    await krules_app.emit("ping", "loop")
+    assert len(krules_app.recorder.of_type("ping")) == 33  # the root plus 32 levels
+    (failure,) = krules_app.recorder.failures
+    assert isinstance(failure.error, CascadeDepthExceeded)
+    message = str(failure.error)
+    assert "depth 32" in message and "ping(loop) -> ping(loop)" in message
+
+
+async def test_the_cascade_depth_limit_is_configurable() -> None:
+    async with KRulesTestApp(settings=Settings(max_cascade_depth=3)) as app:
+
+        @app.on(SUBJECT_PROPERTY_CHANGED)
+        async def bump(ctx: EventContext) -> None:
+            await ctx.subject.set("n", lambda n: n + 1)
+
+        await app.subject("c").set("n", 0)
+        assert len(app.recorder.of_type(SUBJECT_PROPERTY_CHANGED)) == 4
+        (failure,) = app.recorder.failures
+        assert isinstance(failure.error, CascadeDepthExceeded)
+        # the write that would have gone past the limit was refused before it was cached
+        assert await app.stored("c") == {"n": 3}
+
+
+async def test_cached_writes_of_every_subject_touched_by_a_turn_are_stored_when_it_ends(
+    krules_app: KRulesTestApp,
+) -> None:
+    stored_during_turn: dict[str, Any] = {}
+
+    @krules_app.on("order.paid")
+    async def paid(ctx: EventContext) -> None:
+        await ctx.subject.set("status", "paid")
+        await krules_app.engine.subject("customer-1").set("orders", lambda n: (n or 0) + 1)
+        stored_during_turn.update(await krules_app.stored(ctx.subject.name))
+
+    await krules_app.emit("order.paid", "order-1")
+    assert stored_during_turn == {}
+    assert await krules_app.stored("order-1") == {"status": "paid"}
+    assert await krules_app.stored("customer-1") == {"orders": 1}
+
+
+async def test_the_same_subject_name_yields_the_same_cached_subject_within_an_event(
+    krules_app: KRulesTestApp,
+) -> None:
+    seen: list[Any] = []
+
+    @krules_app.on("x")
+    async def first(ctx: EventContext) -> None:
+        seen.append(ctx.subject)
+        seen.append(krules_app.engine.subject("s"))
+        await ctx.emit("y", subject="other")
+
+    @krules_app.on("y")
+    async def second(ctx: EventContext) -> None:
+        seen.append(krules_app.engine.subject("s"))
+        seen.append(ctx.subject)
+
+    await krules_app.emit("x", "s")
+    assert seen[0] is seen[1] is seen[2]
+    assert seen[3].name == "other" and seen[3] is not seen[0]
+
+
+async def test_child_event_ids_are_deterministic_from_the_parent(krules_app: KRulesTestApp) -> None:
+    @krules_app.on("a")
+    async def a(ctx: EventContext) -> None:
+        await ctx.emit("b")
+        await ctx.emit("c")
+
+    @krules_app.on("b")
+    async def b(ctx: EventContext) -> None:
+        await ctx.emit("d")
+
+    await krules_app.emit("a", "s")
+    (root,) = krules_app.recorder.of_type("a")
+    ids = {e.type: e.id for e in krules_app.recorder.events}
+    assert ids == {"a": root.id, "b": f"{root.id}.1", "d": f"{root.id}.1.1", "c": f"{root.id}.2"}
+
+
+async def test_emit_rejects_a_payload_that_is_not_a_dict(krules_app: KRulesTestApp) -> None:
+    with pytest.raises(EventFormatError, match="payload must be a dict"):
+        await krules_app.emit("x", "s", [1, 2])  # type: ignore[arg-type]
+    with pytest.raises(EventFormatError, match="extension name 'Topic'"):
+        await krules_app.emit("x", "s", {}, Topic="alerts")
+
+
+async def test_extensions_are_visible_as_metadata(krules_app: KRulesTestApp) -> None:
+    seen: list[Any] = []
+
+    @krules_app.on("alert.critical")
+    async def alert(ctx: EventContext) -> None:
+        seen.append(ctx.get_metadata("topic"))
+        seen.append(ctx.event.get_extension("topic"))
+
+    await krules_app.emit("alert.critical", "device-1", {"temp": 95}, topic="alerts")
+    assert seen == ["alerts", "alerts"]
+
+
+async def test_middleware_wraps_each_handler_call_first_registered_outermost(krules_app: KRulesTestApp) -> None:
+    calls: list[str] = []
+
+    @krules_app.middleware
+    async def outer(ctx: EventContext, next: Any) -> None:
+        calls.append(f"outer>{ctx.handler_name.rsplit('.', 1)[-1]}")
+        await next()
+        calls.append("outer<")
+
+    @krules_app.middleware
+    async def inner(ctx: EventContext, next: Any) -> None:
+        calls.append("inner>")
+        await next()
+        calls.append("inner<")
+
+    @krules_app.on("x")
+    async def handler(ctx: EventContext) -> None:
+        calls.append("handler")
+
+    await krules_app.emit("x", "s")
+    assert calls == ["outer>handler", "inner>", "handler", "inner<", "outer<"]
+
+
+async def test_context_variables_set_by_middleware_are_visible_in_the_handler(krules_app: KRulesTestApp) -> None:
+    request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="unset")
+    seen: list[str] = []
+
+    @krules_app.middleware
+    async def tag(ctx: EventContext, next: Any) -> None:
+        request_id.set(ctx.handler_name.rsplit(".", 1)[-1])
+        ctx.set_metadata("tagged", True)
+        await next()
+
+    @krules_app.on("x")
+    async def one(ctx: EventContext) -> None:
+        seen.append(f"{request_id.get()}:{ctx.get_metadata('tagged')}")
+
+    @krules_app.on("x")
+    async def two(ctx: EventContext) -> None:
+        seen.append(f"{request_id.get()}:{ctx.get_metadata('tagged')}")
+
+    await krules_app.emit("x", "s")
+    assert sorted(seen) == ["one:True", "two:True"]
+
+
+async def test_a_middleware_can_skip_a_handler_without_failing_it(krules_app: KRulesTestApp) -> None:
+    ran: list[str] = []
+
+    @krules_app.middleware
+    async def only_vip(ctx: EventContext, next: Any) -> None:
+        if not ctx.payload.get("vip"):
+            raise SkipEvent()
+        await next()
+
+    @krules_app.on("x")
+    async def handler(ctx: EventContext) -> None:
+        ran.append(ctx.payload.get("who", "?"))
+
+    await krules_app.emit("x", "s", {"who": "a"})
+    await krules_app.emit("x", "s", {"who": "b", "vip": True})
+    assert ran == ["b"]
+    assert krules_app.recorder.failures == []
+
+
+async def test_settle_waits_for_turns_started_elsewhere(krules_app: KRulesTestApp) -> None:
+    done: list[int] = []
+
+    @krules_app.on("slow")
+    async def slow(ctx: EventContext) -> None:
+        await asyncio.sleep(0.01)
+        done.append(1)
+
+    task = asyncio.ensure_future(krules_app.emit("slow", "s"))
+    await asyncio.sleep(0)
+    await krules_app.settle()
+    assert done == [1]
+    await task

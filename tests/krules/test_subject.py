@@ -1,0 +1,191 @@
+"""Subjects: cached and direct writes, events on change, extended properties, no lost updates."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from krules.context import EventContext
+from krules.errors import ValueNotSerializableError
+from krules.event_types import SUBJECT_DELETED, SUBJECT_PROPERTY_CHANGED, SUBJECT_PROPERTY_DELETED
+from krules.testing import KRulesTestApp
+
+
+async def test_a_missing_property_raises_attribute_error_unless_a_default_is_given(krules_app: KRulesTestApp) -> None:
+    s = krules_app.subject("s")
+    with pytest.raises(AttributeError, match="'s' has no property 'x'"):
+        await s.get("x")
+    assert await s.get("x", default=None) is None
+    assert await s.get("x", default=3) == 3
+    with pytest.raises(AttributeError):
+        await s.get("x", use_cache=False)
+
+
+async def test_set_returns_new_and_old_and_fires_only_when_the_value_changed(krules_app: KRulesTestApp) -> None:
+    changes: list[tuple[Any, Any, Any]] = []
+
+    @krules_app.on(SUBJECT_PROPERTY_CHANGED)
+    async def changed(ctx: EventContext) -> None:
+        changes.append((ctx.property_name, ctx.old_value, ctx.new_value))
+
+    s = krules_app.subject("s")
+    assert await s.set("status", "new") == ("new", None)
+    assert await s.set("status", "new") == ("new", "new")
+    assert await s.set("status", "paid") == ("paid", "new")
+    assert changes == [("status", None, "new"), ("status", "new", "paid")]
+
+
+async def test_muted_writes_and_extended_properties_never_fire(krules_app: KRulesTestApp) -> None:
+    s = krules_app.subject("s")
+    await s.set("count", 1, muted=True)
+    await s.set_ext("internal", lambda n: (n or 0) + 1)
+    await s.set_ext("internal", lambda n: (n or 0) + 1)
+    assert krules_app.recorder.events == []
+    assert await s.get_ext("internal") == 2
+    await s.store()
+    props, ext = await krules_app.storage.load("s")
+    assert props == {"count": 1} and ext == {"internal": 2}
+
+
+async def test_handlers_see_the_change_before_set_returns_and_get_the_extra(krules_app: KRulesTestApp) -> None:
+    seen: list[Any] = []
+
+    @krules_app.on(SUBJECT_PROPERTY_CHANGED)
+    async def changed(ctx: EventContext) -> None:
+        seen.append((await ctx.subject.get("temperature"), ctx.extra))
+
+    s = krules_app.subject("sensor")
+    await s.set("temperature", 81, extra={"reason": "reading"})
+    assert seen == [(81, {"reason": "reading"})]
+
+
+async def test_callable_updates_receive_none_for_a_missing_property(krules_app: KRulesTestApp) -> None:
+    s = krules_app.subject("s")
+    assert await s.set("n", lambda n: (n or 0) + 1) == (1, None)
+    assert await s.set("n", lambda n: n * 10) == (10, 1)
+
+
+async def test_cached_writes_are_stored_only_on_store_outside_a_turn(krules_app: KRulesTestApp) -> None:
+    s = krules_app.subject("user-1")
+    await s.set("name", "Ada", muted=True)
+    await s.set("email", "ada@example.com", muted=True)
+    assert await krules_app.stored("user-1") == {}
+    await s.store()
+    assert await krules_app.stored("user-1") == {"name": "Ada", "email": "ada@example.com"}
+
+
+async def test_use_cache_false_writes_go_to_storage_at_once(krules_app: KRulesTestApp) -> None:
+    s = krules_app.subject("sensor")
+    await s.set("last_reading", 21.5, use_cache=False, muted=True)
+    assert await krules_app.stored("sensor") == {"last_reading": 21.5}
+    assert await s.set("count", lambda n: (n or 0) + 1, use_cache=False, muted=True) == (1, None)
+    assert await s.get("count", use_cache=False) == 1
+    await s.delete("last_reading", use_cache=False, muted=True)
+    assert await krules_app.stored("sensor") == {"count": 1}
+
+
+async def test_a_direct_write_supersedes_a_pending_cached_write_of_the_same_property(
+    krules_app: KRulesTestApp,
+) -> None:
+    s = krules_app.subject("s")
+    await s.set("x", "cached", muted=True)
+    await s.set("x", "direct", muted=True, use_cache=False)
+    await s.store()
+    assert await krules_app.stored("s") == {"x": "direct"}
+    assert await s.get("x") == "direct"
+
+
+async def test_delete_fires_property_deleted_and_missing_raises(krules_app: KRulesTestApp) -> None:
+    s = krules_app.subject("s")
+    await s.set("a", 1, muted=True)
+    await s.delete("a")
+    with pytest.raises(AttributeError):
+        await s.delete("a")
+    (event,) = krules_app.recorder.of_type(SUBJECT_PROPERTY_DELETED)
+    assert event.data == {"property_name": "a", "old_value": 1}
+    await s.store()
+    assert await krules_app.stored("s") == {}
+
+
+async def test_has_keys_and_dict_describe_the_subject(krules_app: KRulesTestApp) -> None:
+    s = krules_app.subject("s")
+    await s.set("a", 1, muted=True)
+    await s.set_ext("tenant", "acme")
+    assert await s.has("a") and not await s.has("b")
+    assert await s.has_ext("tenant")  # cached, not stored yet
+    assert not await s.has_ext("tenant", use_cache=False)
+    assert await s.keys() == ["a"]
+    assert await s.dict() == {"name": "s", "a": 1, "ext": {"tenant": "acme"}}
+    await s.store()
+    assert await s.dict(use_cache=False) == {"name": "s", "a": 1, "ext": {"tenant": "acme"}}
+    assert await s.get_ext_props() == {"tenant": "acme"}
+
+
+async def test_flush_deletes_the_subject_and_reports_what_it_held(krules_app: KRulesTestApp) -> None:
+    s = krules_app.subject("s")
+    await s.set("a", 1, muted=True)
+    await s.set_ext("e", 2)
+    await s.store()
+    krules_app.recorder.clear()
+    await s.flush()
+    assert krules_app.recorder.types() == [SUBJECT_PROPERTY_DELETED, SUBJECT_DELETED]
+    assert krules_app.recorder.of_type(SUBJECT_DELETED)[0].data == {"props": {"a": 1}, "ext_props": {"e": 2}}
+    assert await krules_app.storage.subjects() == []
+
+
+async def test_values_that_are_not_json_are_refused_and_nothing_is_cached(krules_app: KRulesTestApp) -> None:
+    s = krules_app.subject("s")
+    await s.set("ok", [1, 2], muted=True)
+    with pytest.raises(ValueNotSerializableError, match=r"Property 'bad' of subject 's'.*set"):
+        await s.set("bad", {1, 2})
+    with pytest.raises(ValueNotSerializableError):
+        await s.set("nan", float("nan"))
+    with pytest.raises(ValueNotSerializableError):
+        await s.set("bad", {1, 2}, use_cache=False)
+    assert not await s.has("bad")
+    assert krules_app.recorder.events == []
+    await s.store()
+    assert await krules_app.stored("s") == {"ok": [1, 2]}
+
+
+async def test_a_callable_update_is_never_lost_to_a_concurrent_writer(krules_app: KRulesTestApp) -> None:
+    first, second = krules_app.subject("counter"), krules_app.subject("counter")
+    await first.set("n", lambda n: (n or 0) + 1, muted=True)
+    await second.set("n", lambda n: (n or 0) + 1, muted=True)
+    await first.store()
+    await second.store()  # saw n missing, but another writer stored 1: re-applied on the stored value
+    assert await krules_app.stored("counter") == {"n": 2}
+    assert await second.get("n") == 2
+
+
+async def test_composed_callable_updates_in_one_turn_are_reapplied_together(krules_app: KRulesTestApp) -> None:
+    mine, theirs = krules_app.subject("c"), krules_app.subject("c")
+    await mine.set("n", lambda n: (n or 0) + 1, muted=True)
+    await mine.set("n", lambda n: n * 10, muted=True)
+    await theirs.set("n", 5, muted=True)
+    await theirs.store()
+    await mine.store()
+    assert await krules_app.stored("c") == {"n": 60}
+
+
+async def test_many_concurrent_turns_incrementing_one_property_lose_nothing(krules_app: KRulesTestApp) -> None:
+    @krules_app.on("hit")
+    async def hit(ctx: EventContext) -> None:
+        counter = krules_app.engine.subject("counter")
+        await counter.set("hits", lambda n: (n or 0) + 1, muted=True)
+        await asyncio.sleep(0)  # let other turns interleave between the cached write and the store
+
+    await asyncio.gather(*(krules_app.emit("hit", f"page-{i}") for i in range(200)))
+    assert await krules_app.stored("counter") == {"hits": 200}
+
+
+async def test_values_come_back_as_json_would_return_them(krules_app: KRulesTestApp) -> None:
+    s = krules_app.subject("s")
+    await s.set("t", (1, 2), muted=True)
+    await s.set("unicode", "żółw 🐢", muted=True)
+    await s.store()
+    fresh = krules_app.subject("s")
+    assert await fresh.get("t") == [1, 2]
+    assert await fresh.get("unicode") == "żółw 🐢"
