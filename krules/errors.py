@@ -53,4 +53,15 @@ class UpdateConflictError(StorageError):
 
 
 class IngressError(KRulesError):
-    """Raised when an event cannot be delivered to a krules instance over HTTP."""
+    """Raised when an event cannot be delivered to a krules instance over HTTP.
+
+    ``status`` is the HTTP status the instance answered with, or None when it could not be reached.
+    """
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class ServerError(KRulesError):
+    """Raised when the HTTP server cannot start, e.g. because its address is already in use."""
