@@ -174,16 +174,22 @@ def event_from_dict(obj: Any) -> Event:
     data = attributes.pop("data", None)
     if data is None and "data_base64" in attributes:
         raise EventFormatError("The event carries binary data (data_base64); krules payloads are JSON objects.")
-    try:
-        CloudEvent({k: v for k, v in attributes.items() if k != "time"})  # the SDK's attribute checks
+    event = _event_from_attributes(attributes, data)
+    try:  # the SDK's checks of everything else (extension names, URI attributes...)
+        CloudEvent({k: v for k, v in attributes.items() if k != "time"})
     except BaseCloudEventException as exc:
         raise EventFormatError(_sdk_reason(exc)) from None
-    return _event_from_attributes(attributes, data)
+    return event
 
 
 def _sdk_reason(exc: BaseCloudEventException) -> str:
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return f"The request is not a valid CloudEvent: {text.rstrip('.')}."
+    errors = getattr(exc, "errors", None)
+    if errors:
+        attribute, problems = next(iter(errors.items()))
+        text = f"attribute {attribute!r}: {problems[0]}" if problems else f"attribute {attribute!r} is invalid"
+    else:
+        text = str(exc) or type(exc).__name__
+    return f"The event is not a valid CloudEvent ({text.rstrip('.')})."
 
 
 def _event_from_attributes(attributes: dict[str, Any], data: Any) -> Event:
