@@ -17,6 +17,7 @@ from storage.base import DELETE, Change, SubjectChanges, Update, decode, encode
 __all__ = ["MemoryStorage", "create_memory_storage"]
 
 _Maps = tuple[dict[str, str], dict[str, str]]
+_NO_MAPS: _Maps = ({}, {})  # what a missing subject holds; only ever read
 
 
 class MemoryStorage:
@@ -39,9 +40,7 @@ class MemoryStorage:
         # Resolve every conflicting update before touching anything, so an encoding error in a
         # re-applied callable leaves the whole batch unapplied.
         for changes in batch:
-            maps = self._subjects.get(changes.name)
-            if maps is None:
-                continue
+            maps = self._subjects.get(changes.name, _NO_MAPS)
             self._resolve(changes.name, changes.props, maps[0])
             self._resolve(changes.name, changes.ext, maps[1])
         for changes in batch:

@@ -1,0 +1,80 @@
+"""Fixtures shared by the whole test tree."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from storage.local_redis import LocalRedisServer, find_redis_server
+
+# -- real redis-server -------------------------------------------------------------------------
+# Integration tests run against a real redis-server that the session starts on a free loopback
+# port (no persistence, its own temporary directory) and stops at the end.  Without redis-server
+# those tests skip, loudly (see the report header), except under CI=true, where they fail.
+
+_REDIS_MISSING = (
+    "redis-server is not installed, so the real-Redis tests cannot run; install it with "
+    "`make redis-server` (Debian package redis-server)"
+)
+
+
+def _ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() in {"1", "true", "yes"}
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    executable = find_redis_server()
+    if executable is not None:
+        return f"redis-server: {executable}"
+    verdict = "they FAIL under CI=true" if _ci() else "those tests are SKIPPED"
+    return f"redis-server: NOT FOUND; {verdict} ({_REDIS_MISSING})"
+
+
+def _redis_server_executable() -> str:
+    executable = find_redis_server()
+    if executable is None:
+        if _ci():
+            pytest.fail(f"{_REDIS_MISSING}; CI=true requires them.", pytrace=False)
+        pytest.skip(_REDIS_MISSING)
+    return executable
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalRedisServer]:
+    """The session's redis-server; tests share it, so each uses its own key prefix."""
+    server = LocalRedisServer(tmp_path_factory.mktemp("redis-server"), executable=_redis_server_executable())
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_key_prefix() -> str:
+    """A key prefix no other test uses, to share the session's server without interference."""
+    return f"test-{uuid.uuid4().hex[:12]}:"
+
+
+@pytest.fixture
+def redis_server_factory(tmp_path: Path) -> Iterator[Callable[..., LocalRedisServer]]:
+    """Start private redis-servers (to crash, restart, stop or protect with a password).
+
+    ``redis_server_factory(persistent=True, password="...")`` returns a started server; every
+    server it started is stopped when the test ends.
+    """
+    executable = _redis_server_executable()
+    servers: list[LocalRedisServer] = []
+
+    def start(**options: Any) -> LocalRedisServer:
+        server = LocalRedisServer(tmp_path / f"redis-{len(servers)}", executable=executable, **options)
+        servers.append(server)
+        server.start()
+        return server
+
+    yield start
+    for server in servers:
+        server.stop(kill=True)
