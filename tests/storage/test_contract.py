@@ -147,7 +147,9 @@ async def test_a_callable_update_on_a_subject_flushed_meanwhile_is_reapplied_on_
     assert (change.expected, change.value) == (None, "1")
 
 
-async def test_concurrent_batches_of_stale_callable_updates_lose_no_increment(storage: SubjectStorage) -> None:
+async def test_concurrent_batches_of_stale_callable_updates_lose_no_increment(
+    storage: SubjectStorage,
+) -> None:
     async def bump() -> None:
         await storage.store([SubjectChanges("hits", {"n": Update(None, increment, "1")})])
 
@@ -216,7 +218,9 @@ async def test_concurrent_updates_lose_no_increment(storage: SubjectStorage) -> 
     assert await storage.get("hits", "n") == 40
 
 
-async def test_an_update_producing_a_non_json_value_raises_and_stores_nothing(storage: SubjectStorage) -> None:
+async def test_an_update_producing_a_non_json_value_raises_and_stores_nothing(
+    storage: SubjectStorage,
+) -> None:
     with pytest.raises(ValueNotSerializableError, match=r"'when' of subject 'fresh'"):
         await storage.update("fresh", "when", lambda _: object())
     await storage.set("kept", "n", "3")
