@@ -40,9 +40,9 @@ class MemoryStorage:
         # Resolve every conflicting update before touching anything, so an encoding error in a
         # re-applied callable leaves the whole batch unapplied.
         for changes in batch:
-            maps = self._subjects.get(changes.name, _NO_MAPS)
-            self._resolve(changes.name, changes.props, maps[0])
-            self._resolve(changes.name, changes.ext, maps[1])
+            props, ext = self._subjects.get(changes.name, _NO_MAPS)
+            self._resolve(changes.name, changes.props, props)
+            self._resolve(changes.name, changes.ext, ext)
         for changes in batch:
             maps = self._subjects.get(changes.name)
             if maps is None:

@@ -286,7 +286,7 @@ class RedisStorage:
         self, name: str, prop: str, fn: Callable[[Any], Any], *, ext: bool = False
     ) -> tuple[Any, Any, bool]:
         key, field = self.keys.subject(name), property_field(prop, ext)
-        raw = await self._run(lambda: self._client.hget(key, field), "read subject %r", name)
+        raw = await self._run(lambda: self._client.hget(key, field), "update subject %r", name)
         token = os.urandom(_TOKEN_BYTES).hex()
         for attempt in range(1, self._update_attempts + 1):
             old = decode(raw) if raw is not None else None
@@ -476,7 +476,8 @@ def _text(value: str | bytes) -> str:
 
 
 def _reason(exc: Exception) -> str:
-    text = str(exc).strip().rstrip(".")
+    """The driver's words for a failure, fit to sit inside one of our sentences."""
+    text = " ".join(str(exc).split()).rstrip(".").replace(". ", ": ")
     return text or type(exc).__name__
 
 
