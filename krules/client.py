@@ -179,7 +179,7 @@ class KRulesClient:
         return _accepted_ids(self.url, self._post(_batch(events), BATCH_CONTENT_TYPE))
 
     def subject(self, name: str) -> dict[str, Any]:
-        """``{"name", "properties", "extended"}`` of a stored subject (IngressError 404 when unknown)."""
+        """``{"name", "properties", "ext"}`` of a stored subject (IngressError 404 when unknown)."""
         try:
             response = self._http.get(f"/subjects/{quote(name, safe='')}", headers=_headers(self.token))
         except httpx.TransportError as exc:
@@ -230,7 +230,7 @@ class AsyncKRulesClient:
         return _accepted_ids(self.url, await self._post(_batch(events), BATCH_CONTENT_TYPE))
 
     async def subject(self, name: str) -> dict[str, Any]:
-        """``{"name", "properties", "extended"}`` of a stored subject (IngressError 404 when unknown)."""
+        """``{"name", "properties", "ext"}`` of a stored subject (IngressError 404 when unknown)."""
         try:
             response = await self._http.get(f"/subjects/{quote(name, safe='')}", headers=_headers(self.token))
         except httpx.TransportError as exc:

@@ -10,7 +10,7 @@ Routes of :func:`create_ingress_app`:
   ``200 {"accepted": n, "ids": [...]}``, is sent once the turns are over.  A handler failure is the
   rule's business (dead-lettered, logged), not the sender's; a storage failure is 503, because the
   turn's writes were not stored and the sender must retry.
-* ``GET /subjects/{name}``: a subject's properties and extended properties (404 when unknown).
+* ``GET /subjects/{name}``: ``{"name", "properties", "ext"}`` of a stored subject (404 when unknown).
 * ``GET /healthz``: liveness, never behind the token.
 
 When ``KRULES_INGRESS_TOKEN`` is set, every route but ``/healthz`` needs ``Authorization: Bearer
@@ -292,7 +292,7 @@ class _Ingress:
             )
         if not props and not ext:
             return JSONResponse({"error": f"Subject {name!r} is not stored on this krules instance."}, 404)
-        return JSONResponse({"name": name, "properties": props, "extended": ext})
+        return JSONResponse({"name": name, "properties": props, "ext": ext})
 
     @staticmethod
     async def healthz(request: Request) -> Response:
