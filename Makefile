@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test bench lint install redis-server clean
+.PHONY: run test bench bench-compare lint install redis-server clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,14 @@ test: $(STAMP) redis-server
 
 bench: $(STAMP) redis-server
 	$(BIN)/python -m bench
+
+.venv-krules/bin/python:
+	$(PYTHON) -m venv .venv-krules
+	.venv-krules/bin/python -m pip install --quiet 'krules-framework==3.3.0'
+
+# Side-by-side with KRules 3.3 (installed from PyPI into its own virtual environment).
+bench-compare: $(STAMP) .venv-krules/bin/python
+	$(BIN)/python -m bench.compare
 
 lint: $(STAMP)
 	$(BIN)/ruff check krules storage middleware rulesets tests bench

@@ -17,7 +17,7 @@ import asyncio
 import logging
 import re
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from inspect import isawaitable
 from typing import TYPE_CHECKING, Any, Final
 
@@ -122,29 +122,31 @@ class Engine:
         return Subject(name, self)
 
     # -- emitting ----------------------------------------------------------------------------
-    async def emit(
+    def emit(
         self, event_type: str, subject: Subject | str, payload: dict[str, Any] | None = None, **extensions: Any
-    ) -> None:
-        """Emit an event: inside a handler it is part of the cascade, outside it starts a turn."""
+    ) -> Coroutine[Any, Any, Any]:
+        """Emit an event (``await`` it): inside a handler it is part of the cascade, outside it starts a turn."""
+        # Hot-path functions here validate eagerly and return the coroutine to await, saving a frame.
         ctx = _current.get()
         if ctx is not None and ctx._engine is self:
-            await self.emit_child(ctx, event_type, payload, subject, extensions)
-            return
-        if not isinstance(event_type, str) or not event_type:
+            return self.emit_child(ctx, event_type, payload, subject, extensions)
+        if event_type.__class__ is not str or not event_type:
             raise EventFormatError(f"An event type must be a non-empty string, not {event_type!r}.")
         name, subject_obj = _subject_name(subject)
-        event = self.new_event(event_type, name, _check_payload(payload), _check_extensions(extensions))
-        await self.process(event, subject_obj)
+        event = self.new_event(
+            event_type, name, _check_payload(payload), _check_extensions(extensions) if extensions else None
+        )
+        return self.process(event, subject_obj)
 
-    async def emit_child(
+    def emit_child(
         self,
         ctx: EventContext,
         event_type: str,
         payload: dict[str, Any] | None,
         subject: Subject | str | None,
         extensions: dict[str, Any] | None,
-    ) -> None:
-        """Emit an event caused by ``ctx``'s event and handle it inline in the same turn."""
+    ) -> Coroutine[Any, Any, None]:
+        """Emit an event caused by ``ctx``'s event; ``await`` the result to handle it inline in the same turn."""
         if event_type.__class__ is not str or not event_type:
             raise EventFormatError(f"An event type must be a non-empty string, not {event_type!r}.")
         if subject is None:
@@ -162,7 +164,7 @@ class Engine:
         child = parent.child(
             event_type, name, payload, self._now(), _check_extensions(extensions) if extensions else None
         )
-        await self._dispatch(child, ctx.turn, subject_obj, None)
+        return self._dispatch(child, ctx.turn, subject_obj, None)
 
     def check_depth(self, subject: str, event_type: str) -> None:
         """Raise CascadeDepthExceeded *before* a write whose event would pass the depth limit."""
@@ -170,16 +172,15 @@ class Engine:
         if ctx is not None and ctx._event.depth >= self._max_depth and ctx._engine is self:
             raise CascadeDepthExceeded(self._max_depth, [*ctx._event.chain(), f"{event_type}({subject})"])
 
-    async def emit_change(
+    def emit_change(
         self, subject: Subject, event_type: str, data: dict[str, Any], extra: dict[str, Any] | None
-    ) -> None:
+    ) -> Coroutine[Any, Any, Any]:
         """Dispatch a subject's own event (property changed/deleted) inline, with ``ctx.subject`` = it."""
         ctx = _current.get()
         if ctx is not None and ctx._engine is self:
             child = ctx._event.child(event_type, subject.name, data, self._now(), None)
-            await self._dispatch(child, ctx.turn, subject, extra)
-        else:
-            await self.process(self.new_event(event_type, subject.name, data), subject, extra)
+            return self._dispatch(child, ctx.turn, subject, extra)
+        return self.process(self.new_event(event_type, subject.name, data), subject, extra)
 
     # -- turns -------------------------------------------------------------------------------
     async def process(self, event: Event, subject: Subject | None = None, extra: dict[str, Any] | None = None) -> Turn:
@@ -278,34 +279,49 @@ class Engine:
             return
         if subject is None:
             subject = turn.subject(event.subject)
-        if len(rules) == 1:
-            rule = rules[0]
-            await self._run(rule, EventContext(self, turn, event, subject, rule, extra))
+        if len(rules) != 1:
+            async with asyncio.TaskGroup() as group:
+                for rule in rules:
+                    group.create_task(self._run(rule, EventContext(self, turn, event, subject, rule, extra)))
             return
-        async with asyncio.TaskGroup() as group:
-            for rule in rules:
-                group.create_task(self._run(rule, EventContext(self, turn, event, subject, rule, extra)))
-
-    async def _run(self, rule: Rule, ctx: EventContext) -> None:
+        # One handler: run it right here, in the caller's task (the body of _run, inlined: hot path).
+        rule = rules[0]
+        ctx = EventContext(self, turn, event, subject, rule, extra)
         token = _current.set(ctx)
         try:
-            for check, is_async in rule.filters or ():
-                try:
-                    ok = check(ctx)
-                    if is_async or (ok.__class__ is not bool and isawaitable(ok)):
-                        ok = await ok
-                except Exception as exc:
-                    self._failed(ctx, exc, "filter")
-                    return
-                if not ok:
-                    return
-            await rule.call(ctx)
+            if not rule.filters or await self._passes(rule, ctx):
+                await rule.call(ctx)
         except SkipEvent:
             pass
         except Exception as exc:
             self._failed(ctx, exc, "handler")
         finally:
             _current.reset(token)
+
+    async def _run(self, rule: Rule, ctx: EventContext) -> None:
+        token = _current.set(ctx)
+        try:
+            if not rule.filters or await self._passes(rule, ctx):
+                await rule.call(ctx)
+        except SkipEvent:
+            pass
+        except Exception as exc:
+            self._failed(ctx, exc, "handler")
+        finally:
+            _current.reset(token)
+
+    async def _passes(self, rule: Rule, ctx: EventContext) -> bool:
+        for check, is_async in rule.filters:
+            try:
+                ok = check(ctx)
+                if is_async or (ok.__class__ is not bool and isawaitable(ok)):
+                    ok = await ok
+            except Exception as exc:
+                self._failed(ctx, exc, "filter")
+                return False
+            if not ok:
+                return False
+        return True
 
     def _failed(self, ctx: EventContext, exc: Exception, where: str) -> None:
         event = ctx._event

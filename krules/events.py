@@ -51,40 +51,53 @@ class IdGenerator:
 class Event:
     """One event: CloudEvents attributes, a JSON-object payload, and its place in a cascade."""
 
-    __slots__ = ("_emitted", "data", "depth", "extensions", "id", "parent", "source", "subject", "time", "type")
+    __slots__ = ("_emitted", "_id", "_seq", "data", "depth", "extensions", "parent", "source", "subject", "time", "type")
 
     def __init__(
         self,
         type: str,
         subject: str,
         data: dict[str, Any],
-        id: str,
+        id: str | None,
         source: str,
         time: float,
         depth: int = 0,
         parent: Event | None = None,
         extensions: dict[str, Any] | None = None,
+        seq: int = 0,
     ) -> None:
         self.type = type
         self.subject = subject
         self.data = data
-        self.id = id
+        self._id = id
         self.source = source
         self.time = time
         self.depth = depth
         self.parent = parent
         self.extensions = extensions
+        self._seq = seq
         self._emitted = 0
+
+    @property
+    def id(self) -> str:
+        """The CloudEvent id; a child's is derived from its parent's on first use."""
+        event_id = self._id
+        if event_id is None:
+            parent = self.parent
+            if parent is None:
+                raise RuntimeError("an event without an id must have a parent")
+            event_id = f"{parent.id}.{self._seq}"
+            if len(event_id) > _MAX_ID_LENGTH:
+                event_id = hashlib.blake2b(event_id.encode(), digest_size=16).hexdigest()
+            self._id = event_id
+        return event_id
 
     def child(
         self, type: str, subject: str, data: dict[str, Any], time: float, extensions: dict[str, Any] | None
     ) -> Event:
         """Return the next event caused by this one, with a deterministic id and depth + 1."""
-        self._emitted += 1
-        child_id = f"{self.id}.{self._emitted}"
-        if len(child_id) > _MAX_ID_LENGTH:
-            child_id = hashlib.blake2b(child_id.encode(), digest_size=16).hexdigest()
-        return Event(type, subject, data, child_id, self.source, time, self.depth + 1, self, extensions)
+        self._emitted = seq = self._emitted + 1
+        return Event(type, subject, data, None, self.source, time, self.depth + 1, self, extensions, seq)
 
     def chain(self) -> list[str]:
         """Event types from the root of the cascade down to this event."""

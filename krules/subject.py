@@ -106,6 +106,17 @@ class Subject:
         if self._changes is not None:
             (self._changes.ext if ext else self._changes.props).pop(prop, None)
 
+    async def _store_pending(self, prop: str, ext: bool) -> None:
+        """Store the cached change of one property first, so a direct callable update builds on it."""
+        changes = self._changes
+        section = None if changes is None else (changes.ext if ext else changes.props)
+        if not section or prop not in section:
+            return
+        change = section[prop]
+        single = SubjectChanges(self.name, ext={prop: change}) if ext else SubjectChanges(self.name, {prop: change})
+        await self._engine.storage.store((single,))
+        del section[prop]
+
     # -- ordinary properties -----------------------------------------------------------------
     async def get(self, prop: str, default: Any = _MISSING, use_cache: bool | None = None) -> Any:
         """Return a property; a missing one raises ``AttributeError`` unless a default is given."""
@@ -146,6 +157,7 @@ class Subject:
         if use_cache is False or (use_cache is None and not self._use_cache):
             storage = self._engine.storage
             if callable(value):
+                await self._store_pending(prop, ext=False)
                 new, old, existed = await storage.update(self.name, prop, value)
             else:
                 existed, old = await storage.set(self.name, prop, encode(value, self.name, prop))
@@ -232,6 +244,7 @@ class Subject:
         """Set an extended property (a value or a callable of the old value); never emits."""
         if use_cache is False or (use_cache is None and not self._use_cache):
             if callable(value):
+                await self._store_pending(prop, ext=True)
                 new, old, _ = await self._engine.storage.update(self.name, prop, value, ext=True)
             else:
                 _, old = await self._engine.storage.set(self.name, prop, encode(value, self.name, prop), ext=True)

@@ -159,7 +159,7 @@ class KRulesTestApp:
 try:  # async fixtures need pytest-asyncio; without it the helpers above still work
     from pytest_asyncio import fixture as _async_fixture
 except ImportError:  # pragma: no cover
-    _async_fixture = pytest.fixture
+    _async_fixture = pytest.fixture  # type: ignore[assignment]
 
 
 @_async_fixture

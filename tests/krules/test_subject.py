@@ -189,3 +189,18 @@ async def test_values_come_back_as_json_would_return_them(krules_app: KRulesTest
     fresh = krules_app.subject("s")
     assert await fresh.get("t") == [1, 2]
     assert await fresh.get("unicode") == "żółw 🐢"
+
+
+async def test_a_cached_write_followed_by_a_direct_callable_update_keeps_both(krules_app: KRulesTestApp) -> None:
+    def inc(n: Any) -> int:
+        return (n or 0) + 1
+
+    @krules_app.on("x")
+    async def handler(ctx: EventContext) -> None:
+        await ctx.subject.set("n", inc, muted=True)
+        await ctx.subject.set("n", inc, muted=True, use_cache=False)
+        await ctx.subject.set_ext("e", inc)
+        await ctx.subject.set_ext("e", inc, use_cache=False)
+
+    await krules_app.emit("x", "s")
+    assert await krules_app.storage.load("s") == ({"n": 2}, {"e": 2})

@@ -1,0 +1,1 @@
+"""Benchmarks: each module prints JSON lines of figures (``python -m bench`` runs them all)."""

@@ -1,0 +1,32 @@
+"""Shared bits of the benchmarks: JSON-line output and median-of-N timing."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import sys
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+REPEATS = int(os.environ.get("BENCH_REPEATS", "3"))
+
+
+def report(name: str, **figures: Any) -> None:
+    """Print one JSON line: the benchmark name, its figures and the interpreter."""
+    line = {"bench": name, **figures, "python": platform.python_version()}
+    print(json.dumps(line), flush=True)
+
+
+async def median_seconds(run: Callable[[], Awaitable[float]], repeats: int = REPEATS) -> float:
+    """Run ``run`` (which returns elapsed seconds) ``repeats`` times; return the median."""
+    return statistics.median([await run() for _ in range(repeats)])
+
+
+def scale() -> float:
+    """BENCH_SCALE shrinks workloads for smoke runs (e.g. 0.05); 1.0 is the reported size."""
+    value = float(os.environ.get("BENCH_SCALE", "1"))
+    if not 0 < value <= 1:
+        sys.exit("BENCH_SCALE must be in (0, 1].")
+    return value

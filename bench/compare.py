@@ -1,0 +1,57 @@
+"""Side by side with KRules: alternate runs of the same workload on both, report medians and ratios.
+
+The machines we run on are shared and noisy, so absolute figures drift; alternating the two
+implementations in one session and comparing ratios is the fair measure.  Needs an interpreter with
+krules-framework installed (``KRULES_BASELINE_PYTHON``, default ``.venv-krules/bin/python``; ``make
+bench-compare`` creates it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
+BASELINE = os.environ.get("KRULES_BASELINE_PYTHON", str(Path(".venv-krules") / "bin" / "python"))
+
+# (workload, our module, figure, higher is better)
+FIGURES = [
+    ("order_cascade", "bench.order_cascade", "orders_per_s", True),
+    ("middleware_overhead", "bench.middleware_overhead", "us_added_per_call", False),
+    ("dispatch_cost", "bench.dispatch_cost", "us_per_emit", False),
+]
+
+
+def run(cmd: list[str]) -> list[dict[str, object]]:
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env={**os.environ, "BENCH_REPEATS": "1"})
+    return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+
+
+def main() -> int:
+    if not Path(BASELINE).exists():
+        print(f"no KRules interpreter at {BASELINE!r}; run `make bench-compare`", file=sys.stderr)
+        return 2
+    for workload, module, figure, higher_better in FIGURES:
+        ours: dict[object, list[float]] = {}
+        theirs: dict[object, list[float]] = {}
+        for _ in range(ROUNDS):
+            for target, cmd in ((ours, [sys.executable, "-m", module]),
+                                (theirs, [BASELINE, "-m", "bench.krules_baseline", workload])):
+                for line in run(cmd):
+                    if line["bench"] == workload and figure in line:
+                        target.setdefault(line.get("rules"), []).append(float(line[figure]))  # type: ignore[arg-type]
+        for key in ours:
+            a, b = statistics.median(ours[key]), statistics.median(theirs[key])
+            print(json.dumps({
+                "bench": f"compare_{workload}", "rules": key, "figure": figure, "krules": a, "krules_framework": b,
+                "advantage": round(a / b if higher_better else b / a, 2), "rounds": ROUNDS,
+            }), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

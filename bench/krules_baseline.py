@@ -1,0 +1,131 @@
+"""The same workloads on krules-framework 3.x (KRules), for side-by-side figures.
+
+Run with an interpreter that has ``krules-framework`` installed (``make bench-compare`` builds one
+in ``.venv-krules``).  KRules' default storage stores nothing, as in its own benchmarks.  This file
+imports nothing from this project but ``bench._common``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+from typing import Any
+
+from bench._common import median_seconds, report, scale
+
+try:
+    from krules_core.container import KRulesContainer  # type: ignore[import-not-found]
+except ImportError:  # pragma: no cover - depends on the interpreter
+    sys.exit("krules_baseline needs krules-framework: run it with .venv-krules/bin/python (make bench-compare).")
+
+
+async def order_cascade() -> None:
+    orders = max(1, int(20_000 * scale()))
+
+    async def run() -> float:
+        container = KRulesContainer()
+        on, when, middleware, emit = container.handlers()
+
+        @on("order.submitted")
+        async def validate_order(ctx: Any) -> None:
+            if ctx.payload["total"] > 0:
+                await ctx.emit("order.validated")
+
+        @on("order.validated")
+        async def process_payment(ctx: Any) -> None:
+            await ctx.emit("payment.completed")
+
+        @on("payment.completed")
+        async def ship_order(ctx: Any) -> None:
+            await ctx.subject.set("status", "shipped")
+            await ctx.emit("order.shipped")
+
+        started = time.perf_counter()
+        for i in range(orders):
+            await emit("order.submitted", container.subject(f"order-{i}"), {"total": 10})
+        return time.perf_counter() - started
+
+    elapsed = await median_seconds(run)
+    report(
+        "order_cascade",
+        impl="krules-framework",
+        storage="empty (stores nothing)",
+        orders=orders,
+        orders_per_s=round(orders / elapsed),
+        events_per_s=round(orders * 5 / elapsed),
+        us_per_order=round(elapsed / orders * 1e6, 2),
+    )
+
+
+async def dispatch_cost() -> None:
+    emits = max(10, int(5_000 * scale()))
+    costs = {}
+    for rules in (1, 10, 100, 1000):
+        container = KRulesContainer()
+        on, when, middleware, emit = container.handlers()
+
+        async def unrelated(ctx: Any) -> None:
+            raise AssertionError("a non-matching rule ran")
+
+        for i in range(rules):
+            on(f"other.{i}" if i % 2 == 0 else f"other.{i}.*")(unrelated)
+        subject = container.subject("s")
+
+        async def run() -> float:
+            started = time.perf_counter()
+            for _ in range(emits):
+                await emit("bench.unmatched", subject)
+            return time.perf_counter() - started
+
+        costs[rules] = await median_seconds(run) / emits
+        report("dispatch_cost", impl="krules-framework", rules=rules, us_per_emit=round(costs[rules] * 1e6, 3))
+    report("dispatch_cost_ratio", impl="krules-framework", ratio_1000_to_1=round(costs[1000] / costs[1], 3))
+
+
+async def middleware_overhead() -> None:
+    emits = max(10, int(20_000 * scale()))
+    figures = {}
+    for count in (0, 5):
+        container = KRulesContainer()
+        on, when, middleware, emit = container.handlers()
+        for _ in range(count):
+
+            async def passthrough(ctx: Any, next: Any) -> None:
+                await next()
+
+            middleware(passthrough)
+
+        @on("bench.event")
+        async def handler(ctx: Any) -> None:
+            return None
+
+        subject = container.subject("s")
+
+        async def run() -> float:
+            started = time.perf_counter()
+            for _ in range(emits):
+                await emit("bench.event", subject)
+            return time.perf_counter() - started
+
+        figures[count] = await median_seconds(run) / emits
+    report(
+        "middleware_overhead",
+        impl="krules-framework",
+        middlewares=5,
+        us_per_emit_without=round(figures[0] * 1e6, 3),
+        us_per_emit_with=round(figures[5] * 1e6, 3),
+        us_added_per_call=round((figures[5] - figures[0]) * 1e6, 3),
+    )
+
+
+WORKLOADS = {"order_cascade": order_cascade, "dispatch_cost": dispatch_cost, "middleware_overhead": middleware_overhead}
+
+
+async def main(names: list[str]) -> None:
+    for name in names or list(WORKLOADS):
+        await WORKLOADS[name]()
+
+
+if __name__ == "__main__":
+    asyncio.run(main(sys.argv[1:]))
