@@ -39,8 +39,9 @@ class SkipEvent(Exception):  # noqa: N818 - a control-flow signal, not an error
 
 
 def _layer(mw: Middleware, inner: Call) -> Call:
-    async def call(ctx: EventContext) -> None:
-        await mw(ctx, partial(inner, ctx))
+    # A plain function returning the middleware's awaitable: one coroutine per layer, not two.
+    def call(ctx: EventContext) -> Awaitable[None]:
+        return mw(ctx, partial(inner, ctx))
 
     call.__qualname__ = f"{getattr(mw, '__qualname__', type(mw).__name__)}>"
     return call
