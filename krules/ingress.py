@@ -267,8 +267,8 @@ class _Ingress:
                 )
             else:
                 reason = (
-                    f"{len(failed)} of {len(events)} events were not accepted because the subject storage "
-                    f"failed ({_clause(str(error))}); nothing of them was stored and they are not lost: "
+                    f"The subject storage failed for {len(failed)} of {len(events)} events "
+                    f"({_clause(str(error))}); nothing of them was stored and they are not lost: "
                     "retry the events listed in 'failed'."
                 )
             return _reject(
@@ -336,7 +336,7 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     if status == 404:
         reason = f"There is no {request.url.path!r} on this krules instance; events go to POST /events."
     elif status == 405:
-        reason = f"{request.url.path!r} does not accept {request.method}."
+        reason = f"The path {request.url.path!r} does not accept {request.method} requests."
     else:
         reason = f"The request failed with HTTP status {status}."
     headers = exc.headers if isinstance(exc, HTTPException) else None
