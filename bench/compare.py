@@ -27,7 +27,9 @@ FIGURES = [
 
 
 def run(cmd: list[str]) -> list[dict[str, object]]:
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env={**os.environ, "BENCH_REPEATS": "1"})
+    out = subprocess.run(
+        cmd, check=True, capture_output=True, text=True, env={**os.environ, "BENCH_REPEATS": "1"}
+    )
     return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
 
 
@@ -39,17 +41,29 @@ def main() -> int:
         ours: dict[object, list[float]] = {}
         theirs: dict[object, list[float]] = {}
         for _ in range(ROUNDS):
-            for target, cmd in ((ours, [sys.executable, "-m", module]),
-                                (theirs, [BASELINE, "-m", "bench.krules_baseline", workload])):
+            for target, cmd in (
+                (ours, [sys.executable, "-m", module]),
+                (theirs, [BASELINE, "-m", "bench.krules_baseline", workload]),
+            ):
                 for line in run(cmd):
                     if line["bench"] == workload and figure in line:
                         target.setdefault(line.get("rules"), []).append(float(line[figure]))  # type: ignore[arg-type]
         for key in ours:
             a, b = statistics.median(ours[key]), statistics.median(theirs[key])
-            print(json.dumps({
-                "bench": f"compare_{workload}", "rules": key, "figure": figure, "krules": a, "krules_framework": b,
-                "advantage": round(a / b if higher_better else b / a, 2), "rounds": ROUNDS,
-            }), flush=True)
+            print(
+                json.dumps(
+                    {
+                        "bench": f"compare_{workload}",
+                        "rules": key,
+                        "figure": figure,
+                        "krules": a,
+                        "krules_framework": b,
+                        "advantage": round(a / b if higher_better else b / a, 2),
+                        "rounds": ROUNDS,
+                    }
+                ),
+                flush=True,
+            )
     return 0
 
 

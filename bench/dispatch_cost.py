@@ -60,7 +60,12 @@ async def main() -> None:
     for rules in RULE_COUNTS:
         root, child = await measure(rules, emits)
         costs[rules] = root
-        report("dispatch_cost", rules=rules, us_per_emit=round(root * 1e6, 3), us_per_child_emit=round(child * 1e6, 3))
+        report(
+            "dispatch_cost",
+            rules=rules,
+            us_per_emit=round(root * 1e6, 3),
+            us_per_child_emit=round(child * 1e6, 3),
+        )
     report("dispatch_cost_ratio", ratio_1000_to_1=round(costs[1000] / costs[1], 3))
 
 

@@ -17,7 +17,9 @@ from bench._common import median_seconds, report, scale
 try:
     from krules_core.container import KRulesContainer  # type: ignore[import-not-found]
 except ImportError:  # pragma: no cover - depends on the interpreter
-    sys.exit("krules_baseline needs krules-framework: run it with .venv-krules/bin/python (make bench-compare).")
+    sys.exit(
+        "krules_baseline needs krules-framework: run it with .venv-krules/bin/python (make bench-compare)."
+    )
 
 
 async def order_cascade() -> None:
@@ -25,7 +27,7 @@ async def order_cascade() -> None:
 
     async def run() -> float:
         container = KRulesContainer()
-        on, when, middleware, emit = container.handlers()
+        on, _, _, emit = container.handlers()
 
         @on("order.submitted")
         async def validate_order(ctx: Any) -> None:
@@ -63,7 +65,7 @@ async def dispatch_cost() -> None:
     costs = {}
     for rules in (1, 10, 100, 1000):
         container = KRulesContainer()
-        on, when, middleware, emit = container.handlers()
+        on, _, _, emit = container.handlers()
 
         async def unrelated(ctx: Any) -> None:
             raise AssertionError("a non-matching rule ran")
@@ -72,14 +74,16 @@ async def dispatch_cost() -> None:
             on(f"other.{i}" if i % 2 == 0 else f"other.{i}.*")(unrelated)
         subject = container.subject("s")
 
-        async def run() -> float:
+        async def run(emit: Any = emit, subject: Any = subject) -> float:
             started = time.perf_counter()
             for _ in range(emits):
                 await emit("bench.unmatched", subject)
             return time.perf_counter() - started
 
         costs[rules] = await median_seconds(run) / emits
-        report("dispatch_cost", impl="krules-framework", rules=rules, us_per_emit=round(costs[rules] * 1e6, 3))
+        report(
+            "dispatch_cost", impl="krules-framework", rules=rules, us_per_emit=round(costs[rules] * 1e6, 3)
+        )
     report("dispatch_cost_ratio", impl="krules-framework", ratio_1000_to_1=round(costs[1000] / costs[1], 3))
 
 
@@ -88,7 +92,7 @@ async def middleware_overhead() -> None:
     figures = {}
     for count in (0, 5):
         container = KRulesContainer()
-        on, when, middleware, emit = container.handlers()
+        on, _, middleware, emit = container.handlers()
         for _ in range(count):
 
             async def passthrough(ctx: Any, next: Any) -> None:
@@ -102,7 +106,7 @@ async def middleware_overhead() -> None:
 
         subject = container.subject("s")
 
-        async def run() -> float:
+        async def run(emit: Any = emit, subject: Any = subject) -> float:
             started = time.perf_counter()
             for _ in range(emits):
                 await emit("bench.event", subject)
@@ -119,7 +123,11 @@ async def middleware_overhead() -> None:
     )
 
 
-WORKLOADS = {"order_cascade": order_cascade, "dispatch_cost": dispatch_cost, "middleware_overhead": middleware_overhead}
+WORKLOADS = {
+    "order_cascade": order_cascade,
+    "dispatch_cost": dispatch_cost,
+    "middleware_overhead": middleware_overhead,
+}
 
 
 async def main(names: list[str]) -> None:

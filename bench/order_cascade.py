@@ -21,7 +21,7 @@ ORDERS = 20_000
 
 def build() -> KRulesContainer:
     container = KRulesContainer()
-    on, when, middleware, emit = container.handlers()
+    on, _, _, _ = container.handlers()
 
     @on("order.submitted")
     async def validate_order(ctx: EventContext) -> None:

@@ -15,7 +15,16 @@ from krules.context import current_context
 from krules.rules import Filter
 from krules.subject import Subject
 
-__all__ = ["default_container", "emit", "middleware", "on", "set_default_container", "subject", "use_container", "when"]
+__all__ = [
+    "default_container",
+    "emit",
+    "middleware",
+    "on",
+    "set_default_container",
+    "subject",
+    "use_container",
+    "when",
+]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -62,7 +71,9 @@ def middleware(mw: F) -> F:
     return default_container().registry().middleware(mw)
 
 
-async def emit(event_type: str, subject: Subject | str, payload: dict[str, Any] | None = None, **ext: Any) -> None:
+async def emit(
+    event_type: str, subject: Subject | str, payload: dict[str, Any] | None = None, **ext: Any
+) -> None:
     """Emit an event: part of the cascade inside a handler, a new turn outside."""
     ctx = current_context()
     engine = ctx._engine if ctx is not None else default_container().engine()

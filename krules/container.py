@@ -54,7 +54,9 @@ def create_handlers(registry: RuleRegistry, engine: Callable[[], Engine]) -> Han
     def middleware(mw: Any) -> Any:
         return registry.middleware(mw)
 
-    async def emit(event_type: str, subject: Subject | str, payload: dict[str, Any] | None = None, **ext: Any) -> None:
+    async def emit(
+        event_type: str, subject: Subject | str, payload: dict[str, Any] | None = None, **ext: Any
+    ) -> None:
         await engine().emit(event_type, subject, payload, **ext)
 
     on.__doc__ = RuleRegistry.on.__doc__

@@ -127,7 +127,7 @@ class EventContext:
         subject: Subject | str | None = None,
         **extensions: Any,
     ) -> Coroutine[Any, Any, None]:
-        """Emit an event caused by this one (same subject unless given); ``await`` it: it is handled inline."""
+        """Emit an event caused by this one (same subject unless given); ``await`` it: handled inline."""
         # Returning the engine's coroutine (instead of awaiting it here) saves a frame per emit.
         return self._engine.emit_child(self, event_type, payload, subject, extensions)
 

@@ -14,6 +14,7 @@ turn's cascade is over, the cached writes of every subject it touched are stored
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 from collections import deque
@@ -111,8 +112,17 @@ class Engine:
         extensions: dict[str, Any] | None = None,
     ) -> Event:
         """A root event with a fresh id from this instance."""
-        return Event(event_type, subject, data if data is not None else {}, self._ids(), self._source,
-                     self._now(), 0, None, extensions)
+        return Event(
+            event_type,
+            subject,
+            data if data is not None else {},
+            self._ids(),
+            self._source,
+            self._now(),
+            0,
+            None,
+            extensions,
+        )
 
     def subject(self, name: str) -> Subject:
         """Inside a handler, the turn's cached subject ``name``; outside, a new subject object."""
@@ -123,9 +133,13 @@ class Engine:
 
     # -- emitting ----------------------------------------------------------------------------
     def emit(
-        self, event_type: str, subject: Subject | str, payload: dict[str, Any] | None = None, **extensions: Any
+        self,
+        event_type: str,
+        subject: Subject | str,
+        payload: dict[str, Any] | None = None,
+        **extensions: Any,
     ) -> Coroutine[Any, Any, Any]:
-        """Emit an event (``await`` it): inside a handler it is part of the cascade, outside it starts a turn."""
+        """Emit an event (``await`` it): inside a handler it joins the cascade, outside it starts a turn."""
         # Hot-path functions here validate eagerly and return the coroutine to await, saving a frame.
         ctx = _current.get()
         if ctx is not None and ctx._engine is self:
@@ -146,7 +160,7 @@ class Engine:
         subject: Subject | str | None,
         extensions: dict[str, Any] | None,
     ) -> Coroutine[Any, Any, None]:
-        """Emit an event caused by ``ctx``'s event; ``await`` the result to handle it inline in the same turn."""
+        """Emit an event caused by ``ctx``'s event; ``await`` the result to handle it inline in the turn."""
         if event_type.__class__ is not str or not event_type:
             raise EventFormatError(f"An event type must be a non-empty string, not {event_type!r}.")
         if subject is None:
@@ -183,7 +197,9 @@ class Engine:
         return self.process(self.new_event(event_type, subject.name, data), subject, extra)
 
     # -- turns -------------------------------------------------------------------------------
-    async def process(self, event: Event, subject: Subject | None = None, extra: dict[str, Any] | None = None) -> Turn:
+    async def process(
+        self, event: Event, subject: Subject | None = None, extra: dict[str, Any] | None = None
+    ) -> Turn:
         """Run one root event as a turn: wait for its subject's lane, cascade, then store.
 
         Raises a StorageError when the turn's writes cannot be stored (nothing of the turn is then
@@ -229,10 +245,8 @@ class Engine:
             if waiter.done() and not waiter.cancelled():
                 self._release(name)  # the lane was handed to us just before the cancel
             else:
-                try:
+                with contextlib.suppress(ValueError):
                     queue.remove(waiter)
-                except ValueError:
-                    pass
             raise
 
     async def _wait_for_slot(self) -> None:

@@ -29,7 +29,7 @@ class CascadeDepthExceeded(KRulesError):
     def __init__(self, limit: int, chain: list[str]) -> None:
         self.limit = limit
         self.chain = chain
-        shown = " -> ".join(chain[:4] + ["..."] + chain[-4:]) if len(chain) > 10 else " -> ".join(chain)
+        shown = " -> ".join([*chain[:4], "...", *chain[-4:]]) if len(chain) > 10 else " -> ".join(chain)
         super().__init__(
             f"Event cascade stopped at depth {limit} (KRULES_MAX_CASCADE_DEPTH): {shown}; "
             "break the loop with a muted write, a @when filter or an extended property."

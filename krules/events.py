@@ -51,7 +51,19 @@ class IdGenerator:
 class Event:
     """One event: CloudEvents attributes, a JSON-object payload, and its place in a cascade."""
 
-    __slots__ = ("_emitted", "_id", "_seq", "data", "depth", "extensions", "parent", "source", "subject", "time", "type")
+    __slots__ = (
+        "_emitted",
+        "_id",
+        "_seq",
+        "data",
+        "depth",
+        "extensions",
+        "parent",
+        "source",
+        "subject",
+        "time",
+        "type",
+    )
 
     def __init__(
         self,
@@ -147,7 +159,8 @@ def _payload(data: Any, datacontenttype: str | None) -> dict[str, Any]:
     if isinstance(data, (bytes, bytearray, str)):
         if datacontenttype and "json" not in datacontenttype:
             raise EventFormatError(
-                f"The event's datacontenttype {datacontenttype!r} is not JSON; krules payloads are JSON objects."
+                f"The event's datacontenttype {datacontenttype!r} is not JSON; "
+                "krules payloads are JSON objects."
             )
         try:
             data = json.loads(data)
@@ -186,7 +199,9 @@ def event_from_dict(obj: Any) -> Event:
     attributes = dict(obj)
     data = attributes.pop("data", None)
     if data is None and "data_base64" in attributes:
-        raise EventFormatError("The event carries binary data (data_base64); krules payloads are JSON objects.")
+        raise EventFormatError(
+            "The event carries binary data (data_base64); krules payloads are JSON objects."
+        )
     event = _event_from_attributes(attributes, data)
     try:  # the SDK's checks of everything else (extension names, URI attributes...)
         CloudEvent({k: v for k, v in attributes.items() if k != "time"})
@@ -199,7 +214,9 @@ def _sdk_reason(exc: BaseCloudEventException) -> str:
     errors = getattr(exc, "errors", None)
     if errors:
         attribute, problems = next(iter(errors.items()))
-        text = f"attribute {attribute!r}: {problems[0]}" if problems else f"attribute {attribute!r} is invalid"
+        text = (
+            f"attribute {attribute!r}: {problems[0]}" if problems else f"attribute {attribute!r} is invalid"
+        )
     else:
         text = str(exc) or type(exc).__name__
     return f"The event is not a valid CloudEvent ({text.rstrip('.')})."
@@ -208,23 +225,31 @@ def _sdk_reason(exc: BaseCloudEventException) -> str:
 def _event_from_attributes(attributes: dict[str, Any], data: Any) -> Event:
     specversion = attributes.get("specversion")
     if specversion != "1.0":
-        raise EventFormatError(f"The event's specversion is {specversion!r}; krules accepts CloudEvents '1.0'.")
+        raise EventFormatError(
+            f"The event's specversion is {specversion!r}; krules accepts CloudEvents '1.0'."
+        )
     for required in ("id", "source", "type"):
         value = attributes.get(required)
         if not isinstance(value, str) or not value:
             raise EventFormatError(f"The event has no {required!r} attribute; CloudEvents 1.0 requires it.")
     subject = attributes.get("subject")
     if not isinstance(subject, str) or not subject:
-        raise EventFormatError("The event has no 'subject' attribute; krules routes every event to a subject.")
+        raise EventFormatError(
+            "The event has no 'subject' attribute; krules routes every event to a subject."
+        )
     depth_value = attributes.get(DEPTH_EXTENSION, 0)
     try:
         depth = int(depth_value)
     except (TypeError, ValueError):
-        raise EventFormatError(f"The event's {DEPTH_EXTENSION} extension {depth_value!r} is not an integer.") from None
+        raise EventFormatError(
+            f"The event's {DEPTH_EXTENSION} extension {depth_value!r} is not an integer."
+        ) from None
     if depth < 0:
         raise EventFormatError(f"The event's {DEPTH_EXTENSION} extension {depth} is negative.")
     extensions = {
-        k: v for k, v in attributes.items() if k not in _CORE_ATTRIBUTES and k != DEPTH_EXTENSION and v is not None
+        k: v
+        for k, v in attributes.items()
+        if k not in _CORE_ATTRIBUTES and k != DEPTH_EXTENSION and v is not None
     }
     return Event(
         type=attributes["type"],

@@ -40,7 +40,9 @@ def load_rule_module(target: str, *, fresh: bool = False) -> ModuleType:
         except (ImportError, ValueError) as exc:
             raise RuleModuleError(f"Cannot find rule module {target!r}: {exc}.") from None
     if spec is None or spec.loader is None:
-        raise RuleModuleError(f"Cannot find rule module {target!r}; check the name and that it is importable.")
+        raise RuleModuleError(
+            f"Cannot find rule module {target!r}; check the name and that it is importable."
+        )
     module = importlib.util.module_from_spec(spec)
     if not fresh:
         sys.modules[spec.name] = module
@@ -49,7 +51,9 @@ def load_rule_module(target: str, *, fresh: bool = False) -> ModuleType:
     except Exception as exc:
         if not fresh:
             sys.modules.pop(spec.name, None)
-        raise RuleModuleError(f"Rule module {target!r} failed while importing: {type(exc).__name__}: {exc}") from exc
+        raise RuleModuleError(
+            f"Rule module {target!r} failed while importing: {type(exc).__name__}: {exc}"
+        ) from exc
     return module
 
 
@@ -64,4 +68,6 @@ def _import(name: str) -> ModuleType:
             ) from None
         raise RuleModuleError(f"Rule module {name!r} failed while importing: {exc}") from exc
     except Exception as exc:
-        raise RuleModuleError(f"Rule module {name!r} failed while importing: {type(exc).__name__}: {exc}") from exc
+        raise RuleModuleError(
+            f"Rule module {name!r} failed while importing: {type(exc).__name__}: {exc}"
+        ) from exc

@@ -8,6 +8,7 @@ the memo and re-composes middleware chains; that happens at import time, never o
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import re
@@ -36,7 +37,11 @@ def _name_of(obj: Any) -> str:
 
 
 def _is_async_callable(fn: Any) -> bool:
-    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(getattr(fn, "__call__", None))
+    if inspect.iscoroutinefunction(fn):
+        return True
+    # a callable object counts by its class's __call__ (an ``async def`` method)
+    method = type(fn).__dict__.get("__call__") if not inspect.isclass(fn) else None
+    return inspect.iscoroutinefunction(method)
 
 
 class Rule:
@@ -96,7 +101,9 @@ class RuleRegistry:
     def on(self, *patterns: str) -> Callable[[F], F]:
         """Decorator: register an ``async def handler(ctx)`` for events matching any pattern."""
         if not patterns:
-            raise RuleDefinitionError("@on needs at least one event-type pattern, e.g. @on('order.submitted').")
+            raise RuleDefinitionError(
+                "@on needs at least one event-type pattern, e.g. @on('order.submitted')."
+            )
         checked = tuple(_check_pattern(p) for p in patterns)
 
         def decorator(handler: F) -> F:
@@ -106,10 +113,9 @@ class RuleRegistry:
                 rule.add_filters(pending)
             rules = getattr(handler, _RULES_ATTR, None)
             if rules is None:
-                try:
+                # e.g. a bound method refuses attributes; @when above @on is then unavailable
+                with contextlib.suppress(AttributeError):
                     setattr(handler, _RULES_ATTR, [rule])
-                except AttributeError:  # e.g. a bound method; @when above @on is then unavailable
-                    pass
             else:
                 rules.append(rule)
             return handler

@@ -113,7 +113,11 @@ class Subject:
         if not section or prop not in section:
             return
         change = section[prop]
-        single = SubjectChanges(self.name, ext={prop: change}) if ext else SubjectChanges(self.name, {prop: change})
+        single = (
+            SubjectChanges(self.name, ext={prop: change})
+            if ext
+            else SubjectChanges(self.name, {prop: change})
+        )
         await self._engine.storage.store((single,))
         del section[prop]
 
@@ -179,9 +183,13 @@ class Subject:
         return new, old
 
     async def delete(
-        self, prop: str, muted: bool = False, extra: dict[str, Any] | None = None, use_cache: bool | None = None
+        self,
+        prop: str,
+        muted: bool = False,
+        extra: dict[str, Any] | None = None,
+        use_cache: bool | None = None,
     ) -> None:
-        """Delete a property (``AttributeError`` if missing); fires ``subject-property-deleted`` unless muted."""
+        """Delete a property (``AttributeError`` if missing); fires ``subject-property-deleted``."""
         if not muted:
             self._engine.check_depth(self.name, SUBJECT_PROPERTY_DELETED)
         if use_cache is False or (use_cache is None and not self._use_cache):
@@ -229,7 +237,9 @@ class Subject:
                 return await self._engine.storage.get(self.name, prop, ext=True)
             except KeyError:
                 if default is _MISSING:
-                    raise AttributeError(f"Subject {self.name!r} has no extended property {prop!r}.") from None
+                    raise AttributeError(
+                        f"Subject {self.name!r} has no extended property {prop!r}."
+                    ) from None
                 return default
         if self._props is None:
             await self._load()
@@ -247,7 +257,9 @@ class Subject:
                 await self._store_pending(prop, ext=True)
                 new, old, _ = await self._engine.storage.update(self.name, prop, value, ext=True)
             else:
-                _, old = await self._engine.storage.set(self.name, prop, encode(value, self.name, prop), ext=True)
+                _, old = await self._engine.storage.set(
+                    self.name, prop, encode(value, self.name, prop), ext=True
+                )
                 new = value
             if self._props is not None:
                 self._ext[prop] = new

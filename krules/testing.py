@@ -128,7 +128,9 @@ class KRulesTestApp:
         self.modules.extend(loaded)
         return loaded
 
-    async def emit(self, event_type: str, subject: Subject | str, payload: dict[str, Any] | None = None, **ext: Any) -> None:
+    async def emit(
+        self, event_type: str, subject: Subject | str, payload: dict[str, Any] | None = None, **ext: Any
+    ) -> None:
         """Emit a root event and run its whole cascade."""
         await self.engine.emit(event_type, subject, payload, **ext)
 

@@ -24,7 +24,7 @@ class HandlerFailure:
 
 
 class Turn:
-    """Holds the turn's subjects so the same name yields the same cached subject, and stores them at the end."""
+    """The turn's subjects (one cached object per name), stored together when the turn ends."""
 
     __slots__ = ("_others", "engine", "failures", "root", "subjects")
 

@@ -34,7 +34,7 @@ class Middleware(Protocol):
     def __call__(self, ctx: EventContext, next: Next, /) -> Awaitable[None]: ...
 
 
-class SkipEvent(Exception):  # noqa: N818 - a control-flow signal, not an error
+class SkipEvent(Exception):
     """Raised by a middleware or handler to stop this handler call without counting it as failed."""
 
 

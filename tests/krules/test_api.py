@@ -71,5 +71,7 @@ def test_the_public_names_are_exported() -> None:
     from krules.event_types import SUBJECT_DELETED, SUBJECT_PROPERTY_CHANGED, SUBJECT_PROPERTY_DELETED
 
     assert (SUBJECT_PROPERTY_CHANGED, SUBJECT_PROPERTY_DELETED, SUBJECT_DELETED) == (
-        "subject-property-changed", "subject-property-deleted", "subject-deleted"
+        "subject-property-changed",
+        "subject-property-deleted",
+        "subject-deleted",
     )

@@ -258,7 +258,9 @@ async def test_extensions_are_visible_as_metadata(krules_app: KRulesTestApp) -> 
     assert seen == ["alerts", "alerts"]
 
 
-async def test_middleware_wraps_each_handler_call_first_registered_outermost(krules_app: KRulesTestApp) -> None:
+async def test_middleware_wraps_each_handler_call_first_registered_outermost(
+    krules_app: KRulesTestApp,
+) -> None:
     calls: list[str] = []
 
     @krules_app.middleware
@@ -281,7 +283,9 @@ async def test_middleware_wraps_each_handler_call_first_registered_outermost(kru
     assert calls == ["outer>handler", "inner>", "handler", "inner<", "outer<"]
 
 
-async def test_context_variables_set_by_middleware_are_visible_in_the_handler(krules_app: KRulesTestApp) -> None:
+async def test_context_variables_set_by_middleware_are_visible_in_the_handler(
+    krules_app: KRulesTestApp,
+) -> None:
     request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="unset")
     seen: list[str] = []
 

@@ -28,7 +28,12 @@ def structured(**overrides: object) -> dict[str, object]:
 
 def test_a_structured_cloudevent_becomes_an_event() -> None:
     event = event_from_dict(structured(traceparent="00-abc-def-01"))
-    assert (event.type, event.subject, event.id, event.data) == ("order.submitted", "order-1", "e-1", {"total": 10})
+    assert (event.type, event.subject, event.id, event.data) == (
+        "order.submitted",
+        "order-1",
+        "e-1",
+        {"total": 10},
+    )
     assert event.time == datetime(2026, 11, 21, 10, tzinfo=UTC).timestamp()
     assert event.extensions == {"traceparent": "00-abc-def-01"}
     assert event.depth == 0
@@ -41,13 +46,19 @@ def test_the_depth_extension_is_carried_both_ways() -> None:
 
 
 def test_an_event_round_trips_through_the_cloudevents_sdk() -> None:
-    event = Event("order.shipped", "order-1", {"n": 1}, "id-1", "krules", 1_700_000_000.0, extensions={"x1": "y"})
+    event = Event(
+        "order.shipped", "order-1", {"n": 1}, "id-1", "krules", 1_700_000_000.0, extensions={"x1": "y"}
+    )
     ce = event.to_cloudevent()
     assert isinstance(ce, CloudEvent)
     assert ce.get_subject() == "order-1" and ce.get_data() == {"n": 1} and ce.get_extension("x1") == "y"
     back = event_from_cloudevent(ce)
     assert (back.type, back.subject, back.id, back.data, back.time) == (
-        "order.shipped", "order-1", "id-1", {"n": 1}, 1_700_000_000.0
+        "order.shipped",
+        "order-1",
+        "id-1",
+        {"n": 1},
+        1_700_000_000.0,
     )
 
 

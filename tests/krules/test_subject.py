@@ -13,7 +13,9 @@ from krules.event_types import SUBJECT_DELETED, SUBJECT_PROPERTY_CHANGED, SUBJEC
 from krules.testing import KRulesTestApp
 
 
-async def test_a_missing_property_raises_attribute_error_unless_a_default_is_given(krules_app: KRulesTestApp) -> None:
+async def test_a_missing_property_raises_attribute_error_unless_a_default_is_given(
+    krules_app: KRulesTestApp,
+) -> None:
     s = krules_app.subject("s")
     with pytest.raises(AttributeError, match="'s' has no property 'x'"):
         await s.get("x")
@@ -23,7 +25,9 @@ async def test_a_missing_property_raises_attribute_error_unless_a_default_is_giv
         await s.get("x", use_cache=False)
 
 
-async def test_set_returns_new_and_old_and_fires_only_when_the_value_changed(krules_app: KRulesTestApp) -> None:
+async def test_set_returns_new_and_old_and_fires_only_when_the_value_changed(
+    krules_app: KRulesTestApp,
+) -> None:
     changes: list[tuple[Any, Any, Any]] = []
 
     @krules_app.on(SUBJECT_PROPERTY_CHANGED)
@@ -49,7 +53,9 @@ async def test_muted_writes_and_extended_properties_never_fire(krules_app: KRule
     assert props == {"count": 1} and ext == {"internal": 2}
 
 
-async def test_handlers_see_the_change_before_set_returns_and_get_the_extra(krules_app: KRulesTestApp) -> None:
+async def test_handlers_see_the_change_before_set_returns_and_get_the_extra(
+    krules_app: KRulesTestApp,
+) -> None:
     seen: list[Any] = []
 
     @krules_app.on(SUBJECT_PROPERTY_CHANGED)
@@ -160,7 +166,9 @@ async def test_a_callable_update_is_never_lost_to_a_concurrent_writer(krules_app
     assert await second.get("n") == 2
 
 
-async def test_composed_callable_updates_in_one_turn_are_reapplied_together(krules_app: KRulesTestApp) -> None:
+async def test_composed_callable_updates_in_one_turn_are_reapplied_together(
+    krules_app: KRulesTestApp,
+) -> None:
     mine, theirs = krules_app.subject("c"), krules_app.subject("c")
     await mine.set("n", lambda n: (n or 0) + 1, muted=True)
     await mine.set("n", lambda n: n * 10, muted=True)
@@ -170,7 +178,9 @@ async def test_composed_callable_updates_in_one_turn_are_reapplied_together(krul
     assert await krules_app.stored("c") == {"n": 60}
 
 
-async def test_many_concurrent_turns_incrementing_one_property_lose_nothing(krules_app: KRulesTestApp) -> None:
+async def test_many_concurrent_turns_incrementing_one_property_lose_nothing(
+    krules_app: KRulesTestApp,
+) -> None:
     @krules_app.on("hit")
     async def hit(ctx: EventContext) -> None:
         counter = krules_app.engine.subject("counter")
@@ -191,7 +201,9 @@ async def test_values_come_back_as_json_would_return_them(krules_app: KRulesTest
     assert await fresh.get("unicode") == "żółw 🐢"
 
 
-async def test_a_cached_write_followed_by_a_direct_callable_update_keeps_both(krules_app: KRulesTestApp) -> None:
+async def test_a_cached_write_followed_by_a_direct_callable_update_keeps_both(
+    krules_app: KRulesTestApp,
+) -> None:
     def inc(n: Any) -> int:
         return (n or 0) + 1
 
