@@ -15,7 +15,7 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
-from typing import Any, Final, NoReturn
+from typing import TYPE_CHECKING, Any, Final, NoReturn
 
 from dependency_injector import providers
 
@@ -31,7 +31,9 @@ from krules.errors import (
 )
 from krules.events import Event
 from krules.loader import load_rule_module
-from krules.server import KRulesServer, run
+
+if TYPE_CHECKING:
+    from krules.server import KRulesServer
 
 __all__ = ["main"]
 
@@ -73,11 +75,11 @@ def _json_object(raw: str) -> dict[str, Any]:
         value = json.loads(raw)
     except json.JSONDecodeError as exc:
         raise UsageError(
-            f"--data {raw!r} is not valid JSON ({exc.msg} at column {exc.colno}); "
+            f"The --data value {raw!r} is not valid JSON ({exc.msg} at column {exc.colno}); "
             "pass an object such as '{\"total\": 30}'."
         ) from None
     if not isinstance(value, dict):
-        raise UsageError(f"--data must be a JSON object, not {type(value).__name__}: {raw!r}.")
+        raise UsageError(f"The --data value must be a JSON object, not {type(value).__name__}: {raw!r}.")
     return value
 
 
@@ -123,6 +125,14 @@ def configure_logging(settings: Settings) -> None:
         # one line per HTTP request a rule makes would drown the engine's own lines
         for chatty in ("httpx", "httpcore"):
             logging.getLogger(chatty).setLevel(logging.WARNING)
+
+
+def configure_quiet_logging(settings: Settings) -> None:
+    """For one-shot commands: no log lines (their outcome is stdout or one error line), unless DEBUG."""
+    if settings.log_level == "DEBUG":
+        configure_logging(settings)
+    else:
+        logging.getLogger().addHandler(logging.NullHandler())  # keeps logging's last-resort handler quiet
 
 
 # -- krules run ------------------------------------------------------------------------------------
@@ -203,6 +213,8 @@ async def feed_demo(engine: Engine, server: KRulesServer) -> None:
 
 
 def command_run(args: argparse.Namespace) -> int:
+    from krules.server import run
+
     settings = Settings.from_env(http_host=args.host, http_port=args.port)
     configure_logging(settings)
     container = default_container()
@@ -239,6 +251,7 @@ def command_emit(args: argparse.Namespace) -> int:
 
     data = _json_object(args.data) if args.data is not None else None
     settings = Settings.from_env()
+    configure_quiet_logging(settings)
     url, token = _instance(args, settings)
     with KRulesClient(url, token) as client:
         event_id = client.emit(args.type, args.subject, data)
@@ -263,6 +276,7 @@ async def _load_from_redis(settings: Settings, name: str) -> tuple[dict[str, Any
 
 def command_subject_show(args: argparse.Namespace) -> int:
     settings = Settings.from_env()
+    configure_quiet_logging(settings)
     if settings.redis_url and not args.url:
         props, ext = asyncio.run(_load_from_redis(settings, args.name))
         if not props and not ext:
@@ -332,7 +346,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _fail(message: str, code: int) -> int:
-    print(f"krules: error: {message}", file=sys.stderr)
+    sentence = " ".join(message.split()) or "Failed without a reason."  # one line, whatever the source
+    if not sentence.endswith((".", "!", "?")):
+        sentence += "."
+    print(f"krules: error: {sentence}", file=sys.stderr)
     return code
 
 

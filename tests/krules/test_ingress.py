@@ -25,7 +25,9 @@ STRUCTURED = "application/cloudevents+json"
 BATCH = "application/cloudevents-batch+json"
 
 
-def cloudevent(subject: str = "order-1", event_type: str = "order.placed", **fields: Any) -> dict[str, Any]:
+def cloudevent(
+    subject: str | None = "order-1", event_type: str = "order.placed", **fields: Any
+) -> dict[str, Any]:
     event: dict[str, Any] = {
         "specversion": "1.0",
         "id": f"{subject}-{event_type}",
