@@ -201,7 +201,8 @@ async def feed_demo(engine: Engine, server: KRulesServer) -> None:
     logger.info("demo: feeding %d sample events", len(samples))
     for event_type, subject, data in samples:
         try:
-            turn = await engine.process(engine.new_event(event_type, subject, data))
+            # shielded: a shutdown stops the feeding, but lets the turn under way finish
+            turn = await asyncio.shield(engine.process(engine.new_event(event_type, subject, data)))
         except StorageError as exc:
             logger.error("demo: %s for %r was not stored: %s", event_type, subject, exc)
             continue

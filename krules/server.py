@@ -120,7 +120,9 @@ class KRulesServer:
         """Start the engine, serve until :meth:`stop` (or a signal uvicorn catches), then close the engine.
 
         Raises ServerError when the address cannot be bound and StorageError when the storage is
-        unreachable; ``on_started`` is called once requests are being served.
+        unreachable.  ``on_started()`` is called once requests are being served; if it returns a
+        coroutine, that runs alongside the server and is cancelled when serving ends, before the
+        engine closes (so the engine's last turns are not joined by new ones).
         """
         if sock is None:
             sock = self.bind()
@@ -129,34 +131,44 @@ class KRulesServer:
         except BaseException:
             sock.close()
             raise
+        companions: list[asyncio.Future[Any]] = []
         try:
             if self._stop_requested:
                 self._uvicorn.should_exit = True
-            watcher = (
-                asyncio.ensure_future(self._notify_started(on_started)) if on_started is not None else None
-            )
-            try:
-                logger.debug("krules ingress starting on %s", self.url)
-                await self._uvicorn.serve(sockets=[sock])
-            finally:
-                if watcher is not None:
-                    watcher.cancel()
+            if on_started is not None:
+                companions.append(asyncio.ensure_future(self._notify_started(on_started, companions)))
+            logger.debug("krules ingress starting on %s", self.url)
+            await self._uvicorn.serve(sockets=[sock])
         finally:
+            for task in companions:
+                task.cancel()
+            await asyncio.gather(*companions, return_exceptions=True)
             sock.close()
             await self.engine.close()
             logger.info("krules ingress on %s stopped", self.url)
 
-    async def _notify_started(self, on_started: Callable[[], Any]) -> None:
+    async def _notify_started(
+        self, on_started: Callable[[], Any], companions: list[asyncio.Future[Any]]
+    ) -> None:
         # uvicorn has no start-up hook without a lifespan, so watch its flag (the socket already
         # listens, so connections made meanwhile just wait in the backlog).
         while not self._uvicorn.started:
             await asyncio.sleep(_POLL_SECONDS)
-        on_started()
+        result = on_started()
+        if asyncio.iscoroutine(result):
+            task = asyncio.ensure_future(result)
+            task.add_done_callback(_log_companion_failure)
+            companions.append(task)
 
     def stop(self) -> None:
         """Ask the server to stop: no new connections, in-flight requests finish (any thread may call it)."""
         self._stop_requested = True
         self._uvicorn.should_exit = True
+
+
+def _log_companion_failure(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        logger.error("a task started with the server failed", exc_info=task.exception())
 
 
 class _SignalsRecorded:
@@ -199,34 +211,24 @@ def run(
     port: int | None = None,
     *,
     on_started: Callable[[KRulesServer], Any] | None = None,
+    routes: Sequence[BaseRoute] = (),
 ) -> None:
     """Serve ``engine`` until SIGTERM/SIGINT, then shut down gracefully and return (blocking).
 
-    ``on_started(server)`` runs on the event loop once requests are served; if it returns an
-    awaitable, that runs as a task until shutdown (it is cancelled before the engine closes).
+    ``on_started(server)`` runs on the event loop once requests are served; a coroutine it
+    returns runs alongside until shutdown (see :meth:`KRulesServer.serve`).  ``routes`` are served
+    next to the ingress's own (e.g. ``/metrics``).
     """
-    server = KRulesServer(engine, host, port)
+    server = KRulesServer(engine, host, port, routes=routes)
     sock = server.bind()
 
-    async def main() -> None:
-        side_tasks: list[asyncio.Future[Any]] = []
-
-        def started() -> None:
-            logger.info("krules ready on %s (SIGTERM or Ctrl+C to stop)", server.url)
-            if on_started is not None:
-                result = on_started(server)
-                if asyncio.iscoroutine(result) or isinstance(result, asyncio.Future):
-                    side_tasks.append(asyncio.ensure_future(result))
-
-        try:
-            await server.serve(sock, on_started=started)
-        finally:
-            for task in side_tasks:
-                task.cancel()
+    def started() -> Any:
+        logger.info("krules ready on %s (SIGTERM or Ctrl+C to stop)", server.url)
+        return on_started(server) if on_started is not None else None
 
     with _SignalsRecorded(server) as signals:
         try:
-            asyncio.run(main())
+            asyncio.run(server.serve(sock, on_started=started))
         finally:
             sock.close()
     if signals.received:

@@ -121,8 +121,8 @@ class KRulesProcess:
     def serving_url(self) -> str:
         return self.wait_for(r"krules ready on (http://\S+)").group(1)
 
-    def terminate(self) -> int:
-        self.process.send_signal(signal.SIGTERM)
+    def terminate(self, signum: signal.Signals = signal.SIGTERM) -> int:
+        self.process.send_signal(signum)
         code = self.process.wait(timeout=START_TIMEOUT)
         self._reader.join(timeout=START_TIMEOUT)
         while not self._queue.empty():
@@ -270,11 +270,14 @@ def test_emit_finds_the_instance_from_the_environment_and_sends_the_token(rules_
         child.close()
 
 
-def test_sigterm_stops_the_server_gracefully_with_exit_0(running: KRulesProcess) -> None:
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_stop_signal_shuts_the_server_down_gracefully_with_exit_0(
+    running: KRulesProcess, signum: signal.Signals
+) -> None:
     running.serving_url()
 
-    assert running.terminate() == 0
-    assert any("stopped by SIGTERM" in line for line in running.lines)
+    assert running.terminate(signum) == 0
+    assert any(f"stopped by {signum.name}" in line for line in running.lines)
     assert "Traceback" not in running.log
 
 

@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 import re
+import socket
 from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
@@ -15,8 +16,8 @@ import pytest
 
 from krules.config import Settings
 from krules.context import EventContext
-from krules.errors import StorageUnavailableError
-from krules.server import ServerThread, serve_in_background
+from krules.errors import ServerError, StorageUnavailableError
+from krules.server import KRulesServer, ServerThread, bind_socket, serve_in_background
 from krules.testing import KRulesTestApp
 from storage.base import SubjectChanges
 from storage.memory import MemoryStorage
@@ -427,3 +428,63 @@ async def test_an_unknown_route_is_a_json_404_and_a_wrong_method_a_json_405(inst
     assert_one_sentence(missing.json()["error"])
     assert wrong_method.status_code == 405
     assert_one_sentence(wrong_method.json()["error"])
+
+
+# -- serving lifecycle -----------------------------------------------------------------------------
+async def test_a_turn_under_way_when_the_server_stops_is_finished_and_stored(
+    krules_app: KRulesTestApp,
+) -> None:
+    entered = asyncio.Event()
+    release = asyncio.Event()
+
+    @krules_app.on("slow.job")
+    async def slow(ctx: EventContext) -> None:
+        entered.set()
+        await release.wait()
+        await ctx.subject.set("done", True)
+
+    async with serve_in_background(krules_app.engine) as server, httpx.AsyncClient(timeout=10) as http:
+        request = asyncio.ensure_future(
+            http.post(
+                server.url + "/events",
+                content=json.dumps(cloudevent("job-1", "slow.job", id="slow-1")),
+                headers={"content-type": STRUCTURED},
+            )
+        )
+        await entered.wait()
+        server.stop()
+        await asyncio.sleep(0.3)  # lets the shutdown begin first (if it did not wait, the request would fail)
+        release.set()
+        response = await request
+
+    assert response.status_code == 200
+    assert response.json() == {"accepted": 1, "ids": ["slow-1"]}
+    assert await krules_app.stored("job-1") == {"done": True}
+
+
+class UnreachableStorage(MemoryStorage):
+    """A storage whose start-up check fails, as an unreachable Redis does."""
+
+    async def check(self) -> None:
+        raise StorageUnavailableError("Redis at 'redis://10.0.0.9:6379' could not answer a ping.")
+
+
+async def test_a_server_whose_storage_is_unreachable_does_not_start_and_frees_its_port() -> None:
+    server = KRulesServer(app_with(storage=UnreachableStorage()).engine, "127.0.0.1", 0)
+    sock = server.bind()
+
+    with pytest.raises(StorageUnavailableError, match="could not answer a ping"):
+        await server.serve(sock)
+
+    with socket.socket() as again:
+        again.bind(("127.0.0.1", server.port))  # raises if the port were still held
+
+
+async def test_a_busy_port_is_a_server_error_naming_it() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+
+        with pytest.raises(ServerError, match=f"Cannot listen on 127.0.0.1:{port} because the address is"):
+            bind_socket("127.0.0.1", port)
