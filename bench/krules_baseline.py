@@ -8,6 +8,7 @@ imports nothing from this project but ``bench._common``.
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 import time
 from typing import Any
@@ -123,10 +124,73 @@ async def middleware_overhead() -> None:
     )
 
 
+async def redis_orders() -> None:
+    import redis.asyncio as aioredis
+    from dependency_injector import providers
+    from redis_subjects_storage.storage_impl import create_redis_storage  # type: ignore[import-not-found]
+
+    url = os.environ.get("KRULES_REDIS_URL")
+    if not url:
+        sys.exit("redis_orders needs KRULES_REDIS_URL (bench.compare starts a server and sets it).")
+    orders = max(1, int(5_000 * scale()))
+    if True:  # same shape as bench.redis_orders
+        probe = aioredis.Redis.from_url(url, decode_responses=True)
+        runs = 0
+        counted: list[float] = []
+
+        async def run() -> float:
+            nonlocal runs
+            runs += 1
+            client = aioredis.Redis.from_url(url)
+            container = KRulesContainer()
+            container.subject_storage.override(providers.Object(create_redis_storage(client, f"kr{runs}:")))
+            on, _, _, emit = container.handlers()
+
+            @on("order.submitted")
+            async def validate_order(ctx: Any) -> None:
+                if ctx.payload["total"] > 0:
+                    await ctx.emit("order.validated")
+
+            @on("order.validated")
+            async def process_payment(ctx: Any) -> None:
+                await ctx.emit("payment.completed")
+
+            @on("payment.completed")
+            async def ship_order(ctx: Any) -> None:
+                await ctx.subject.set("status", "shipped")
+                await ctx.subject.store()
+                await ctx.emit("order.shipped")
+
+            await emit("order.submitted", container.subject("warm-up"), {"total": 1})
+            stats = await probe.info("commandstats")
+            before = sum(int(v["calls"]) for k, v in stats.items() if k != "cmdstat_info")
+            started = time.perf_counter()
+            for i in range(orders):
+                await emit("order.submitted", container.subject(f"order-{i}"), {"total": 10})
+            elapsed = time.perf_counter() - started
+            stats = await probe.info("commandstats")
+            after = sum(int(v["calls"]) for k, v in stats.items() if k != "cmdstat_info")
+            counted.append((after - before - 1) / orders)
+            await client.aclose()
+            return elapsed
+
+        elapsed = await median_seconds(run)
+        await probe.aclose()
+    report(
+        "redis_orders",
+        impl="krules-framework",
+        orders=orders,
+        orders_per_s=round(orders / elapsed),
+        us_per_order=round(elapsed / orders * 1e6, 1),
+        redis_commands_per_order=round(max(counted), 2),
+    )
+
+
 WORKLOADS = {
     "order_cascade": order_cascade,
     "dispatch_cost": dispatch_cost,
     "middleware_overhead": middleware_overhead,
+    "redis_orders": redis_orders,
 }
 
 
