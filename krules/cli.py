@@ -210,7 +210,7 @@ async def feed_demo(engine: Engine, server: KRulesServer) -> None:
             logger.info(
                 "demo: %s for %r finished with %d failed handler(s)", event_type, subject, len(turn.failures)
             )
-    logger.info("demo: done; still serving on %s (try: krules subject show order-1001)", server.url)
+    logger.info("demo: done; still serving on %s (try: krules subject show %s)", server.url, samples[0][1])
 
 
 def command_run(args: argparse.Namespace) -> int:

@@ -224,19 +224,16 @@ class _Ingress:
             logger.warning("ingress: client %s disconnected before sending the whole body", _peer(request))
             return Response(status_code=400)
         outcomes = await self.process(events)
-        storage_failures = [
-            (event, outcome)
-            for event, outcome in zip(events, outcomes, strict=True)
-            if isinstance(outcome, StorageError)
-        ]
-        other_failures = [
-            (event, outcome)
-            for event, outcome in zip(events, outcomes, strict=True)
-            if isinstance(outcome, BaseException) and not isinstance(outcome, StorageError)
-        ]
-        accepted = [
-            event.id for event, outcome in zip(events, outcomes, strict=True) if isinstance(outcome, Turn)
-        ]
+        accepted: list[str] = []
+        storage_failures: list[tuple[Event, StorageError]] = []
+        other_failures: list[tuple[Event, BaseException]] = []
+        for event, outcome in zip(events, outcomes, strict=True):
+            if isinstance(outcome, Turn):
+                accepted.append(event.id)
+            elif isinstance(outcome, StorageError):
+                storage_failures.append((event, outcome))
+            else:
+                other_failures.append((event, outcome))
         for event, error in other_failures:
             logger.error(
                 "ingress: event %s (%s for %r) stopped with an unexpected error",
@@ -254,7 +251,7 @@ class _Ingress:
                     f"An internal error stopped event {event.id!r} (see this instance's log); "
                     "it may be partly processed.",
                 ),
-                {"ids": accepted, "failed": [e.id for e, _ in other_failures + storage_failures]},
+                {"ids": accepted, "failed": [e.id for e, _ in [*other_failures, *storage_failures]]},
             )
         if storage_failures:
             event, error = storage_failures[0]

@@ -27,6 +27,7 @@ from typing import Any, Final
 import uvicorn
 from starlette.routing import BaseRoute
 
+from krules.client import default_url
 from krules.engine import Engine
 from krules.errors import ServerError
 from krules.ingress import create_ingress_app
@@ -100,8 +101,7 @@ class KRulesServer:
     @property
     def url(self) -> str:
         """Where clients reach the server (a wildcard host is reached on loopback)."""
-        host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(self.host, self.host)
-        return f"http://[{host}]:{self.port}" if ":" in host else f"http://{host}:{self.port}"
+        return default_url(self.host, self.port)
 
     @property
     def started(self) -> bool:

@@ -488,3 +488,21 @@ async def test_a_busy_port_is_a_server_error_naming_it() -> None:
 
         with pytest.raises(ServerError, match=f"Cannot listen on 127.0.0.1:{port} because the address is"):
             bind_socket("127.0.0.1", port)
+
+
+class BrokenStorage(MemoryStorage):
+    """A storage with a bug: it raises something that is not a StorageError."""
+
+    async def store(self, batch: Sequence[SubjectChanges]) -> None:
+        raise RuntimeError("a bug in the storage backend")
+
+
+async def test_an_unexpected_error_is_500_naming_the_event_and_pointing_to_the_log() -> None:
+    app = app_with(storage=BrokenStorage())
+    async with serve(app) as served:
+        response = await served.post_json(cloudevent(id="bug-1"))
+
+    assert response.status_code == 500
+    assert response.json()["failed"] == ["bug-1"]
+    assert_one_sentence(response.json()["error"])
+    assert "'bug-1'" in response.json()["error"]
