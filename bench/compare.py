@@ -15,6 +15,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from bench._redis import redis_url
+
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
 BASELINE = os.environ.get("KRULES_BASELINE_PYTHON", str(Path(".venv-krules") / "bin" / "python"))
 
@@ -23,6 +25,7 @@ FIGURES = [
     ("order_cascade", "bench.order_cascade", "orders_per_s", True),
     ("middleware_overhead", "bench.middleware_overhead", "us_added_per_call", False),
     ("dispatch_cost", "bench.dispatch_cost", "us_per_emit", False),
+    ("redis_orders", "bench.redis_orders", "orders_per_s", True),
 ]
 
 
@@ -37,6 +40,13 @@ def main() -> int:
     if not Path(BASELINE).exists():
         print(f"no KRules interpreter at {BASELINE!r}; run `make bench-compare`", file=sys.stderr)
         return 2
+    with redis_url() as url:  # one server for both sides of the Redis workload
+        os.environ["KRULES_REDIS_URL"] = url
+        compare()
+    return 0
+
+
+def compare() -> None:
     for workload, module, figure, higher_better in FIGURES:
         ours: dict[object, list[float]] = {}
         theirs: dict[object, list[float]] = {}
@@ -64,7 +74,6 @@ def main() -> int:
                 ),
                 flush=True,
             )
-    return 0
 
 
 if __name__ == "__main__":

@@ -100,6 +100,7 @@ class Engine:
         self._slot_waiters: deque[asyncio.Future[None]] = deque()
         self._inflight = 0
         self._idle: asyncio.Event | None = None
+        self._closed = False
         self.event_observers: list[EventObserver] = []
         self.failure_observers: list[FailureObserver] = []
 
@@ -361,6 +362,8 @@ class Engine:
         await self.storage.check()
 
     async def close(self) -> None:
-        """Wait for running turns, then release the storage."""
+        """Wait for running turns, then release the storage (once; later calls do nothing)."""
         await self.settled()
-        await self.storage.close()
+        if not self._closed:
+            self._closed = True
+            await self.storage.close()

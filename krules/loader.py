@@ -52,7 +52,7 @@ def load_rule_module(target: str, *, fresh: bool = False) -> ModuleType:
         if not fresh:
             sys.modules.pop(spec.name, None)
         raise RuleModuleError(
-            f"Rule module {target!r} failed while importing: {type(exc).__name__}: {exc}"
+            f"Rule module {target!r} failed while importing: {_sentence(exc)}"
         ) from exc
     return module
 
@@ -66,8 +66,14 @@ def _import(name: str) -> ModuleType:
                 f"Cannot find rule module {name!r} (no module named {exc.name!r}); check the spelling and "
                 "that its package is on the Python path."
             ) from None
-        raise RuleModuleError(f"Rule module {name!r} failed while importing: {exc}") from exc
+        raise RuleModuleError(f"Rule module {name!r} failed while importing: {_sentence(exc)}") from exc
     except Exception as exc:
         raise RuleModuleError(
-            f"Rule module {name!r} failed while importing: {type(exc).__name__}: {exc}"
+            f"Rule module {name!r} failed while importing: {_sentence(exc)}"
         ) from exc
+
+
+def _sentence(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return text if text.endswith((".", "!", "?")) else text + "."
