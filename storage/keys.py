@@ -26,6 +26,8 @@ Fields of a subject hash (values are compact JSON, see :func:`storage.base.encod
     m:<name>   metadata, never a property:
       m:w      the tokens of the last callable updates written, newest first (fixed-width, see
                :mod:`storage.redis`): a write retried after a lost reply is recognised, not re-applied
+      m:c      a claim ``<token>:<expiry ms>`` by a writer that lost several compare-and-sets in a
+               row; other callable updates of the subject wait until it is used or expires
       m:v      (reserved) the subject version a turn's commit will check
 
 A subject hash that holds nothing but metadata is deleted, so a subject exists exactly as long as it
@@ -41,6 +43,7 @@ from krules.errors import ConfigurationError
 from krules.partitioning import partition_of
 
 __all__ = [
+    "CLAIM_FIELD",
     "EXTENDED_FIELD_PREFIX",
     "META_FIELD_PREFIX",
     "PROPERTY_FIELD_PREFIX",
@@ -55,6 +58,7 @@ PROPERTY_FIELD_PREFIX: Final = "p:"
 EXTENDED_FIELD_PREFIX: Final = "x:"
 META_FIELD_PREFIX: Final = "m:"
 WRITE_TOKENS_FIELD: Final = "m:w"
+CLAIM_FIELD: Final = "m:c"
 VERSION_FIELD: Final = "m:v"
 
 _SUBJECT_MARK: Final = ":s:"

@@ -13,18 +13,22 @@ ones a script makes)::
                                    (only when it deletes) per subject
     get             1              HGET
     set / delete    1              EVALSHA (HGET + HSET / HGET + HDEL)
-    update          2              HGET, then the store script on one subject
+    update          2              HGET, then the store script on one subject (HMGET + HSET)
     flush           1              DEL
     subjects        1 per SCAN page
 
 Callable updates are compare-and-set: the store script writes a partition's changes only if every
 callable update's property still holds the JSON the callable saw; otherwise it writes nothing and
 returns the current values, the client re-applies the callables (:meth:`storage.base.Update.reapply`)
-and sends only the conflicting partitions again, a bounded number of times with jittered exponential
-backoff, then raises :class:`~krules.errors.UpdateConflictError`.  Each call carrying callable
-updates also records a random write token in the subjects it updates (the ``m:w`` field keeps the
-last few): when a connection drops after the server applied a call but before the reply arrived,
-the retried call finds its token and does not apply the callables a second time.
+and sends only the conflicting partitions again, at once: the reply carried fresh values, and a pause
+would only make them stale.  Plain CAS can starve a writer that keeps arriving just after a faster
+one, so after 3 losses in a row a writer *claims* the subjects it lost on (the ``m:c`` field, a
+250 ms lease): other callable updates of those subjects then wait, with jittered exponential
+backoff, until the claimant has written.  After ``update_attempts`` attempts the client gives up
+with :class:`~krules.errors.UpdateConflictError`.  Each call carrying callable updates also records
+a random write token in the subjects it updates (the ``m:w`` field keeps the last few): when a
+connection drops after the server applied a call but before the reply arrived, the retried call
+finds its token and does not apply the callables a second time.
 
 Connection failures, timeouts, a server still loading its data and a read-only replica are retried
 with jittered exponential backoff, then reported as :class:`~krules.errors.StorageUnavailableError`
@@ -74,6 +78,7 @@ from krules.errors import (
 )
 from storage.base import DELETE, Change, SubjectChanges, Update, decode, encode
 from storage.keys import (
+    CLAIM_FIELD,
     EXTENDED_FIELD_PREFIX,
     PROPERTY_FIELD_PREFIX,
     WRITE_TOKENS_FIELD,
@@ -91,8 +96,10 @@ _T = TypeVar("_T")
 _TOKENS_KEPT: Final = 16
 _TOKEN_BYTES: Final = 8
 _SCRIPT_RELOADS: Final = 3
-_CONFLICT_BACKOFF: Final = 0.001
-_CONFLICT_BACKOFF_CAP: Final = 0.05
+_CLAIM_AFTER: Final = 3  # compare-and-sets lost in a row before a writer claims the subject
+_CLAIM_LEASE_MS: Final = 250
+_CLAIM_BACKOFF: Final = 0.001
+_CLAIM_BACKOFF_CAP: Final = 0.05
 _SCAN_COUNT: Final = 1000
 
 _CREDENTIAL_ERRORS: Final = (
@@ -104,6 +111,11 @@ _CREDENTIAL_ERRORS: Final = (
 # ConnectionError covers refused and dropped connections and BusyLoadingError (a restarted server
 # still loading its data); READONLY and TRYAGAIN are what a failover answers for a moment.
 _TRANSIENT_ERRORS: Final = (RedisConnectionError, RedisTimeoutError, ReadOnlyError, TryAgainError)
+
+# Store-script replies (see redis_store.lua).
+_CONFLICT: Final = 0
+_STORED: Final = 1
+_CLAIMED: Final = 2
 
 _Reply = list[Any]
 _Group = list[SubjectChanges]
@@ -254,22 +266,27 @@ class RedisStorage:
         if not pending:
             return
         token = os.urandom(_TOKEN_BYTES).hex()
+        waits = 0
         for attempt in range(1, self._update_attempts + 1):
-            calls = [self._store_call(group, token) for group in pending]
+            lease = _CLAIM_LEASE_MS if attempt > _CLAIM_AFTER else 0
+            calls = [self._store_call(group, token, lease) for group in pending]
             replies = await self._run(
                 partial(self._eval_all, self._store_script, calls),
                 "store subjects %s",
                 [c.name for g in pending for c in g],
             )
-            conflicted: list[_Group] = []
+            unstored: list[_Group] = []
             for group, reply in zip(pending, replies, strict=True):
-                if reply[0] != 1:
+                if reply[0] == _CONFLICT:
                     _reapply(group, reply[1:])
-                    conflicted.append(group)
-            if not conflicted:
+                if reply[0] != _STORED:
+                    unstored.append(group)
+            if not unstored:
                 return
-            pending = conflicted
-            await _pause_after_conflict(attempt)
+            if any(reply[0] == _CLAIMED for reply in replies):
+                waits += 1
+                await _wait_for_claim(waits)
+            pending = unstored
         names = sorted({c.name for g in pending for c in g})
         raise UpdateConflictError(
             f"Callable updates of subjects {names!r} lost to concurrent writers "
@@ -288,19 +305,24 @@ class RedisStorage:
         key, field = self.keys.subject(name), property_field(prop, ext)
         raw = await self._run(lambda: self._client.hget(key, field), "update subject %r", name)
         token = os.urandom(_TOKEN_BYTES).hex()
+        waits = 0
         for attempt in range(1, self._update_attempts + 1):
             old = decode(raw) if raw is not None else None
             new = fn(old)
+            lease = _CLAIM_LEASE_MS if attempt > _CLAIM_AFTER else 0
             # One subject, one check, one set, no delete (see redis_store.lua).
-            args = [token, WRITE_TOKENS_FIELD, _TOKENS_KEPT, 1, 1, 0]
+            args = [token, WRITE_TOKENS_FIELD, _TOKENS_KEPT, CLAIM_FIELD, lease, 1, 1, 0]
             args += (field, _text(raw) if raw is not None else "", field, encode(new, name, prop))
             reply = await self._run(
                 partial(self._eval, self._store_script, [key], args), "update subject %r", name
             )
-            if reply[0] == 1:
+            if reply[0] == _STORED:
                 return new, old, raw is not None
-            raw = reply[1][2]
-            await _pause_after_conflict(attempt)
+            if reply[0] == _CONFLICT:
+                raw = reply[1][2]
+            else:
+                waits += 1
+                await _wait_for_claim(waits)
         raise UpdateConflictError(
             f"Updating property {prop!r} of subject {name!r} lost to concurrent writers "
             f"{self._update_attempts} times in a row; nothing was stored, and the contention on it "
@@ -308,7 +330,7 @@ class RedisStorage:
         )
 
     async def delete(self, name: str, prop: str, *, ext: bool = False) -> tuple[bool, Any]:
-        keys, args = [self.keys.subject(name)], [property_field(prop, ext), WRITE_TOKENS_FIELD]
+        keys, args = [self.keys.subject(name)], [property_field(prop, ext), WRITE_TOKENS_FIELD, CLAIM_FIELD]
         old = await self._run(
             lambda: self._eval(self._delete_script, keys, args), "delete from subject %r", name
         )
@@ -339,7 +361,7 @@ class RedisStorage:
 
     # -- plumbing ------------------------------------------------------------------------------
 
-    def _store_call(self, group: _Group, token: str) -> tuple[list[str], list[Any]]:
+    def _store_call(self, group: _Group, token: str, lease: int) -> tuple[list[str], list[Any]]:
         """Return the keys and arguments of one store-script call (see ``redis_store.lua``)."""
         keys: list[str] = []
         body: list[Any] = []
@@ -364,8 +386,9 @@ class RedisStorage:
                         sets += (field, change.value)
             any_checks = any_checks or bool(checks)
             body += (len(checks) // 2, len(sets) // 2, len(dels), *checks, *sets, *dels)
-        head = [token if any_checks else "", WRITE_TOKENS_FIELD, _TOKENS_KEPT]
-        return keys, head + body
+        if not any_checks:
+            token, lease = "", 0
+        return keys, [token, WRITE_TOKENS_FIELD, _TOKENS_KEPT, CLAIM_FIELD, lease, *body]
 
     async def _eval(self, script: LuaScript, keys: list[str], args: list[Any]) -> Any:
         return await self._client.evalsha(script.sha, len(keys), *keys, *args)
@@ -459,11 +482,10 @@ def _reapply(group: _Group, conflicts: list[Any]) -> None:
                 change.reapply(current, changes.name, prop)
 
 
-async def _pause_after_conflict(attempt: int) -> None:
-    """Retry a lost compare-and-set at once, then with full-jitter exponential backoff."""
-    if attempt > 1:
-        cap = min(_CONFLICT_BACKOFF_CAP, _CONFLICT_BACKOFF * 2 ** (attempt - 2))
-        await asyncio.sleep(random.random() * cap)
+async def _wait_for_claim(waits: int) -> None:
+    """Pause while another writer's claim blocks a callable update: jittered, exponentially longer."""
+    delay = min(_CLAIM_BACKOFF_CAP, _CLAIM_BACKOFF * 2 ** (waits - 1))
+    await asyncio.sleep(delay * (0.5 + random.random() / 2))
 
 
 def _require_count(name: str, value: int, minimum: int) -> None:

@@ -1,13 +1,19 @@
 -- Remove one property and return its JSON (nil when it was missing), atomically.
 --
 -- KEYS[1]  the subject hash
--- ARGV[1]  the property's field; ARGV[2] the write-token field (keys.WRITE_TOKENS_FIELD)
-local old = redis.call('HGET', KEYS[1], ARGV[1])
+-- ARGV[1]  the property's field
+-- ARGV[2], ARGV[3]  the metadata fields (keys.WRITE_TOKENS_FIELD, keys.CLAIM_FIELD)
+local key = KEYS[1]
+local old = redis.call('HGET', key, ARGV[1])
 if old then
-  redis.call('HDEL', KEYS[1], ARGV[1])
-  -- A subject exists while it has a property: drop a hash left with nothing but its tokens.
-  if redis.call('HLEN', KEYS[1]) == 1 and redis.call('HEXISTS', KEYS[1], ARGV[2]) == 1 then
-    redis.call('DEL', KEYS[1])
+  redis.call('HDEL', key, ARGV[1])
+  -- A subject exists while it has a property: drop a hash left with nothing but metadata.
+  local left = redis.call('HLEN', key)
+  if left > 0 and left <= 2 then
+    local meta = redis.call('HMGET', key, ARGV[2], ARGV[3])
+    if (meta[1] and 1 or 0) + (meta[2] and 1 or 0) == left then
+      redis.call('DEL', key)
+    end
   end
 end
 return old

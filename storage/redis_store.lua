@@ -4,20 +4,38 @@
 -- ARGV[1]  the write token of this call, or '' when no change is a callable update
 -- ARGV[2]  the hash field keeping the latest write tokens (keys.WRITE_TOKENS_FIELD)
 -- ARGV[3]  how many tokens that field keeps
+-- ARGV[4]  the hash field of a writer's claim (keys.CLAIM_FIELD)
+-- ARGV[5]  0, or the claim lease in milliseconds: on a conflict, claim the conflicting subjects
 -- then, for each key in order: nchecks, nsets, ndels, followed by
 --   nchecks pairs (field, the JSON a callable update saw, or '' for "missing"),
 --   nsets pairs (field, JSON to store), and ndels fields to remove.
 --
--- Returns {1} when the changes are stored, by this call or by an earlier one with the same token
--- whose reply was lost (so a retried write is never applied twice).  Returns {0, conflict, ...}
--- when a checked field no longer holds what the callable saw: then nothing at all is written, and
--- each conflict is {key index, field, current JSON or nil, field, current JSON or nil, ...}.
+-- Returns
+--   {1}  the changes are stored, by this call or by an earlier one with the same token whose
+--        reply was lost (so a retried write is never applied twice);
+--   {0, conflict, ...}  a checked field no longer holds what the callable saw: nothing is written,
+--        and each conflict is {key index, field, current JSON or nil, field, current, ...};
+--   {2}  another writer holds an unexpired claim on a subject with callable updates: nothing is
+--        written; retry after a pause.
+-- A claim ('<token>:<expiry ms>') lets a writer that keeps losing compare-and-sets win the next
+-- one: it blocks other callable updates of the subject until it is used or expires.
 local unpack = unpack or table.unpack
 local token = ARGV[1]
 local tokens_field = ARGV[2]
 local keep = tonumber(ARGV[3])
+local claim_field = ARGV[4]
+local lease = tonumber(ARGV[5])
 local width = #token
 local CHUNK = 1000 -- arguments per HSET/HDEL, far below Lua's unpack limit
+
+local now = false
+local function clock()
+  if not now then
+    local t = redis.call('TIME')
+    now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  end
+  return now
+end
 
 local function holds_token(tokens)
   if not tokens or width == 0 then
@@ -34,42 +52,59 @@ end
 -- Pass 1: read what the callable updates saw and collect conflicts; write nothing.
 local plans = {}
 local conflicts = {}
-local pos = 4
+local blocked = false
+local pos = 6
 for k = 1, #KEYS do
   local nchecks, nsets, ndels = tonumber(ARGV[pos]), tonumber(ARGV[pos + 1]), tonumber(ARGV[pos + 2])
   local checks = pos + 3
   local sets = checks + 2 * nchecks
   local dels = sets + 2 * nsets
   pos = dels + ndels
-  local plan = { nchecks = nchecks, sets = sets, nsets = nsets, dels = dels, ndels = ndels, tokens = false }
+  local plan = { nchecks = nchecks, sets = sets, nsets = nsets, dels = dels, ndels = ndels, tokens = false,
+                 claim = false, conflict = false }
   if nchecks > 0 then
     local fields = {}
     for i = 1, nchecks do
       fields[i] = ARGV[checks + 2 * (i - 1)]
     end
     fields[nchecks + 1] = tokens_field
+    fields[nchecks + 2] = claim_field
     local current = redis.call('HMGET', KEYS[k], unpack(fields))
     plan.tokens = current[nchecks + 1]
     if holds_token(plan.tokens) then
       return { 1 }
     end
-    local conflict = false
+    plan.claim = current[nchecks + 2]
+    if plan.claim and string.sub(plan.claim, 1, width) ~= token
+        and tonumber(string.sub(plan.claim, width + 2)) > clock() then
+      blocked = true
+    end
     for i = 1, nchecks do
       if (current[i] or '') ~= ARGV[checks + 2 * i - 1] then
-        if not conflict then
-          conflict = { k }
+        if not plan.conflict then
+          plan.conflict = { k }
         end
-        conflict[#conflict + 1] = fields[i]
-        conflict[#conflict + 1] = current[i]
+        plan.conflict[#plan.conflict + 1] = fields[i]
+        plan.conflict[#plan.conflict + 1] = current[i]
       end
     end
-    if conflict then
-      conflicts[#conflicts + 1] = conflict
+    if plan.conflict then
+      conflicts[#conflicts + 1] = plan.conflict
     end
   end
   plans[k] = plan
 end
+if blocked then
+  return { 2 }
+end
 if #conflicts > 0 then
+  if lease > 0 then
+    for k = 1, #KEYS do
+      if plans[k].conflict then
+        redis.call('HSET', KEYS[k], claim_field, token .. ':' .. (clock() + lease))
+      end
+    end
+  end
   return { 0, unpack(conflicts) }
 end
 
@@ -91,21 +126,28 @@ for k = 1, #KEYS do
   if #args > 0 then
     redis.call('HSET', key, unpack(args))
   end
-  if plan.ndels > 0 then
-    args = {}
-    for i = plan.dels, plan.dels + plan.ndels - 1 do
-      args[#args + 1] = ARGV[i]
-      if #args == CHUNK then
-        redis.call('HDEL', key, unpack(args))
-        args = {}
-      end
-    end
-    if #args > 0 then
+  args = {}
+  for i = plan.dels, plan.dels + plan.ndels - 1 do
+    args[#args + 1] = ARGV[i]
+    if #args == CHUNK then
       redis.call('HDEL', key, unpack(args))
+      args = {}
     end
-    -- A subject exists while it has a property: drop a hash left with nothing but its tokens.
-    if plan.nsets == 0 and redis.call('HLEN', key) == 1 and redis.call('HEXISTS', key, tokens_field) == 1 then
-      redis.call('DEL', key)
+  end
+  if plan.claim then -- ours, now used, or someone's expired one
+    args[#args + 1] = claim_field
+  end
+  if #args > 0 then
+    redis.call('HDEL', key, unpack(args))
+  end
+  -- A subject exists while it has a property: drop a hash left with nothing but metadata.
+  if plan.ndels > 0 and plan.nsets == 0 then
+    local left = redis.call('HLEN', key)
+    if left > 0 and left <= 2 then
+      local meta = redis.call('HMGET', key, tokens_field, claim_field)
+      if (meta[1] and 1 or 0) + (meta[2] and 1 or 0) == left then
+        redis.call('DEL', key)
+      end
     end
   end
 end

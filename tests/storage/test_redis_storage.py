@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -201,6 +202,50 @@ async def test_a_callable_update_that_keeps_losing_gives_up_with_a_clear_sentenc
         await storage.store([SubjectChanges("hot", {"n": Update(None, increment, "1"), "other": "1"})])
 
     assert await storage.load("hot") == ({"n": 6}, {})  # only the other writer's bumps, nothing of ours
+    await client.aclose()
+
+
+class RacedBeforeEveryScript(fakeredis.FakeAsyncRedis):
+    """Lets a rival writer try one callable update of ``hot.n`` right before each of our scripts."""
+
+    rival: RedisStorage
+
+    async def evalsha(self, sha: str, numkeys: int, *keys_and_args: Any) -> Any:
+        with contextlib.suppress(UpdateConflictError):  # the rival gives up when our claim blocks it
+            await self.rival.update("hot", "n", increment)
+        return await super().evalsha(sha, numkeys, *keys_and_args)
+
+
+async def test_a_writer_that_keeps_losing_claims_the_subject_and_then_wins() -> None:
+    server = fakeredis.FakeServer()
+    rival_client = fakeredis.FakeAsyncRedis(server=server)
+    client = RacedBeforeEveryScript(server=server)
+    client.rival = create_redis_storage(client=rival_client, update_attempts=1)
+    storage = create_redis_storage(client=client, update_attempts=6)
+    await storage.check()
+
+    # The rival wins 4 races; our 4th loss claims the subject, so the rival's 5th try must wait.
+    assert await storage.update("hot", "n", increment) == (5, 4, True)
+
+    assert await storage.load("hot") == ({"n": 5}, {})
+    assert await client.hkeys(storage.keys.subject("hot")) == [b"p:n", b"m:w"]  # the claim is gone
+    await client.aclose()
+    await rival_client.aclose()
+
+
+@pytest.mark.parametrize("expires_in_ms", [-1000, 30])
+async def test_a_claim_left_by_a_vanished_writer_blocks_only_until_it_expires(expires_in_ms: int) -> None:
+    client = fakeredis.FakeAsyncRedis()
+    storage = create_redis_storage(client=client)
+    key = storage.keys.subject("hot")
+    seconds, micros = await client.time()
+    await client.hset(key, "m:c", f"{'0' * 16}:{seconds * 1000 + micros // 1000 + expires_in_ms}")
+
+    assert await storage.update("hot", "n", increment) == (1, None, False)
+    await storage.store([SubjectChanges("hot", {"n": Update("1", increment, "2")})])
+    await storage.delete("hot", "n")
+
+    assert await client.exists(key) == 0  # no claim nor token keeps an empty subject alive
     await client.aclose()
 
 
