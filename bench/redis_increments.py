@@ -15,6 +15,9 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
+import os
+import queue
+import sys
 import time
 import uuid
 from multiprocessing.synchronize import Barrier
@@ -24,7 +27,7 @@ from bench._common import report, scale
 from bench._redis import redis_url
 from storage.redis import create_redis_storage
 
-PROCESSES = 2
+PROCESSES = int(os.environ.get("BENCH_PROCESSES", "2"))
 INCREMENTS = 2000
 MODES = ("storage.update", "subject.cached")
 
@@ -80,7 +83,15 @@ def run(mode: str, url: str, count: int) -> None:
     ]
     for worker in workers:
         worker.start()
-    times = [spans.get() for _ in workers]
+    times: list[tuple[float, float]] = []
+    while len(times) < PROCESSES:
+        try:
+            times.append(spans.get(timeout=1.0))
+        except queue.Empty:
+            if any(worker.exitcode not in (None, 0) for worker in workers):
+                for worker in workers:
+                    worker.kill()
+                sys.exit(f"A {mode} benchmark process failed (see its traceback above).")
     for worker in workers:
         worker.join()
     seconds = max(end for _, end in times) - min(begin for begin, _ in times)
