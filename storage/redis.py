@@ -102,12 +102,7 @@ _CLAIM_BACKOFF: Final = 0.001
 _CLAIM_BACKOFF_CAP: Final = 0.05
 _SCAN_COUNT: Final = 1000
 
-_CREDENTIAL_ERRORS: Final = (
-    AuthenticationError,
-    AuthenticationWrongNumberOfArgsError,
-    AuthorizationError,
-    NoPermissionError,
-)
+_CREDENTIAL_ERRORS: Final = (AuthenticationError, AuthenticationWrongNumberOfArgsError, AuthorizationError)
 # ConnectionError covers refused and dropped connections and BusyLoadingError (a restarted server
 # still loading its data); READONLY and TRYAGAIN are what a failover answers for a moment.
 _TRANSIENT_ERRORS: Final = (RedisConnectionError, RedisTimeoutError, ReadOnlyError, TryAgainError)
@@ -171,7 +166,7 @@ def create_redis_storage(
             )
         except ValueError as exc:
             raise ConfigurationError(
-                f"The Redis URL {display!r} is not valid ({exc}); use "
+                f"The Redis URL {display!r} is not valid ({_reason(exc)}); use "
                 "redis://[user:password@]host[:port][/db], rediss://... or unix:///path/to/socket."
             ) from None
         owns_client = True
@@ -272,8 +267,8 @@ class RedisStorage:
             calls = [self._store_call(group, token, lease) for group in pending]
             replies = await self._run(
                 partial(self._eval_all, self._store_script, calls),
-                "store subjects %s",
-                [c.name for g in pending for c in g],
+                "store subjects %r",
+                _NamesOf(pending),
             )
             unstored: list[_Group] = []
             for group, reply in zip(pending, replies, strict=True):
@@ -287,9 +282,8 @@ class RedisStorage:
                 waits += 1
                 await _wait_for_claim(waits)
             pending = unstored
-        names = sorted({c.name for g in pending for c in g})
         raise UpdateConflictError(
-            f"Callable updates of subjects {names!r} lost to concurrent writers "
+            f"Callable updates of subjects {_NamesOf(pending)!r} lost to concurrent writers "
             f"{self._update_attempts} times in a row; nothing of those subjects was stored, and the "
             "contention on them needs lowering (or raise update_attempts)."
         )
@@ -349,7 +343,7 @@ class RedisStorage:
             await self._client.ping()
             await self._load_scripts()
 
-        await self._run(ping_and_load, "answer a ping")
+        await self._run(ping_and_load, "ping and load scripts")
 
     async def close(self) -> None:
         """Close the connections this storage opened (a client passed in stays open)."""
@@ -436,10 +430,15 @@ class RedisStorage:
                         f"{action % details}; check that nothing runs SCRIPT FLUSH in a loop."
                     ) from None
                 self._scripts_missing = True
+            except NoPermissionError as exc:
+                raise ConfigurationError(
+                    f"Redis at {self.url} does not permit krules to {action % details} ({_reason(exc)}); "
+                    "grant its user the hash, scripting and SCAN commands on the keys of its prefix."
+                ) from None
             except _CREDENTIAL_ERRORS as exc:
                 raise ConfigurationError(
                     f"Redis at {self.url} refused krules' credentials when asked to "
-                    f"{action % details} ({exc}); fix the user name or password in the Redis URL."
+                    f"{action % details} ({_reason(exc)}); fix the user name or password in the Redis URL."
                 ) from None
             except _TRANSIENT_ERRORS as exc:
                 failures += 1
@@ -464,6 +463,18 @@ class RedisStorage:
                 raise StorageError(
                     f"Redis at {self.url} refused to {action % details}: {_reason(exc)}."
                 ) from None
+
+
+class _NamesOf:
+    """The sorted subject names of some store groups, rendered only when a message needs them."""
+
+    __slots__ = ("_groups",)
+
+    def __init__(self, groups: list[_Group]) -> None:
+        self._groups = groups
+
+    def __repr__(self) -> str:
+        return repr(sorted({changes.name for group in self._groups for changes in group}))
 
 
 def _reapply(group: _Group, conflicts: list[Any]) -> None:

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+import redis.asyncio as aioredis
 
 from krules.errors import ConfigurationError, StorageUnavailableError
 from storage.base import SubjectChanges, Update
@@ -125,7 +126,9 @@ async def test_a_refused_connection_at_startup_is_one_clear_sentence() -> None:
         await storage.check()
 
     message = str(caught.value)
-    assert message.startswith(f"Redis at redis://127.0.0.1:{port}/0 could not answer a ping after 3 attempts")
+    assert message.startswith(
+        f"Redis at redis://127.0.0.1:{port}/0 could not ping and load scripts after 3 attempts"
+    )
     assert "Error 111 connecting" in message
     assert_one_sentence(message)
     await storage.close()
@@ -145,6 +148,24 @@ async def test_wrong_credentials_at_startup_are_one_sentence_without_the_passwor
     assert "wrong-password" not in message and "hunter2" not in message
     assert f"127.0.0.1:{server.port}" in message
     assert_one_sentence(message)
+    await storage.close()
+
+
+async def test_a_user_not_allowed_to_run_scripts_is_told_so_in_one_sentence(
+    redis_server_factory: ServerFactory,
+) -> None:
+    server = redis_server_factory()
+    admin = aioredis.Redis.from_url(server.url)
+    await admin.acl_setuser(
+        "reader", enabled=True, passwords=["+pw"], keys=["*"], commands=["+@all", "-@scripting"]
+    )
+    await admin.aclose()
+    storage = create_redis_storage(f"redis://reader:pw@127.0.0.1:{server.port}/0", **IMPATIENT)
+
+    with pytest.raises(ConfigurationError, match="does not permit krules to ping and load scripts") as caught:
+        await storage.check()
+
+    assert_one_sentence(str(caught.value))
     await storage.close()
 
 
