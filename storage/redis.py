@@ -9,10 +9,11 @@ ones a script makes)::
 
     load            1 round trip   HGETALL
     store(batch)    1 round trip   one EVALSHA per partition touched, run as one pipeline; inside,
-                                   HMGET (only when the batch has callable updates), HSET, HDEL
-                                   (only when it deletes) per subject
+                                   per subject: HMGET (only for callable updates), one HSET, one
+                                   HDEL (only when it deletes; + HLEN when it only deletes)
     get             1              HGET
-    set / delete    1              EVALSHA (HGET + HSET / HGET + HDEL)
+    set             1              EVALSHA (HGET + HSET)
+    delete          1              EVALSHA (HGET + HDEL + HLEN; + HMGET when at most 2 fields remain)
     update          2              HGET, then the store script on one subject (HMGET + HSET)
     flush           1              DEL
     subjects        1 per SCAN page
