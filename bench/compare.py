@@ -26,7 +26,21 @@ FIGURES = [
     ("middleware_overhead", "bench.middleware_overhead", "us_added_per_call", False),
     ("dispatch_cost", "bench.dispatch_cost", "us_per_emit", False),
     ("redis_orders", "bench.redis_orders", "orders_per_s", True),
+    ("redis_increments", "bench.redis_increments", "increments_per_s", True),
 ]
+
+# Which of our increment modes stands against which of KRules' (same kind of write).
+_MODES = {
+    "storage.update": "immediate writes",
+    "exact (use_cache=False)": "immediate writes",
+    "subject.cached": "cached writes",
+    "cached (default)": "cached writes",
+}
+
+
+def _key(line: dict[str, object]) -> object:
+    mode = line.get("mode")
+    return _MODES.get(mode, mode) if isinstance(mode, str) else line.get("rules")
 
 
 def run(cmd: list[str]) -> list[dict[str, object]]:
@@ -50,6 +64,7 @@ def compare() -> None:
     for workload, module, figure, higher_better in FIGURES:
         ours: dict[object, list[float]] = {}
         theirs: dict[object, list[float]] = {}
+        lost: dict[tuple[bool, object], list[int]] = {}
         for _ in range(ROUNDS):
             for target, cmd in (
                 (ours, [sys.executable, "-m", module]),
@@ -57,19 +72,26 @@ def compare() -> None:
             ):
                 for line in run(cmd):
                     if line["bench"] == workload and figure in line:
-                        target.setdefault(line.get("rules"), []).append(float(line[figure]))  # type: ignore[arg-type]
+                        target.setdefault(_key(line), []).append(float(line[figure]))  # type: ignore[arg-type]
+                        if "lost" in line:
+                            lost.setdefault((target is ours, _key(line)), []).append(int(line["lost"]))  # type: ignore[call-overload]
         for key in ours:
             a, b = statistics.median(ours[key]), statistics.median(theirs[key])
             print(
                 json.dumps(
                     {
                         "bench": f"compare_{workload}",
-                        "rules": key,
+                        "case": key,
                         "figure": figure,
                         "krules": a,
                         "krules_framework": b,
                         "advantage": round(a / b if higher_better else b / a, 2),
                         "rounds": ROUNDS,
+                        **(
+                            {"lost": max(lost[(True, key)]), "lost_krules_framework": max(lost[(False, key)])}
+                            if (True, key) in lost
+                            else {}
+                        ),
                     }
                 ),
                 flush=True,

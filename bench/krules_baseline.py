@@ -186,11 +186,91 @@ async def redis_orders() -> None:
     )
 
 
+def _increments_worker(mode: str, url: str, prefix: str, count: int, start: Any, spans: Any) -> None:
+    spans.put(asyncio.run(_increments(mode, url, prefix, count, start)))
+
+
+async def _increments(mode: str, url: str, prefix: str, count: int, start: Any) -> tuple[float, float]:
+    import redis.asyncio as aioredis
+    from dependency_injector import providers
+    from redis_subjects_storage.storage_impl import create_redis_storage
+
+    client = aioredis.Redis.from_url(url)
+    container = KRulesContainer()
+    container.subject_storage.override(providers.Object(create_redis_storage(client, prefix)))
+
+    def increment(n: Any) -> int:
+        return (n or 0) + 1
+
+    await asyncio.to_thread(start.wait)
+    started = time.monotonic()
+    for _ in range(count):
+        subject = container.subject("counter")
+        if mode == "cached (default)":
+            await subject.set("n", increment)
+            await subject.store()
+        else:
+            await subject.set("n", increment, use_cache=False)
+    finished = time.monotonic()
+    await client.aclose()
+    return started, finished
+
+
+async def redis_increments() -> None:
+    import multiprocessing
+    import queue
+    import uuid
+
+    import redis.asyncio as aioredis
+
+    url = os.environ.get("KRULES_REDIS_URL")
+    if not url:
+        sys.exit("redis_increments needs KRULES_REDIS_URL (bench.compare starts a server and sets it).")
+    processes = int(os.environ.get("BENCH_PROCESSES", "2"))
+    count = max(1, round(2_000 * scale()))
+    for mode in ("cached (default)", "exact (use_cache=False)"):
+        context = multiprocessing.get_context("spawn")
+        start, spans = context.Barrier(processes), context.Queue()
+        prefix = f"krinc-{uuid.uuid4().hex[:8]}:"
+        workers = [
+            context.Process(target=_increments_worker, args=(mode, url, prefix, count, start, spans))
+            for _ in range(processes)
+        ]
+        for worker in workers:
+            worker.start()
+        times: list[tuple[float, float]] = []
+        while len(times) < processes:
+            try:
+                times.append(spans.get(timeout=1.0))
+            except queue.Empty:
+                if any(worker.exitcode not in (None, 0) for worker in workers):
+                    sys.exit(f"a KRules {mode} increments process failed")
+        for worker in workers:
+            worker.join()
+        seconds = max(end for _, end in times) - min(begin for begin, _ in times)
+        probe = aioredis.Redis.from_url(url)
+        raw = await probe.hget(f"s:{prefix}counter", "pn")
+        await probe.aclose()
+        final = int(raw) if raw is not None else 0
+        expected = processes * count
+        report(
+            "redis_increments",
+            impl="krules-framework",
+            mode=mode,
+            processes=processes,
+            final=final,
+            expected=expected,
+            lost=expected - final,
+            increments_per_s=round(expected / seconds),
+        )
+
+
 WORKLOADS = {
     "order_cascade": order_cascade,
     "dispatch_cost": dispatch_cost,
     "middleware_overhead": middleware_overhead,
     "redis_orders": redis_orders,
+    "redis_increments": redis_increments,
 }
 
 
