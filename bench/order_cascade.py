@@ -19,8 +19,13 @@ from storage.memory import MemoryStorage
 ORDERS = 20_000
 
 
-def build() -> KRulesContainer:
-    container = KRulesContainer()
+def build(container: KRulesContainer | None = None, *, store_each: bool = False) -> KRulesContainer:
+    """Register the cascade's rules on ``container`` (a new one by default).
+
+    ``store_each`` makes the shipping handler call ``store()`` itself, as the KRules Redis benchmark
+    does; otherwise the write is stored when the turn ends.
+    """
+    container = container if container is not None else KRulesContainer()
     on, _, _, _ = container.handlers()
 
     @on("order.submitted")
@@ -35,6 +40,8 @@ def build() -> KRulesContainer:
     @on("payment.completed")
     async def ship_order(ctx: EventContext) -> None:
         await ctx.subject.set("status", "shipped")
+        if store_each:
+            await ctx.subject.store()
         await ctx.emit("order.shipped")
 
     return container

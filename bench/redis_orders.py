@@ -16,9 +16,9 @@ import redis.asyncio as aioredis
 from dependency_injector import providers
 
 from bench._common import median_seconds, report, scale
+from bench import order_cascade
 from bench._redis import redis_url
 from krules import KRulesContainer
-from krules.context import EventContext
 from storage.redis import create_redis_storage
 
 ORDERS = 5_000
@@ -27,24 +27,7 @@ ORDERS = 5_000
 def build(url: str, prefix: str) -> KRulesContainer:
     container = KRulesContainer()
     container.subject_storage.override(providers.Object(create_redis_storage(url=url, key_prefix=prefix)))
-    on, _, _, _ = container.handlers()
-
-    @on("order.submitted")
-    async def validate_order(ctx: EventContext) -> None:
-        if ctx.payload["total"] > 0:
-            await ctx.emit("order.validated")
-
-    @on("order.validated")
-    async def process_payment(ctx: EventContext) -> None:
-        await ctx.emit("payment.completed")
-
-    @on("payment.completed")
-    async def ship_order(ctx: EventContext) -> None:
-        await ctx.subject.set("status", "shipped")
-        await ctx.subject.store()
-        await ctx.emit("order.shipped")
-
-    return container
+    return order_cascade.build(container, store_each=True)
 
 
 async def commands(client: aioredis.Redis) -> int:
