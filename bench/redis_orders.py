@@ -15,8 +15,8 @@ from typing import Any
 import redis.asyncio as aioredis
 from dependency_injector import providers
 
-from bench._common import median_seconds, report, scale
 from bench import order_cascade
+from bench._common import median_seconds, report, scale
 from bench._redis import redis_url
 from krules import KRulesContainer
 from storage.redis import create_redis_storage
