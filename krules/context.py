@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Coroutine
+from collections.abc import Awaitable
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, Final
 
 from krules.event_types import SUBJECT_PROPERTY_CHANGED, SUBJECT_PROPERTY_DELETED
+from krules.events import Event
 
 if TYPE_CHECKING:
     from cloudevents.core.v1.event import CloudEvent
 
     from krules.clock import Clock
     from krules.engine import Engine
-    from krules.events import Event
     from krules.rules import Rule
     from krules.subject import Subject
     from krules.turn import Turn
@@ -33,7 +33,7 @@ def current_context() -> EventContext | None:
 class EventContext:
     """One handler call's view of an event (each matching handler gets its own context)."""
 
-    __slots__ = ("_engine", "_event", "_metadata", "extra", "rule", "subject", "turn")
+    __slots__ = ("_engine", "_event", "_metadata", "emitted", "extra", "rule", "subject", "turn")
 
     def __init__(
         self,
@@ -41,7 +41,7 @@ class EventContext:
         turn: Turn,
         event: Event,
         subject: Subject,
-        rule: Rule | None,
+        rule: Rule,
         extra: dict[str, Any] | None,
     ) -> None:
         self._engine = engine
@@ -51,6 +51,8 @@ class EventContext:
         self.rule = rule
         self.extra = extra
         self._metadata: dict[str, Any] | None = None
+        self.emitted = 0
+        """Events emitted by this handler call so far (reset for each attempt of a retried call)."""
 
     # -- the event ---------------------------------------------------------------------------
     @property
@@ -96,7 +98,7 @@ class EventContext:
     @property
     def handler_name(self) -> str:
         """Dotted name of the handler this context belongs to."""
-        return self.rule.name if self.rule is not None else "<none>"
+        return self.rule.name
 
     @property
     def clock(self) -> Clock:
@@ -126,10 +128,37 @@ class EventContext:
         payload: dict[str, Any] | None = None,
         subject: Subject | str | None = None,
         **extensions: Any,
-    ) -> Coroutine[Any, Any, None]:
+    ) -> Awaitable[None]:
         """Emit an event caused by this one (same subject unless given); ``await`` it: handled inline."""
         # Returning the engine's coroutine (instead of awaiting it here) saves a frame per emit.
         return self._engine.emit_child(self, event_type, payload, subject, extensions)
+
+    def child_event(
+        self,
+        event_type: str,
+        subject: str,
+        data: dict[str, Any],
+        time: float,
+        extensions: dict[str, Any] | None,
+    ) -> Event:
+        """The next event this handler call emits: its id derives from the parent's, the handler and
+        the emission order within the call, so re-processing re-emits the same ids."""
+        self.emitted = seq = self.emitted + 1
+        parent = self._event
+        rule = self.rule
+        return Event(
+            event_type,
+            subject,
+            data,
+            None,
+            self._engine._source,
+            time,
+            parent.depth + 1,
+            parent,
+            extensions,
+            seq,
+            rule.key,
+        )
 
     def __repr__(self) -> str:
         return f"EventContext({self._event!r}, handler={self.handler_name})"

@@ -9,30 +9,37 @@ Root events (from the HTTP ingress, a stream, or ``emit`` outside a handler) eac
 :class:`~krules.turn.Turn`.  Turns for the same subject run one at a time in arrival order (a lane
 per subject); turns for different subjects run concurrently up to ``max_concurrent_turns``.  When a
 turn's cascade is over, the cached writes of every subject it touched are stored in one batch.
+
+A cascade that reaches another subject (``ctx.emit(..., subject="other")``) runs inline in the
+current turn, as in KRules: it does not wait for that subject's lane.
+
+Every ``_BOUNCE_EVERY`` levels a cascade continues in a fresh task, so deep cascades (and long
+middleware chains) never come near Python's recursion limit; the loop guard stops them first.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import re
-from collections import deque
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable
+from contextvars import Token
 from inspect import isawaitable
 from typing import TYPE_CHECKING, Any, Final
 
+from krules.admission import Admission
 from krules.clock import Clock, SystemClock
 from krules.config import Settings
 from krules.context import EventContext, _current
-from krules.errors import CascadeDepthExceeded, EventFormatError
-from krules.events import Event, IdGenerator
+from krules.errors import CascadeDepthExceeded, EventFormatError, TurnEndedError
+from krules.events import DEPTH_EXTENSION, Event, IdGenerator
 from krules.subject import Subject
 from krules.turn import HandlerFailure, Turn
 from middleware.base import SkipEvent
+from storage.base import encode
 
 if TYPE_CHECKING:
-    from krules.rules import Rule, RuleRegistry
+    from krules.rules import RuleRegistry
     from storage.base import SubjectStorage
 
 __all__ = ["Engine"]
@@ -40,6 +47,21 @@ __all__ = ["Engine"]
 logger = logging.getLogger(__name__)
 
 _EXTENSION_NAME: Final = re.compile(r"^[a-z0-9]{1,20}$")
+_RESERVED_NAMES: Final = frozenset(
+    {
+        "id",
+        "source",
+        "type",
+        "subject",
+        "time",
+        "specversion",
+        "datacontenttype",
+        "dataschema",
+        "data",
+        DEPTH_EXTENSION,
+    }
+)
+_BOUNCE_EVERY: Final = 16
 
 EventObserver = Callable[[Event], None]
 FailureObserver = Callable[[HandlerFailure], None]
@@ -66,12 +88,35 @@ def _check_payload(payload: Any) -> dict[str, Any]:
 
 
 def _check_extensions(extensions: dict[str, Any]) -> dict[str, Any] | None:
-    for name in extensions:
+    for name, value in extensions.items():
         if not _EXTENSION_NAME.match(name):
             raise EventFormatError(
                 f"CloudEvents extension name {name!r} is invalid; use 1-20 lowercase letters or digits."
             )
+        if name in _RESERVED_NAMES:
+            raise EventFormatError(
+                f"{name!r} is a CloudEvents attribute krules sets; it cannot be an extension."
+            )
+        if not isinstance(value, str | int):  # bool is an int
+            raise EventFormatError(
+                f"CloudEvents extension {name!r} must be a string, integer or boolean, not {value!r}."
+            )
     return extensions or None
+
+
+def _check_json(event_type: str, payload: dict[str, Any]) -> dict[str, Any]:
+    try:
+        encode(payload)
+    except TypeError as exc:
+        raise EventFormatError(f"The payload of {event_type!r} is not JSON-serialisable: {exc}") from None
+    return payload
+
+
+def _turn_ended(turn: Turn, what: str) -> TurnEndedError:
+    return TurnEndedError(
+        f"{what} after the turn of event {turn.root.id!r} ended; emit from the handler itself, "
+        "or start a new turn with engine.emit from background work."
+    )
 
 
 class Engine:
@@ -93,11 +138,7 @@ class Engine:
         self._ids = ids or IdGenerator()
         self._max_depth = self.settings.max_cascade_depth
         self._source = self.settings.source
-        # subject -> waiters for its lane (None: busy, nobody waiting); absent: free
-        self._lanes: dict[str, deque[asyncio.Future[None]] | None] = {}
-        self._max_running = self.settings.max_concurrent_turns
-        self._running = 0
-        self._slot_waiters: deque[asyncio.Future[None]] = deque()
+        self._admission = Admission(self.settings.max_concurrent_turns)
         self._inflight = 0
         self._idle: asyncio.Event | None = None
         self._closed = False
@@ -139,7 +180,7 @@ class Engine:
         subject: Subject | str,
         payload: dict[str, Any] | None = None,
         **extensions: Any,
-    ) -> Coroutine[Any, Any, Any]:
+    ) -> Awaitable[Any]:
         """Emit an event (``await`` it): inside a handler it joins the cascade, outside it starts a turn."""
         # Hot-path functions here validate eagerly and return the coroutine to await, saving a frame.
         ctx = _current.get()
@@ -148,9 +189,8 @@ class Engine:
         if event_type.__class__ is not str or not event_type:
             raise EventFormatError(f"An event type must be a non-empty string, not {event_type!r}.")
         name, subject_obj = _subject_name(subject)
-        event = self.new_event(
-            event_type, name, _check_payload(payload), _check_extensions(extensions) if extensions else None
-        )
+        data = _check_json(event_type, _check_payload(payload))  # a root event crosses a boundary
+        event = self.new_event(event_type, name, data, _check_extensions(extensions) if extensions else None)
         return self.process(event, subject_obj)
 
     def emit_child(
@@ -160,15 +200,26 @@ class Engine:
         payload: dict[str, Any] | None,
         subject: Subject | str | None,
         extensions: dict[str, Any] | None,
-    ) -> Coroutine[Any, Any, None]:
+    ) -> Awaitable[None]:
         """Emit an event caused by ``ctx``'s event; ``await`` the result to handle it inline in the turn."""
         if event_type.__class__ is not str or not event_type:
             raise EventFormatError(f"An event type must be a non-empty string, not {event_type!r}.")
+        turn = ctx.turn
+        if turn.closed:
+            raise _turn_ended(turn, f"Event {event_type!r} was emitted")
         if subject is None:
             subject_obj: Subject | None = ctx.subject
             name = ctx.subject.name
         else:
             name, subject_obj = _subject_name(subject)
+            if subject_obj is not None:  # the same name must mean the same cached subject in a turn
+                known = turn.subjects.get(name)
+                if known is None:
+                    turn.adopt(subject_obj)
+                else:
+                    if subject_obj.dirty:
+                        turn.adopt(subject_obj)
+                    subject_obj = known
         if payload is None:
             payload = {}
         elif payload.__class__ is not dict:
@@ -176,10 +227,12 @@ class Engine:
         parent = ctx._event
         if parent.depth >= self._max_depth:
             raise CascadeDepthExceeded(self._max_depth, [*parent.chain(), f"{event_type}({name})"])
-        child = parent.child(
+        child = ctx.child_event(
             event_type, name, payload, self._now(), _check_extensions(extensions) if extensions else None
         )
-        return self._dispatch(child, ctx.turn, subject_obj, None)
+        if child.depth % _BOUNCE_EVERY:
+            return self._dispatch(child, turn, subject_obj, None)
+        return asyncio.ensure_future(self._dispatch(child, turn, subject_obj, None))
 
     def check_depth(self, subject: str, event_type: str) -> None:
         """Raise CascadeDepthExceeded *before* a write whose event would pass the depth limit."""
@@ -189,13 +242,18 @@ class Engine:
 
     def emit_change(
         self, subject: Subject, event_type: str, data: dict[str, Any], extra: dict[str, Any] | None
-    ) -> Coroutine[Any, Any, Any]:
+    ) -> Awaitable[Any]:
         """Dispatch a subject's own event (property changed/deleted) inline, with ``ctx.subject`` = it."""
         ctx = _current.get()
-        if ctx is not None and ctx._engine is self:
-            child = ctx._event.child(event_type, subject.name, data, self._now(), None)
-            return self._dispatch(child, ctx.turn, subject, extra)
-        return self.process(self.new_event(event_type, subject.name, data), subject, extra)
+        if ctx is None or ctx._engine is not self:
+            return self.process(self.new_event(event_type, subject.name, data), subject, extra)
+        turn = ctx.turn
+        if turn.closed:
+            raise _turn_ended(turn, f"Subject {subject.name!r} changed")
+        child = ctx.child_event(event_type, subject.name, data, self._now(), None)
+        if child.depth % _BOUNCE_EVERY:
+            return self._dispatch(child, turn, subject, extra)
+        return asyncio.ensure_future(self._dispatch(child, turn, subject, extra))
 
     # -- turns -------------------------------------------------------------------------------
     async def process(
@@ -209,71 +267,22 @@ class Engine:
         name = event.subject
         self._inflight += 1
         try:
-            if name in self._lanes:
-                await self._wait_for_lane(name)
-            else:
-                self._lanes[name] = None
+            admission = self._admission
+            if not admission.enter_now(name):
+                await admission.enter(name)
             try:
-                if self._running >= self._max_running:
-                    await self._wait_for_slot()
-                self._running += 1
-                try:
-                    turn = Turn(self, event)
-                    if subject is not None:
-                        turn.adopt(subject)
-                    await self._dispatch(event, turn, subject, extra)
-                    await turn.commit()
-                    return turn
-                finally:
-                    self._running -= 1
-                    self._wake(self._slot_waiters)
+                turn = Turn(self, event)
+                if subject is not None:
+                    turn.adopt(subject)
+                await self._dispatch(event, turn, subject, extra)
+                await turn.commit()
+                return turn
             finally:
-                self._release(name)
+                admission.leave(name)
         finally:
             self._inflight -= 1
             if not self._inflight and self._idle is not None:
                 self._idle.set()
-
-    async def _wait_for_lane(self, name: str) -> None:
-        queue = self._lanes[name]
-        if queue is None:
-            queue = self._lanes[name] = deque()
-        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        queue.append(waiter)
-        try:
-            await waiter
-        except asyncio.CancelledError:
-            if waiter.done() and not waiter.cancelled():
-                self._release(name)  # the lane was handed to us just before the cancel
-            else:
-                with contextlib.suppress(ValueError):
-                    queue.remove(waiter)
-            raise
-
-    async def _wait_for_slot(self) -> None:
-        while self._running >= self._max_running:
-            waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            self._slot_waiters.append(waiter)
-            try:
-                await waiter
-            except asyncio.CancelledError:
-                if waiter.done() and not waiter.cancelled():
-                    self._wake(self._slot_waiters)  # pass the wake-up on
-                raise
-
-    @staticmethod
-    def _wake(waiters: deque[asyncio.Future[None]]) -> bool:
-        while waiters:
-            waiter = waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(None)
-                return True
-        return False
-
-    def _release(self, name: str) -> None:
-        queue = self._lanes.get(name)
-        if queue is None or not self._wake(queue):  # else the lane is handed over in arrival order
-            del self._lanes[name]
 
     async def settled(self) -> None:
         """Wait until no turn is running or waiting."""
@@ -294,67 +303,107 @@ class Engine:
             return
         if subject is None:
             subject = turn.subject(event.subject)
-        if len(rules) != 1:
-            async with asyncio.TaskGroup() as group:
-                for rule in rules:
-                    group.create_task(self._run(rule, EventContext(self, turn, event, subject, rule, extra)))
-            return
-        # One handler: run it right here, in the caller's task (the body of _run, inlined: hot path).
-        rule = rules[0]
-        ctx = EventContext(self, turn, event, subject, rule, extra)
-        token = _current.set(ctx)
-        try:
-            if not rule.filters or await self._passes(rule, ctx):
-                await rule.call(ctx)
-        except SkipEvent:
-            pass
-        except Exception as exc:
-            self._failed(ctx, exc, "handler")
-        finally:
-            _current.reset(token)
-
-    async def _run(self, rule: Rule, ctx: EventContext) -> None:
-        token = _current.set(ctx)
-        try:
-            if not rule.filters or await self._passes(rule, ctx):
-                await rule.call(ctx)
-        except SkipEvent:
-            pass
-        except Exception as exc:
-            self._failed(ctx, exc, "handler")
-        finally:
-            _current.reset(token)
-
-    async def _passes(self, rule: Rule, ctx: EventContext) -> bool:
-        for check, is_async in rule.filters:
+        if len(rules) == 1:
+            # One handler: run it right here, in the caller's task (_run, inlined: the hot path).
+            rule = rules[0]
+            ctx = EventContext(self, turn, event, subject, rule, extra)
+            single = _current.set(ctx)
             try:
+                if not rule.filters or await self._passes(ctx, 0):
+                    await rule.call(ctx)
+            except SkipEvent:
+                pass
+            except Exception as exc:
+                self._failed(ctx, exc, "handler")
+            finally:
+                _current.reset(single)
+            return
+        # Several rules: their sync filters decide here, so rules filtered out cost no task.
+        chosen: list[EventContext] = []
+        token: Token[EventContext | None] | None = None
+        try:
+            for rule in rules:
+                ctx = EventContext(self, turn, event, subject, rule, extra)
+                if rule.sync_filters:
+                    if token is None:
+                        token = _current.set(ctx)
+                    else:
+                        _current.set(ctx)
+                    if not self._passes_sync(ctx):
+                        continue
+                chosen.append(ctx)
+        finally:
+            if token is not None:
+                _current.reset(token)
+        if len(chosen) == 1:
+            await self._run(chosen[0])
+        elif chosen:
+            async with asyncio.TaskGroup() as group:
+                for ctx in chosen:
+                    group.create_task(self._run(ctx))
+
+    async def _run(self, ctx: EventContext) -> None:
+        """Run one handler call whose sync filters passed (its async filters still decide)."""
+        rule = ctx.rule
+        token = _current.set(ctx)
+        try:
+            if rule.sync_filters == len(rule.filters) or await self._passes(ctx, rule.sync_filters):
+                await rule.call(ctx)
+        except SkipEvent:
+            pass
+        except Exception as exc:
+            self._failed(ctx, exc, "handler")
+        finally:
+            _current.reset(token)
+
+    def _passes_sync(self, ctx: EventContext) -> bool:
+        """Apply the leading sync filters of ``ctx.rule``; a raising filter is a recorded failure."""
+        rule = ctx.rule
+        filters = rule.filters
+        try:
+            for i in range(rule.sync_filters):
+                if not filters[i][0](ctx):
+                    return False
+        except Exception as exc:
+            self._failed(ctx, exc, "filter")
+            return False
+        return True
+
+    async def _passes(self, ctx: EventContext, start: int) -> bool:
+        """Apply ``ctx.rule``'s filters from ``start`` on, awaiting async ones."""
+        try:
+            for check, is_async in ctx.rule.filters[start:]:
                 ok = check(ctx)
                 if is_async or (ok.__class__ is not bool and isawaitable(ok)):
                     ok = await ok
-            except Exception as exc:
-                self._failed(ctx, exc, "filter")
-                return False
-            if not ok:
-                return False
+                if not ok:
+                    return False
+        except Exception as exc:
+            self._failed(ctx, exc, "filter")
+            return False
         return True
 
     def _failed(self, ctx: EventContext, exc: Exception, where: str) -> None:
+        """Record and log a failed handler call; never raises (a broken observer is logged too)."""
         event = ctx._event
         failure = HandlerFailure(ctx.handler_name, event, exc)
         ctx.turn.failures.append(failure)
-        logger.error(
-            "%s of %s failed on %s for subject %r (event %s): %s: %s",
-            where,
-            ctx.handler_name,
-            event.type,
-            event.subject,
-            event.id,
-            type(exc).__name__,
-            exc,
-            exc_info=None if isinstance(exc, CascadeDepthExceeded) else exc,
-        )
-        for observe in self.failure_observers:
-            observe(failure)
+        try:
+            logger.error(
+                "%s of %s failed on %s for subject %r (event %s): %s: %s",
+                where,
+                ctx.handler_name,
+                event.type,
+                event.subject,
+                event.id,
+                type(exc).__name__,
+                exc,
+                exc_info=None if isinstance(exc, CascadeDepthExceeded) else exc,
+            )
+            for observe in self.failure_observers:
+                observe(failure)
+        except Exception:
+            logger.exception("reporting the failure of %s raised", ctx.handler_name)
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:

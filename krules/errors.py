@@ -36,6 +36,10 @@ class CascadeDepthExceeded(KRulesError):
         )
 
 
+class TurnEndedError(KRulesError):
+    """Raised when background work writes a subject or emits an event after its turn was stored."""
+
+
 class StorageError(KRulesError):
     """Raised when the subject storage fails; the turn's writes are not applied."""
 

@@ -5,8 +5,10 @@ object only when it crosses a boundary (HTTP, a stream, a handler asking for ``c
 hot path never pays for attribute validation or ``datetime`` formatting.
 
 Ids are cheap and deterministic for children: a root event gets ``<instance prefix>-<counter>``; the
-n-th event emitted while handling event ``P`` gets ``P.id + "." + n`` (hashed when that grows long).
-Re-processing ``P`` therefore re-emits the same ids, and a receiver can drop the duplicates.
+n-th event emitted by handler ``h`` while handling event ``P`` gets ``P.id + "." + key(h) + "-" + n``
+(hashed when that grows long), where ``key(h)`` is a short hash of the handler's dotted name.  It
+does not depend on how concurrent handlers interleave, and a retried handler call counts from 1
+again, so re-processing ``P`` re-emits the same ids and a receiver can drop the duplicates.
 """
 
 from __future__ import annotations
@@ -52,8 +54,8 @@ class Event:
     """One event: CloudEvents attributes, a JSON-object payload, and its place in a cascade."""
 
     __slots__ = (
-        "_emitted",
         "_id",
+        "_key",
         "_seq",
         "data",
         "depth",
@@ -77,6 +79,7 @@ class Event:
         parent: Event | None = None,
         extensions: dict[str, Any] | None = None,
         seq: int = 0,
+        key: str = "",
     ) -> None:
         self.type = type
         self.subject = subject
@@ -88,28 +91,44 @@ class Event:
         self.parent = parent
         self.extensions = extensions
         self._seq = seq
-        self._emitted = 0
+        self._key = key
 
     @property
     def id(self) -> str:
         """The CloudEvent id; a child's is derived from its parent's on first use."""
         event_id = self._id
-        if event_id is None:
-            parent = self.parent
-            if parent is None:
-                raise RuntimeError("an event without an id must have a parent")
-            event_id = f"{parent.id}.{self._seq}"
+        if event_id is not None:
+            return event_id
+        # Walk up to the nearest ancestor with an id, then derive downwards: no recursion, however
+        # deep the cascade.
+        pending: list[Event] = []
+        event: Event | None = self
+        while event is not None and event._id is None:
+            pending.append(event)
+            event = event.parent
+        if event is None:
+            raise RuntimeError("an event without an id must descend from one with an id")
+        event_id = event._id
+        for event in reversed(pending):
+            key = event._key
+            event_id = f"{event_id}.{key}-{event._seq}" if key else f"{event_id}.{event._seq}"
             if len(event_id) > _MAX_ID_LENGTH:
                 event_id = hashlib.blake2b(event_id.encode(), digest_size=16).hexdigest()
-            self._id = event_id
-        return event_id
+            event._id = event_id
+        return event_id  # type: ignore[return-value]
 
     def child(
-        self, type: str, subject: str, data: dict[str, Any], time: float, extensions: dict[str, Any] | None
+        self,
+        type: str,
+        subject: str,
+        data: dict[str, Any],
+        time: float,
+        extensions: dict[str, Any] | None,
+        seq: int,
+        key: str = "",
     ) -> Event:
-        """Return the next event caused by this one, with a deterministic id and depth + 1."""
-        self._emitted = seq = self._emitted + 1
-        return Event(type, subject, data, None, self.source, time, self.depth + 1, self, extensions, seq)
+        """The ``seq``-th event emitted (by the handler keyed ``key``) while handling this one."""
+        return Event(type, subject, data, None, self.source, time, self.depth + 1, self, extensions, seq, key)
 
     def chain(self) -> list[str]:
         """Event types from the root of the cascade down to this event."""
@@ -176,14 +195,19 @@ def _payload(data: Any, datacontenttype: str | None) -> dict[str, Any]:
 def _timestamp(value: Any) -> float:
     if value is None:
         return _time.time()
-    if isinstance(value, datetime):
+    if isinstance(value, datetime) and value.tzinfo is not None:
         return value.timestamp()
-    if isinstance(value, str):
+    if isinstance(value, str) and "T" in value.upper():
         try:
-            return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+            parsed = datetime.fromisoformat(value.replace("Z", "+00:00").replace("z", "+00:00"))
         except ValueError:
-            pass
-    raise EventFormatError(f"The event's time {value!r} is not an RFC 3339 timestamp.")
+            parsed = None
+        if parsed is not None and parsed.tzinfo is not None:
+            return parsed.timestamp()
+    raise EventFormatError(
+        f"The event's time {value!r} is not an RFC 3339 timestamp with a time zone "
+        "(e.g. 2026-01-31T12:00:00Z)."
+    )
 
 
 def event_from_cloudevent(ce: Any) -> Event:

@@ -51,9 +51,7 @@ def load_rule_module(target: str, *, fresh: bool = False) -> ModuleType:
     except Exception as exc:
         if not fresh:
             sys.modules.pop(spec.name, None)
-        raise RuleModuleError(
-            f"Rule module {target!r} failed while importing: {_sentence(exc)}"
-        ) from exc
+        raise RuleModuleError(f"Rule module {target!r} failed while importing: {_sentence(exc)}") from exc
     return module
 
 
@@ -68,9 +66,7 @@ def _import(name: str) -> ModuleType:
             ) from None
         raise RuleModuleError(f"Rule module {name!r} failed while importing: {_sentence(exc)}") from exc
     except Exception as exc:
-        raise RuleModuleError(
-            f"Rule module {name!r} failed while importing: {_sentence(exc)}"
-        ) from exc
+        raise RuleModuleError(f"Rule module {name!r} failed while importing: {_sentence(exc)}") from exc
 
 
 def _sentence(exc: BaseException) -> str:

@@ -15,6 +15,7 @@ import re
 from collections.abc import Callable, Iterable, Sequence
 from fnmatch import translate
 from typing import Any, Final, TypeVar
+from zlib import crc32
 
 from krules.errors import RuleDefinitionError
 from middleware.base import Call, Middleware, build_chain
@@ -47,19 +48,30 @@ def _is_async_callable(fn: Any) -> bool:
 class Rule:
     """One registered handler: its patterns, its filters and its composed middleware chain."""
 
-    __slots__ = ("call", "filters", "handler", "name", "order", "patterns")
+    __slots__ = ("call", "filters", "handler", "key", "name", "order", "patterns", "sync_filters")
 
     def __init__(self, handler: Call, patterns: tuple[str, ...], order: int) -> None:
         self.handler = handler
         self.name = f"{getattr(handler, '__module__', '?')}.{_name_of(handler)}"
+        self.key = format(crc32(self.name.encode()) & 0xFFFFFF, "06x")
+        """Short stable key of the handler, part of the ids of the events it emits."""
         self.patterns = patterns
         self.order = order
         self.filters: list[tuple[Filter, bool]] = []
+        self.sync_filters = 0
+        """How many filters at the front are sync (the dispatcher applies those without a task)."""
         self.call: Call = handler
 
-    def add_filters(self, filters: Iterable[Filter]) -> None:
-        """Append filters (all must pass); async ones are awaited."""
-        self.filters.extend((f, _is_async_callable(f)) for f in filters)
+    def add_filters(self, filters: Iterable[Filter], *, first: bool = False) -> None:
+        """Add filters (all must pass; async ones are awaited), after the others or before them."""
+        added = [(f, _is_async_callable(f)) for f in filters]
+        if first:
+            self.filters[:0] = added
+        else:
+            self.filters.extend(added)
+        self.sync_filters = next(
+            (i for i, (_, is_async) in enumerate(self.filters) if is_async), len(self.filters)
+        )
 
     def __repr__(self) -> str:
         return f"Rule({self.name}, patterns={list(self.patterns)!r})"
@@ -129,8 +141,8 @@ class RuleRegistry:
         def decorator(handler: F) -> F:
             rules = getattr(handler, _RULES_ATTR, None)
             if rules:
-                for rule in rules:
-                    rule.add_filters(filters)
+                for rule in rules:  # applied after @on, yet written above it: runs first
+                    rule.add_filters(filters, first=True)
             else:
                 pending = getattr(handler, _PENDING_FILTERS, None)
                 if pending is None:
@@ -195,9 +207,10 @@ class RuleRegistry:
 
     def _rebuild(self, rules: list[Rule]) -> None:
         self._rules, self._exact, self._globs = [], {}, []
+        self._memo.clear()
         for rule in rules:
             new = self.add_rule(rule.handler, rule.patterns)
-            new.filters = rule.filters
+            new.add_filters(f for f, _ in rule.filters)
 
     # -- lookup ------------------------------------------------------------------------------
     @property

@@ -17,13 +17,33 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
 
 from krules.context import _current
+from krules.errors import TurnEndedError
 from krules.event_types import SUBJECT_DELETED, SUBJECT_PROPERTY_CHANGED, SUBJECT_PROPERTY_DELETED
 from storage.base import DELETE, Change, SubjectChanges, Update, decode, encode
 
 if TYPE_CHECKING:
     from krules.engine import Engine
+    from krules.turn import Turn
 
 __all__ = ["Subject"]
+
+
+_CONTAINERS: Final = (list, dict)
+
+
+def _changed(old: Any, new: Any) -> bool:
+    """Whether storing ``new`` over ``old`` changes the stored JSON (so an event must fire)."""
+    if type(new) is not type(old):  # 1, 1.0 and True are == in Python but not in JSON
+        return True
+    if new is old:  # the same list or dict set again: it may have been changed in place
+        return type(new) in _CONTAINERS
+    if new != old:
+        return True
+    return type(new) in _CONTAINERS and encode(new) != encode(old)  # [1] == [True]
+
+
+def _compose(outer: Callable[[Any], Any], inner: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    return lambda value: outer(inner(value))
 
 
 class _Missing:
@@ -39,7 +59,7 @@ _MISSING: Final = _Missing()
 class Subject:
     """A named entity with properties (reactive) and extended properties (silent metadata)."""
 
-    __slots__ = ("_changes", "_engine", "_ext", "_props", "_use_cache", "name")
+    __slots__ = ("_changes", "_engine", "_ext", "_props", "_turn", "_use_cache", "name")
 
     def __init__(self, name: str, engine: Engine, use_cache_default: bool = True) -> None:
         if not isinstance(name, str) or not name:
@@ -50,6 +70,7 @@ class Subject:
         self._props: dict[str, Any] | None = None
         self._ext: dict[str, Any] = {}
         self._changes: SubjectChanges | None = None
+        self._turn: Turn | None = None
 
     def __str__(self) -> str:
         return self.name
@@ -61,18 +82,55 @@ class Subject:
     async def _load(self) -> dict[str, Any]:
         props = self._props
         if props is None:
-            props, self._ext = await self._engine.storage.load(self.name)
-            self._props = props
+            loaded, ext = await self._engine.storage.load(self.name)
+            props = self._props
+            if props is None:  # else a concurrent handler loaded (and maybe wrote) meanwhile: keep that
+                props, self._props, self._ext = loaded, loaded, ext
         return props
 
     def _pending(self) -> SubjectChanges:
+        ctx = _current.get()
+        if ctx is not None:
+            turn = ctx.turn
+            if turn.closed:
+                raise TurnEndedError(
+                    f"Subject {self.name!r} was written after the turn of event {turn.root.id!r} ended; "
+                    "write from the handler itself, or emit an event from background work."
+                )
+            if turn is not self._turn:
+                turn.adopt(self)  # stored when that turn ends, wherever the object came from
+                self._turn = turn
         changes = self._changes
         if changes is None:
             changes = self._changes = SubjectChanges(self.name)
-            ctx = _current.get()
-            if ctx is not None:
-                ctx.turn.adopt(self)
         return changes
+
+    def take_changes(self) -> SubjectChanges | None:
+        """Hand the pending changes over for storing (writes made meanwhile start a new batch)."""
+        changes = self._changes
+        if not changes:
+            return None
+        self._changes = None
+        return changes
+
+    def restore_changes(self, changes: SubjectChanges) -> None:
+        """Put back changes whose store failed, beneath any write made since."""
+        newer = self._changes
+        if newer is None:
+            self._changes = changes
+            return
+        for older_section, newer_section in ((changes.props, newer.props), (changes.ext, newer.ext)):
+            for prop, older in older_section.items():
+                change = newer_section.get(prop)
+                if change is None:
+                    newer_section[prop] = older
+                elif type(change) is Update:
+                    if type(older) is Update:
+                        newer_section[prop] = Update(
+                            older.expected, _compose(change.fn, older.fn), change.value
+                        )
+                    else:  # the newer callable saw an absolute value: its result is absolute too
+                        newer_section[prop] = change.value
 
     @property
     def dirty(self) -> bool:
@@ -92,8 +150,7 @@ class Subject:
                 expected = None if old is _MISSING else encode(old, self.name, prop)
                 changes[prop] = Update(expected, fn, encoded)
             elif type(pending) is Update:
-                inner = pending.fn
-                changes[prop] = Update(pending.expected, lambda v: fn(inner(v)), encoded)
+                changes[prop] = Update(pending.expected, _compose(fn, pending.fn), encoded)
             else:  # after a plain write or a delete the result is absolute
                 changes[prop] = encoded
         else:
@@ -112,14 +169,17 @@ class Subject:
         section = None if changes is None else (changes.ext if ext else changes.props)
         if not section or prop not in section:
             return
-        change = section[prop]
+        change = section.pop(prop)
         single = (
             SubjectChanges(self.name, ext={prop: change})
             if ext
             else SubjectChanges(self.name, {prop: change})
         )
-        await self._engine.storage.store((single,))
-        del section[prop]
+        try:
+            await self._engine.storage.store((single,))
+        except BaseException:
+            self.restore_changes(single)
+            raise
 
     # -- ordinary properties -----------------------------------------------------------------
     async def get(self, prop: str, default: Any = _MISSING, use_cache: bool | None = None) -> Any:
@@ -169,11 +229,11 @@ class Subject:
             if self._props is not None:
                 self._props[prop] = new
                 self._forget_pending(prop, ext=False)
-            changed = not existed or new != old
+            changed = not existed or _changed(old, new)
         else:
             props = self._props if self._props is not None else await self._load()
             new, old = self._cached_write(props, self._pending().props, prop, value)
-            changed = old is _MISSING or new != old
+            changed = old is _MISSING or _changed(old, new)
             if old is _MISSING:
                 old = None
         if will_emit and changed:
@@ -320,22 +380,29 @@ class Subject:
 
     async def store(self) -> None:
         """Write the cached changes now (otherwise they are written when the turn ends)."""
-        changes = self._changes
-        if changes:
-            await self._engine.storage.store((changes,))
-            self.stored()
-
-    def stored(self) -> None:
-        """Called after the pending changes were written: take what the storage really wrote."""
-        changes = self._changes
+        changes = self.take_changes()
         if changes is None:
             return
-        self._changes = None
-        if self._props is not None:
-            for values, section in ((self._props, changes.props), (self._ext, changes.ext)):
-                for prop, change in section.items():
-                    if type(change) is Update:
-                        values[prop] = decode(change.value)
+        try:
+            await self._engine.storage.store((changes,))
+        except BaseException:
+            self.restore_changes(changes)
+            raise
+        self.stored(changes)
+
+    def stored(self, changes: SubjectChanges) -> None:
+        """Called after ``changes`` were written: cache what the storage really wrote for callables."""
+        props = self._props
+        if props is None:
+            return
+        newer = self._changes
+        for values, section, pending in (
+            (props, changes.props, newer.props if newer is not None else None),
+            (self._ext, changes.ext, newer.ext if newer is not None else None),
+        ):
+            for prop, change in section.items():
+                if type(change) is Update and not (pending and prop in pending):
+                    values[prop] = decode(change.value)
 
     def reload(self) -> None:
         """Drop the cache (and any unstored writes): the next read loads from storage."""

@@ -169,6 +169,7 @@ async def krules_app() -> AsyncIterator[KRulesTestApp]:
     """An isolated krules app on memory storage with a recorder and a fake clock."""
     app = KRulesTestApp()
     try:
-        yield app
+        with use_container(app.container):  # module-level on/emit/subject in the test reach this app
+            yield app
     finally:
         await app.close()

@@ -26,7 +26,7 @@ class HandlerFailure:
 class Turn:
     """The turn's subjects (one cached object per name), stored together when the turn ends."""
 
-    __slots__ = ("_others", "engine", "failures", "root", "subjects")
+    __slots__ = ("_others", "closed", "engine", "failures", "root", "subjects")
 
     def __init__(self, engine: Engine, root: Event) -> None:
         self.engine = engine
@@ -34,16 +34,19 @@ class Turn:
         self.subjects: dict[str, Subject] = {}
         self.failures: list[HandlerFailure] = []
         self._others: list[Subject] | None = None
+        self.closed = False
 
     def subject(self, name: str) -> Subject:
         """The turn's subject called ``name`` (created and cached on first use)."""
         subject = self.subjects.get(name)
         if subject is None:
             subject = self.subjects[name] = Subject(name, self.engine)
+            subject._turn = self
         return subject
 
     def adopt(self, subject: Subject) -> None:
         """Make a subject created elsewhere part of this turn, so its cached writes are stored too."""
+        subject._turn = self
         known = self.subjects.setdefault(subject.name, subject)
         if known is not subject:
             if self._others is None:
@@ -52,12 +55,22 @@ class Turn:
                 self._others.append(subject)
 
     async def commit(self) -> None:
-        """Store every touched subject's cached writes in one storage batch."""
-        dirty = [s for s in self.subjects.values() if s._changes]
+        """Close the turn and store every touched subject's cached writes in one storage batch.
+
+        If the store fails, the changes go back to their subjects and the error propagates.
+        """
+        self.closed = True
+        subjects = list(self.subjects.values())
         if self._others:
-            dirty.extend(s for s in self._others if s._changes)
-        if not dirty:
+            subjects.extend(self._others)
+        taken = [(s, c) for s in subjects if (c := s.take_changes()) is not None]
+        if not taken:
             return
-        await self.engine.storage.store([s._changes for s in dirty])  # type: ignore[misc]
-        for subject in dirty:
-            subject.stored()
+        try:
+            await self.engine.storage.store([c for _, c in taken])
+        except BaseException:
+            for subject, changes in taken:
+                subject.restore_changes(changes)
+            raise
+        for subject, changes in taken:
+            subject.stored(changes)

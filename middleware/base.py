@@ -47,9 +47,21 @@ def _layer(mw: Middleware, inner: Call) -> Call:
     return call
 
 
+def _attempt(handler: Call) -> Call:
+    # Each call of the innermost layer is one attempt of the handler: a middleware that calls next()
+    # again (a retry) makes the handler emit the same event ids as the first time.
+    def call(ctx: EventContext) -> Awaitable[Any]:
+        ctx.emitted = 0
+        return handler(ctx)
+
+    return call
+
+
 def build_chain(middlewares: Sequence[Middleware], handler: Call) -> Call:
     """Compose ``middlewares`` around ``handler``; the first in the sequence is the outermost."""
-    call = handler
+    if not middlewares:
+        return handler
+    call = _attempt(handler)
     for mw in reversed(middlewares):
         call = _layer(mw, call)
     return call

@@ -236,7 +236,57 @@ async def test_child_event_ids_are_deterministic_from_the_parent(krules_app: KRu
     await krules_app.emit("a", "s")
     (root,) = krules_app.recorder.of_type("a")
     ids = {e.type: e.id for e in krules_app.recorder.events}
-    assert ids == {"a": root.id, "b": f"{root.id}.1", "d": f"{root.id}.1.1", "c": f"{root.id}.2"}
+    key_a, key_b = (r.key for r in (krules_app.engine.registry.match(t)[0] for t in ("a", "b")))
+    assert ids == {
+        "a": root.id,
+        "b": f"{root.id}.{key_a}-1",
+        "d": f"{root.id}.{key_a}-1.{key_b}-1",
+        "c": f"{root.id}.{key_a}-2",
+    }
+
+
+async def test_child_ids_do_not_depend_on_how_concurrent_handlers_interleave() -> None:
+    async def run(slow: str) -> dict[str, str]:
+        async with KRulesTestApp() as app:
+
+            @app.on("tick")
+            async def first(ctx: EventContext) -> None:
+                if slow == "first":
+                    await asyncio.sleep(0.001)
+                await ctx.emit("from.first")
+
+            @app.on("tick")
+            async def second(ctx: EventContext) -> None:
+                if slow == "second":
+                    await asyncio.sleep(0.001)
+                await ctx.emit("from.second")
+
+            await app.engine.process(app.engine.new_event("tick", "s"))  # ids from the root "x-1"
+            return {e.type: e.id.split(".", 1)[1] for e in app.recorder.events if e.depth}
+
+    assert await run("first") == await run("second")
+
+
+async def test_a_retried_handler_call_re_emits_the_same_child_ids(krules_app: KRulesTestApp) -> None:
+    @krules_app.middleware
+    async def retry_once(ctx: EventContext, next: Any) -> None:
+        try:
+            await next()
+        except RuntimeError:
+            await next()
+
+    attempts: list[int] = []
+
+    @krules_app.on("job")
+    async def flaky(ctx: EventContext) -> None:
+        attempts.append(1)
+        await ctx.emit("job.step")
+        if len(attempts) == 1:
+            raise RuntimeError("first attempt fails after emitting")
+
+    await krules_app.emit("job", "s")
+    first, second = (e.id for e in krules_app.recorder.of_type("job.step"))
+    assert first == second
 
 
 async def test_emit_rejects_a_payload_that_is_not_a_dict(krules_app: KRulesTestApp) -> None:

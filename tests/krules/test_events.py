@@ -94,10 +94,16 @@ def test_root_ids_are_unique_per_instance_without_uuid4() -> None:
 
 def test_child_ids_derive_from_the_parent_and_stay_bounded() -> None:
     event = Event("t", "s", {}, "root", "src", 0.0)
-    first, second = event.child("t", "s", {}, 0.0, None), event.child("t", "s", {}, 0.0, None)
-    assert (first.id, second.id, first.depth, first.parent) == ("root.1", "root.2", 1, event)
+    first, second = event.child("t", "s", {}, 0.0, None, 1, "k"), event.child("t", "s", {}, 0.0, None, 2, "k")
+    assert (first.id, second.id, first.depth, first.parent) == ("root.k-1", "root.k-2", 1, event)
     deep = event
     for _ in range(100):
-        deep = deep.child("t", "s", {}, 0.0, None)
+        deep = deep.child("t", "s", {}, 0.0, None, 1, "abcdef")
     assert len(deep.id) <= 96
     assert deep.chain()[0] == "t(s)" and len(deep.chain()) == 101
+
+
+@pytest.mark.parametrize("time", ["2026-11-21", "2026-11-21T10:00:00", "yesterday"])
+def test_an_event_time_without_a_time_zone_is_refused(time: str) -> None:
+    with pytest.raises(EventFormatError, match="time zone"):
+        event_from_dict(structured(time=time))

@@ -104,8 +104,7 @@ def test_when_works_below_and_above_on_and_keeps_top_to_bottom_order() -> None:
     async def handler(ctx: Any) -> None: ...
 
     (rule,) = registry.match("x")
-    assert {f for f, _ in rule.filters} == {a, b, c}
-    assert [f for f, _ in rule.filters][:2] == [b, c]
+    assert [f for f, _ in rule.filters] == [a, b, c]
 
 
 def test_async_filters_are_recognised() -> None:
@@ -158,3 +157,32 @@ def test_lookup_cost_does_not_depend_on_non_matching_rules() -> None:
     first = registry.match("order.submitted")
     assert len(first) == 1
     assert registry.match("order.submitted") is first
+
+
+def test_cleared_or_removed_rules_no_longer_match() -> None:
+    registry = RuleRegistry()
+    registry.on("x")(noop)
+    assert registry.match("x")
+    registry.clear()
+    assert registry.match("x") == ()
+    registry.on("y")(noop)
+    assert registry.match("y")
+    registry.remove(noop)
+    assert registry.match("y") == ()
+
+
+def test_sync_filters_before_the_first_async_one_are_counted() -> None:
+    registry = RuleRegistry()
+
+    async def slow(ctx: Any) -> bool:
+        return True
+
+    def fast(ctx: Any) -> bool:
+        return True
+
+    async def handler(ctx: Any) -> None: ...
+
+    registry.when(fast)(registry.on("x")(registry.when(slow, fast)(handler)))
+    (rule,) = registry.match("x")
+    assert [f for f, _ in rule.filters] == [fast, slow, fast]
+    assert rule.sync_filters == 1

@@ -216,3 +216,31 @@ async def test_a_cached_write_followed_by_a_direct_callable_update_keeps_both(
 
     await krules_app.emit("x", "s")
     assert await krules_app.storage.load("s") == ({"n": 2}, {"e": 2})
+
+
+async def test_changes_json_sees_are_changes_even_when_python_says_equal(krules_app: KRulesTestApp) -> None:
+    s = krules_app.subject("s")
+    await s.set("flag", 1)
+    await s.set("flag", True)  # 1 == True in Python, not in JSON
+    await s.set("ratio", 1, use_cache=False)
+    await s.set("ratio", 1.0, use_cache=False)
+    await s.set("list", [1])
+    await s.set("list", [True])
+    values = [e.data["value"] for e in krules_app.recorder.of_type(SUBJECT_PROPERTY_CHANGED)]
+    assert values == [1, True, 1, 1.0, [1], [True]]
+
+
+async def test_a_list_changed_in_place_and_set_again_fires(krules_app: KRulesTestApp) -> None:
+    @krules_app.on("add")
+    async def add(ctx: EventContext) -> None:
+        items = await ctx.subject.get("items", default=[])
+        items.append(ctx.payload["item"])
+        await ctx.subject.set("items", items)
+
+    await krules_app.emit("add", "cart", {"item": "a"})
+    await krules_app.emit("add", "cart", {"item": "b"})
+    assert await krules_app.stored("cart") == {"items": ["a", "b"]}
+    assert [e.data["value"] for e in krules_app.recorder.of_type(SUBJECT_PROPERTY_CHANGED)] == [
+        ["a"],
+        ["a", "b"],
+    ]
