@@ -20,6 +20,7 @@ middleware chains) never come near Python's recursion limit; the loop guard stop
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import re
 from collections.abc import Awaitable, Callable
@@ -36,7 +37,6 @@ from krules.events import DEPTH_EXTENSION, Event, IdGenerator
 from krules.subject import Subject
 from krules.turn import HandlerFailure, Turn
 from middleware.base import SkipEvent
-from storage.base import encode
 
 if TYPE_CHECKING:
     from krules.rules import RuleRegistry
@@ -104,10 +104,18 @@ def _check_extensions(extensions: dict[str, Any]) -> dict[str, Any] | None:
     return extensions or None
 
 
+_SCALARS: Final = frozenset({str, int, float, bool, type(None)})
+
+
 def _check_json(event_type: str, payload: dict[str, Any]) -> dict[str, Any]:
+    for value in payload.values():  # flat payloads of scalars (the usual case) need no encoding
+        if value.__class__ not in _SCALARS or value != value:  # NaN is not JSON
+            break
+    else:
+        return payload
     try:
-        encode(payload)
-    except TypeError as exc:
+        json.dumps(payload, allow_nan=False)
+    except (TypeError, ValueError) as exc:
         raise EventFormatError(f"The payload of {event_type!r} is not JSON-serialisable: {exc}") from None
     return payload
 
