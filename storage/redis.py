@@ -4,17 +4,25 @@ The key layout is :mod:`storage.keys`; the scripts are ``storage/redis_*.lua``, 
 server (``SCRIPT LOAD`` on :meth:`RedisStorage.check` or on the first ``NOSCRIPT`` reply, e.g. after
 a restart) and run with ``EVALSHA``.
 
+A storage made from a URL sends everything on one auto-pipelined connection
+(:class:`storage.redis_connection.MultiplexedConnection`): the commands of concurrent turns issued
+in the same event-loop iteration go out in one write and share one round trip, so a busy instance
+pays far fewer round trips than the table below adds up to.  A client passed in is used as is.
+
 What each operation costs (round trips; commands as ``INFO commandstats`` counts them, including the
 ones a script makes)::
 
     load            1 round trip   HGETALL
-    store(batch)    1 round trip   one EVALSHA per partition touched, run as one pipeline; inside,
-                                   per subject: HMGET (only for callable updates), one HSET, one
-                                   HDEL (only when it deletes; + HLEN when it only deletes)
+    store(batch)    1 round trip   one EVALSHA per partition touched, sent together; inside, per
+                                   subject: HMGET (only for callable updates), one HSET, one HDEL
+                                   (only when it deletes; + HLEN when it only deletes)
     get             1              HGET
     set             1              EVALSHA (HGET + HSET)
     delete          1              EVALSHA (HGET + HDEL + HLEN; + HMGET when at most 2 fields remain)
-    update          2              HGET, then the store script on one subject (HMGET + HSET)
+    update          1 or 2         the store script on one subject (HMGET + HSET), betting on the
+                                   value this storage last stored there; the first update of a
+                                   property (or one whose callable fails on the bet) reads it with
+                                   HGET first, and a lost bet costs one more script call
     flush           1              DEL
     subjects        1 per SCAN page
 
@@ -34,8 +42,9 @@ finds its token and does not apply the callables a second time.
 Connection failures, timeouts, a server still loading its data and a read-only replica are retried
 with jittered exponential backoff, then reported as :class:`~krules.errors.StorageUnavailableError`
 naming the URL without its password; rejected credentials are a
-:class:`~krules.errors.ConfigurationError`.  The client this module creates from a URL does not
-retry on its own, so the retry policy is the one configured here.
+:class:`~krules.errors.ConfigurationError`.  The connection this module opens from a URL does not
+retry on its own, so the retry policy is the one configured here; ``socket_timeout`` bounds the wait
+for a reply.
 
 Limits: the changes of one partition are stored atomically, a batch spanning partitions is stored
 partition by partition (on a Redis Cluster they live in different slots).  Plain ``set``/``delete``
@@ -56,8 +65,6 @@ from typing import Any, Final, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 from redis.exceptions import (
     AuthenticationError,
     AuthenticationWrongNumberOfArgsError,
@@ -87,6 +94,12 @@ from storage.keys import (
     property_field,
 )
 from storage.lua import LuaScript, lua_script
+from storage.redis_connection import (
+    Arg,
+    ClientCommands,
+    ConnectionCommands,
+    RedisCommands,
+)
 
 __all__ = ["RedisStorage", "create_redis_storage"]
 
@@ -102,6 +115,7 @@ _CLAIM_LEASE_MS: Final = 250
 _CLAIM_BACKOFF: Final = 0.001
 _CLAIM_BACKOFF_CAP: Final = 0.05
 _SCAN_COUNT: Final = 1000
+_VALUES_KEPT: Final = 1024  # (subject, property) pairs whose last stored value update() remembers
 
 _CREDENTIAL_ERRORS: Final = (AuthenticationError, AuthenticationWrongNumberOfArgsError, AuthorizationError)
 # ConnectionError covers refused and dropped connections and BusyLoadingError (a restarted server
@@ -132,13 +146,15 @@ def create_redis_storage(
 ) -> RedisStorage:
     """Return a Redis subject storage; nothing is sent to the server before the first call.
 
-    ``url`` defaults to ``redis://127.0.0.1:6379/0``.  Pass ``client`` to use a client you built
-    (e.g. ``fakeredis.FakeAsyncRedis()``); it is not closed by :meth:`RedisStorage.close`, keeps its
-    own retry settings, and ``url`` then only names the server in messages.  ``partitions`` must be
-    the deployment's partition count: it decides the hash tag of every subject key.  ``retries``
-    bounds the retries of an operation that cannot reach the server (``retry_backoff`` doubling up
-    to ``retry_backoff_cap`` seconds, jittered); ``update_attempts`` bounds the compare-and-set
-    attempts of callable updates under contention.
+    ``url`` defaults to ``redis://127.0.0.1:6379/0``; the storage then opens one auto-pipelined
+    connection of its own, used from one event loop.  Pass ``client`` to use a client you built
+    (e.g. ``fakeredis.FakeAsyncRedis()``) instead; it is not closed by :meth:`RedisStorage.close`,
+    keeps its own retry settings and pool, and ``url`` then only names the server in messages.
+    ``partitions`` must be the deployment's partition count: it decides the hash tag of every
+    subject key.  ``retries`` bounds the retries of an operation that cannot reach the server
+    (``retry_backoff`` doubling up to ``retry_backoff_cap`` seconds, jittered); ``update_attempts``
+    bounds the compare-and-set attempts of callable updates under contention.  ``connect_timeout``
+    bounds connecting, ``socket_timeout`` the wait for a reply.
     """
     keys = KeySchema(key_prefix, partitions)
     _require_count("retries", retries, 0)
@@ -151,31 +167,26 @@ def create_redis_storage(
     ):
         if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
             raise ConfigurationError(f"{name} must be a positive number of seconds, not {value!r}.")
+    commands: RedisCommands
     if client is not None:
-        display = _redact(url) if url is not None else _describe_client(client)
-        owns_client = False
+        commands = ClientCommands(client)
+        display = _redact(url) if url is not None else commands.server_url()
     else:
         url = url if url is not None else "redis://127.0.0.1:6379/0"
         display = _redact(url)
         try:
-            client = aioredis.Redis.from_url(
-                url,
-                decode_responses=True,
-                retry=Retry(NoBackoff(), 0),
-                socket_connect_timeout=connect_timeout,
-                socket_timeout=socket_timeout,
+            commands = ConnectionCommands.from_url(
+                url, connect_timeout=connect_timeout, socket_timeout=socket_timeout
             )
         except ValueError as exc:
             raise ConfigurationError(
                 f"The Redis URL {display!r} is not valid ({_reason(exc)}); use "
                 "redis://[user:password@]host[:port][/db], rediss://... or unix:///path/to/socket."
             ) from None
-        owns_client = True
     return RedisStorage(
-        client,
+        commands,
         keys,
         url=display,
-        owns_client=owns_client,
         retries=retries,
         retry_backoff=retry_backoff,
         retry_backoff_cap=retry_backoff_cap,
@@ -188,11 +199,10 @@ class RedisStorage:
 
     def __init__(
         self,
-        client: aioredis.Redis,
+        commands: RedisCommands,
         keys: KeySchema,
         *,
         url: str,
-        owns_client: bool,
         retries: int,
         retry_backoff: float,
         retry_backoff_cap: float,
@@ -200,8 +210,7 @@ class RedisStorage:
     ) -> None:
         self.keys: Final = keys
         self.url: Final = url
-        self._client = client
-        self._owns_client = owns_client
+        self._commands = commands
         self._retries = retries
         self._retry_backoff = retry_backoff
         self._retry_backoff_cap = retry_backoff_cap
@@ -211,12 +220,13 @@ class RedisStorage:
         self._delete_script = lua_script("redis_delete")
         self._scripts = (self._store_script, self._set_script, self._delete_script)
         self._scripts_missing = False
+        self._last_values: dict[tuple[str, str], str | None] = {}
 
     # -- reads ---------------------------------------------------------------------------------
 
     async def load(self, name: str) -> tuple[dict[str, Any], dict[str, Any]]:
         key = self.keys.subject(name)
-        stored = await self._run(lambda: self._client.hgetall(key), "load subject %r", name)
+        stored = await self._run(partial(self._commands.hgetall, key), "load subject %r", name)
         props: dict[str, Any] = {}
         ext: dict[str, Any] = {}
         for raw_field, raw_value in stored.items():
@@ -229,7 +239,7 @@ class RedisStorage:
 
     async def get(self, name: str, prop: str, *, ext: bool = False) -> Any:
         key, field = self.keys.subject(name), property_field(prop, ext)
-        raw = await self._run(lambda: self._client.hget(key, field), "read subject %r", name)
+        raw = await self._run(partial(self._commands.hget, key, field), "read subject %r", name)
         if raw is None:
             raise KeyError(prop)
         return decode(raw)
@@ -241,7 +251,7 @@ class RedisStorage:
             found: set[str] = set()
             cursor = 0
             while True:
-                cursor, page = await self._client.scan(cursor, match=pattern, count=_SCAN_COUNT)
+                cursor, page = await self._commands.scan(cursor, pattern, _SCAN_COUNT)
                 for raw_key in page:
                     name = self.keys.subject_name(_text(raw_key))
                     if name is not None and name.startswith(prefix):
@@ -292,32 +302,52 @@ class RedisStorage:
     async def set(self, name: str, prop: str, value: str, *, ext: bool = False) -> tuple[bool, Any]:
         keys, args = [self.keys.subject(name)], [property_field(prop, ext), value]
         old = await self._run(lambda: self._eval(self._set_script, keys, args), "write subject %r", name)
+        self._refresh_remembered((keys[0], args[0]), value)
         return (old is not None, decode(old) if old is not None else None)
 
     async def update(
         self, name: str, prop: str, fn: Callable[[Any], Any], *, ext: bool = False
     ) -> tuple[Any, Any, bool]:
         key, field = self.keys.subject(name), property_field(prop, ext)
-        raw = await self._run(lambda: self._client.hget(key, field), "update subject %r", name)
+        read = partial(self._run, partial(self._commands.hget, key, field), "update subject %r", name)
+        # The first attempt bets on the value this storage last stored there, which saves the read
+        # whenever nobody else wrote since.  A lost bet is a compare-and-set that failed, whose
+        # reply carries the current value; a callable that fails on the bet gets a real read.
+        remembered = (key, field)
+        guessing = remembered in self._last_values
+        raw = self._last_values.get(remembered) if guessing else await read()
         token = os.urandom(_TOKEN_BYTES).hex()
-        waits = 0
-        for attempt in range(1, self._update_attempts + 1):
+        attempt = waits = 0
+        while attempt < self._update_attempts:
             old = decode(raw) if raw is not None else None
-            new = fn(old)
+            try:
+                new = fn(old)
+                value = encode(new, name, prop)
+            except Exception:
+                if not guessing:
+                    raise
+                guessing = False
+                raw = await read()
+                continue
+            if not guessing:
+                attempt += 1
             lease = _CLAIM_LEASE_MS if attempt > _CLAIM_AFTER else 0
             # One subject, one check, one set, no delete (see redis_store.lua).
-            args = [token, WRITE_TOKENS_FIELD, _TOKENS_KEPT, CLAIM_FIELD, lease, 1, 1, 0]
-            args += (field, _text(raw) if raw is not None else "", field, encode(new, name, prop))
+            args: list[Arg] = [token, WRITE_TOKENS_FIELD, _TOKENS_KEPT, CLAIM_FIELD, lease, 1, 1, 0]
+            args += (field, _text(raw) if raw is not None else "", field, value)
             reply = await self._run(
                 partial(self._eval, self._store_script, [key], args), "update subject %r", name
             )
+            guessing = False
             if reply[0] == _STORED:
+                self._remember(remembered, value)
                 return new, old, raw is not None
             if reply[0] == _CONFLICT:
                 raw = reply[1][2]
             else:
                 waits += 1
                 await _wait_for_claim(waits)
+        self._last_values.pop(remembered, None)
         raise UpdateConflictError(
             f"Updating property {prop!r} of subject {name!r} lost to concurrent writers "
             f"{self._update_attempts} times in a row; nothing was stored, and the contention on it "
@@ -329,11 +359,12 @@ class RedisStorage:
         old = await self._run(
             lambda: self._eval(self._delete_script, keys, args), "delete from subject %r", name
         )
+        self._refresh_remembered((keys[0], args[0]), None)
         return (old is not None, decode(old) if old is not None else None)
 
     async def flush(self, name: str) -> None:
         key = self.keys.subject(name)
-        await self._run(lambda: self._client.delete(key), "flush subject %r", name)
+        await self._run(partial(self._commands.delete, key), "flush subject %r", name)
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -341,22 +372,34 @@ class RedisStorage:
         """Ping the server and load the scripts; raise a one-sentence error saying what is wrong."""
 
         async def ping_and_load() -> None:
-            await self._client.ping()
+            await self._commands.ping()
             await self._load_scripts()
 
         await self._run(ping_and_load, "ping and load scripts")
 
     async def close(self) -> None:
-        """Close the connections this storage opened (a client passed in stays open)."""
-        if self._owns_client:
-            await self._client.aclose()
+        """Close the connection this storage opened (a client passed in stays open)."""
+        await self._commands.aclose()
 
     def __repr__(self) -> str:
         return f"RedisStorage(url={self.url!r}, keys={self.keys!r})"
 
     # -- plumbing ------------------------------------------------------------------------------
 
-    def _store_call(self, group: _Group, token: str, lease: int) -> tuple[list[str], list[Any]]:
+    def _remember(self, remembered: tuple[str, str], value: str) -> None:
+        """Keep the value an update stored, for the first bet of the next one (the latest 1,024)."""
+        values = self._last_values
+        values.pop(remembered, None)
+        values[remembered] = value
+        if len(values) > _VALUES_KEPT:
+            del values[next(iter(values))]
+
+    def _refresh_remembered(self, remembered: tuple[str, str], value: str | None) -> None:
+        """Keep a remembered value in step with a plain write of this storage (None: deleted)."""
+        if remembered in self._last_values:
+            self._last_values[remembered] = value
+
+    def _store_call(self, group: _Group, token: str, lease: int) -> tuple[list[str], list[Arg]]:
         """Return the keys and arguments of one store-script call (see ``redis_store.lua``)."""
         keys: list[str] = []
         body: list[Any] = []
@@ -385,28 +428,15 @@ class RedisStorage:
             token, lease = "", 0
         return keys, [token, WRITE_TOKENS_FIELD, _TOKENS_KEPT, CLAIM_FIELD, lease, *body]
 
-    async def _eval(self, script: LuaScript, keys: list[str], args: list[Any]) -> Any:
-        return await self._client.evalsha(script.sha, len(keys), *keys, *args)
+    async def _eval(self, script: LuaScript, keys: Sequence[str], args: Sequence[Arg]) -> Any:
+        return await self._commands.evalsha(script.sha, keys, args)
 
-    async def _eval_all(self, script: LuaScript, calls: list[tuple[list[str], list[Any]]]) -> list[_Reply]:
+    async def _eval_all(self, script: LuaScript, calls: list[tuple[list[str], list[Arg]]]) -> list[_Reply]:
         """Run ``script`` once per call, all in one round trip; raise the first error reply."""
-        if len(calls) == 1:
-            keys, args = calls[0]
-            return [await self._eval(script, keys, args)]
-        pipe = self._client.pipeline(transaction=False)
-        for keys, args in calls:
-            pipe.evalsha(script.sha, len(keys), *keys, *args)
-        replies = await pipe.execute(raise_on_error=False)
-        for reply in replies:
-            if isinstance(reply, Exception):
-                raise reply
-        return replies
+        return await self._commands.evalsha_many(script.sha, calls)
 
     async def _load_scripts(self) -> None:
-        pipe = self._client.pipeline(transaction=False)
-        for script in self._scripts:
-            pipe.script_load(script.source)
-        await pipe.execute()
+        await self._commands.load_scripts([script.source for script in self._scripts])
         self._scripts_missing = False
 
     async def _run(self, op: Callable[[], Awaitable[_T]], action: str, *details: object) -> _T:
@@ -528,11 +558,3 @@ def _redact(url: str) -> str:
     if parts.username:
         netloc = f"{parts.username}@{netloc}"
     return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
-
-
-def _describe_client(client: aioredis.Redis) -> str:
-    """Name the server a client passed in talks to, as a URL without credentials."""
-    kwargs = client.connection_pool.connection_kwargs
-    if kwargs.get("path"):
-        return f"unix://{kwargs['path']}"
-    return f"redis://{kwargs.get('host', 'localhost')}:{kwargs.get('port', 6379)}/{kwargs.get('db', 0)}"

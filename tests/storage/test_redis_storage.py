@@ -135,6 +135,61 @@ async def test_update_costs_one_hget_and_one_evalsha(storage: RedisStorage, raw:
     assert await command_calls(raw) == {"hget": 1, "evalsha": 1, "hmget": 1, "hset": 1}
 
 
+@pytest.mark.redis_server
+async def test_a_repeated_update_bets_on_its_last_value_and_costs_one_evalsha(
+    storage: RedisStorage, raw: aioredis.Redis
+) -> None:
+    await storage.update("c", "n", increment)
+    await raw.config_resetstat()
+
+    assert await storage.update("c", "n", increment) == (2, 1, True)
+
+    assert await command_calls(raw) == {"evalsha": 1, "hmget": 1, "hset": 1}
+
+
+@pytest.mark.redis_server
+async def test_plain_writes_of_the_same_storage_keep_the_next_update_to_one_evalsha(
+    storage: RedisStorage, raw: aioredis.Redis
+) -> None:
+    await storage.update("c", "n", increment)
+    await storage.set("c", "n", "10")
+    await raw.config_resetstat()
+    assert await storage.update("c", "n", increment) == (11, 10, True)
+    await storage.delete("c", "n")
+    assert await storage.update("c", "n", increment) == (1, None, False)
+
+    calls = await command_calls(raw)
+    assert (calls["evalsha"], calls.get("hget", 0)) == (3, 1)  # the delete script runs one HGET
+
+
+@pytest.mark.redis_server
+async def test_an_update_whose_bet_another_writer_spoilt_builds_on_the_stored_value(
+    storage: RedisStorage, raw: aioredis.Redis
+) -> None:
+    await storage.update("c", "n", increment)
+    await raw.hset(storage.keys.subject("c"), "p:n", "10")
+    await raw.config_resetstat()
+
+    assert await storage.update("c", "n", increment) == (11, 10, True)
+
+    # The lost bet's reply carried the stored value: no HGET, one more script call.
+    assert await command_calls(raw) == {"evalsha": 2, "hmget": 2, "hset": 1}
+
+
+@pytest.mark.redis_server
+async def test_a_callable_that_fails_on_a_spoilt_bet_runs_again_on_the_stored_value(
+    storage: RedisStorage, raw: aioredis.Redis
+) -> None:
+    await storage.update("c", "n", increment)
+    await raw.hset(storage.keys.subject("c"), "p:n", "5")
+
+    assert await storage.update("c", "n", lambda n: 12 // (n - 1)) == (3, 5, True)
+    await raw.hset(storage.keys.subject("c"), "p:n", "1")
+    with pytest.raises(ZeroDivisionError):
+        await storage.update("c", "n", lambda n: 12 // (n - 1))
+    assert await storage.get("c", "n") == 1
+
+
 # -- scripts and retries -----------------------------------------------------------------------
 
 
