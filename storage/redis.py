@@ -132,10 +132,11 @@ _Group = list[SubjectChanges]
 
 
 def create_redis_storage(
-    url: str | None = None,
+    url: str | aioredis.Redis | None = None,
     key_prefix: str = "krules:",
     *,
     client: aioredis.Redis | None = None,
+    redis_prefix: str | None = None,
     partitions: int = 1,
     retries: int = 8,
     retry_backoff: float = 0.05,
@@ -155,7 +156,16 @@ def create_redis_storage(
     (``retry_backoff`` doubling up to ``retry_backoff_cap`` seconds, jittered); ``update_attempts``
     bounds the compare-and-set attempts of callable updates under contention.  ``connect_timeout``
     bounds connecting, ``socket_timeout`` the wait for a reply.
+
+    For rule modules ported from KRules, ``create_redis_storage(redis_client, redis_prefix="app:")``
+    works too: a client passed first is taken as ``client``, ``redis_prefix`` as ``key_prefix``.
     """
+    if url is not None and not isinstance(url, str):
+        if client is not None:
+            raise ConfigurationError("Pass the Redis client either first or as client=..., not both.")
+        url, client = None, url
+    if redis_prefix is not None:
+        key_prefix = redis_prefix
     keys = KeySchema(key_prefix, partitions)
     _require_count("retries", retries, 0)
     _require_count("update_attempts", update_attempts, 1)

@@ -328,3 +328,13 @@ async def test_the_storage_names_its_server_without_the_password() -> None:
     assert storage.url == "redis://alice@127.0.0.1:6390/2"
     assert "s3cret" not in repr(storage)
     await storage.close()
+
+
+async def test_the_krules_call_with_a_client_first_and_redis_prefix_still_works() -> None:
+    client = fakeredis.FakeAsyncRedis()
+    storage = create_redis_storage(client, redis_prefix="ported:")
+    await storage.set("user-1", "name", '"Ada"')
+    assert await storage.get("user-1", "name") == "Ada"
+    assert await client.keys("ported:*")
+    await storage.close()
+    await client.aclose()
