@@ -83,8 +83,12 @@ class Admission:
 
     def leave(self, subject: str) -> None:
         """Give the slot and the lane to whoever waits next."""
-        self._leave_slot()
-        self._leave_lane(subject)
+        slot_waiters = self._slot_waiters
+        if not slot_waiters or not _hand_over(slot_waiters):
+            self._running -= 1
+        waiters = self._lanes.get(subject)
+        if not waiters or not _hand_over(waiters):
+            del self._lanes[subject]
 
     def _leave_slot(self) -> None:
         if not _hand_over(self._slot_waiters):

@@ -147,6 +147,7 @@ class Engine:
         self._max_depth = self.settings.max_cascade_depth
         self._source = self.settings.source
         self._admission = Admission(self.settings.max_concurrent_turns)
+        self._memo = registry.memo  # read directly on the hot path; the registry fills and clears it
         self._inflight = 0
         self._idle: asyncio.Event | None = None
         self._closed = False
@@ -196,8 +197,11 @@ class Engine:
             return self.emit_child(ctx, event_type, payload, subject, extensions)
         if event_type.__class__ is not str or not event_type:
             raise EventFormatError(f"An event type must be a non-empty string, not {event_type!r}.")
-        name, subject_obj = _subject_name(subject)
-        data = _check_json(event_type, _check_payload(payload))  # a root event crosses a boundary
+        if subject.__class__ is str and subject:
+            name, subject_obj = subject, None
+        else:
+            name, subject_obj = _subject_name(subject)
+        data = _check_json(event_type, payload if payload.__class__ is dict else _check_payload(payload))
         event = self.new_event(event_type, name, data, _check_extensions(extensions) if extensions else None)
         return self.process(event, subject_obj)
 
@@ -235,25 +239,48 @@ class Engine:
         parent = ctx._event
         if parent.depth >= self._max_depth:
             raise CascadeDepthExceeded(self._max_depth, [*parent.chain(), f"{event_type}({name})"])
-        child = ctx.child_event(
-            event_type, name, payload, self._now(), _check_extensions(extensions) if extensions else None
+        # ctx.child_event, inlined (hot path)
+        ctx.emitted = seq = ctx.emitted + 1
+        child = Event(
+            event_type,
+            name,
+            payload,
+            None,
+            self._source,
+            self._now(),
+            parent.depth + 1,
+            parent,
+            _check_extensions(extensions) if extensions else None,
+            seq,
+            ctx.rule.key,
         )
         if child.depth % _BOUNCE_EVERY:
             return self._dispatch(child, turn, subject_obj, None)
         return asyncio.ensure_future(self._dispatch(child, turn, subject_obj, None))
 
-    def check_depth(self, subject: str, event_type: str) -> None:
-        """Raise CascadeDepthExceeded *before* a write whose event would pass the depth limit."""
+    def handler_context(self) -> EventContext | None:
+        """The context of the handler of this engine running in this task, if any."""
         ctx = _current.get()
-        if ctx is not None and ctx._event.depth >= self._max_depth and ctx._engine is self:
+        return ctx if ctx is not None and ctx._engine is self else None
+
+    def check_depth(self, subject: str, event_type: str, ctx: EventContext | None) -> None:
+        """Raise CascadeDepthExceeded *before* a write whose event would pass the depth limit."""
+        if ctx is not None and ctx._event.depth >= self._max_depth:
             raise CascadeDepthExceeded(self._max_depth, [*ctx._event.chain(), f"{event_type}({subject})"])
 
     def emit_change(
-        self, subject: Subject, event_type: str, data: dict[str, Any], extra: dict[str, Any] | None
+        self,
+        subject: Subject,
+        event_type: str,
+        data: dict[str, Any],
+        extra: dict[str, Any] | None,
+        ctx: EventContext | None,
     ) -> Awaitable[Any]:
-        """Dispatch a subject's own event (property changed/deleted) inline, with ``ctx.subject`` = it."""
-        ctx = _current.get()
-        if ctx is None or ctx._engine is not self:
+        """Dispatch a subject's own event (property changed/deleted) inline, with ``ctx.subject`` = it.
+
+        ``ctx`` is :meth:`handler_context`: the handler whose write caused it, or None (a new turn).
+        """
+        if ctx is None:
             return self.process(self.new_event(event_type, subject.name, data), subject, extra)
         turn = ctx.turn
         if turn.closed:
@@ -283,7 +310,9 @@ class Engine:
                 if subject is not None:
                     turn.adopt(subject)
                 await self._dispatch(event, turn, subject, extra)
-                await turn.commit()
+                taken = turn.close()
+                if taken:
+                    await turn.commit(taken)
                 return turn
             finally:
                 admission.leave(name)
@@ -306,7 +335,9 @@ class Engine:
         if self.event_observers:
             for observe in self.event_observers:
                 observe(event)
-        rules = self.registry.match(event.type)
+        rules = self._memo.get(event.type)
+        if rules is None:
+            rules = self.registry.match(event.type)
         if not rules:
             return
         if subject is None:

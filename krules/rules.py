@@ -219,6 +219,11 @@ class RuleRegistry:
         return tuple(self._rules)
 
     @property
+    def memo(self) -> dict[str, tuple[Rule, ...]]:
+        """Event type -> matching rules, as computed so far (cleared whenever rules change)."""
+        return self._memo
+
+    @property
     def middlewares(self) -> tuple[Middleware, ...]:
         """Registered middleware, outermost first."""
         return tuple(self._middleware)

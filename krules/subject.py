@@ -22,6 +22,7 @@ from krules.event_types import SUBJECT_DELETED, SUBJECT_PROPERTY_CHANGED, SUBJEC
 from storage.base import DELETE, Change, SubjectChanges, Update, decode, encode
 
 if TYPE_CHECKING:
+    from krules.context import EventContext
     from krules.engine import Engine
     from krules.turn import Turn
 
@@ -88,8 +89,7 @@ class Subject:
                 props, self._props, self._ext = loaded, loaded, ext
         return props
 
-    def _pending(self) -> SubjectChanges:
-        ctx = _current.get()
+    def _pending(self, ctx: EventContext | None) -> SubjectChanges:
         if ctx is not None:
             turn = ctx.turn
             if turn.closed:
@@ -215,9 +215,13 @@ class Subject:
         Fires ``subject-property-changed`` inline when the value changed and ``muted`` is False.
         ``old`` is None when the property did not exist.
         """
+        engine = self._engine
+        ctx = _current.get()  # engine.handler_context(), inlined: every set pays for it
+        if ctx is not None and ctx._engine is not engine:
+            ctx = None
         will_emit = not muted
-        if will_emit:
-            self._engine.check_depth(self.name, SUBJECT_PROPERTY_CHANGED)
+        if will_emit and ctx is not None and ctx._event.depth >= engine._max_depth:
+            engine.check_depth(self.name, SUBJECT_PROPERTY_CHANGED, ctx)
         if use_cache is False or (use_cache is None and not self._use_cache):
             storage = self._engine.storage
             if callable(value):
@@ -232,13 +236,17 @@ class Subject:
             changed = not existed or _changed(old, new)
         else:
             props = self._props if self._props is not None else await self._load()
-            new, old = self._cached_write(props, self._pending().props, prop, value)
+            new, old = self._cached_write(props, self._pending(ctx).props, prop, value)
             changed = old is _MISSING or _changed(old, new)
             if old is _MISSING:
                 old = None
         if will_emit and changed:
             await self._engine.emit_change(
-                self, SUBJECT_PROPERTY_CHANGED, {"property_name": prop, "old_value": old, "value": new}, extra
+                self,
+                SUBJECT_PROPERTY_CHANGED,
+                {"property_name": prop, "old_value": old, "value": new},
+                extra,
+                ctx,
             )
         return new, old
 
@@ -250,8 +258,9 @@ class Subject:
         use_cache: bool | None = None,
     ) -> None:
         """Delete a property (``AttributeError`` if missing); fires ``subject-property-deleted``."""
+        ctx = self._engine.handler_context()
         if not muted:
-            self._engine.check_depth(self.name, SUBJECT_PROPERTY_DELETED)
+            self._engine.check_depth(self.name, SUBJECT_PROPERTY_DELETED, ctx)
         if use_cache is False or (use_cache is None and not self._use_cache):
             existed, old = await self._engine.storage.delete(self.name, prop)
             if not existed:
@@ -264,10 +273,10 @@ class Subject:
             if prop not in props:
                 raise AttributeError(f"Subject {self.name!r} has no property {prop!r}.")
             old = props.pop(prop)
-            self._pending().props[prop] = DELETE
+            self._pending(ctx).props[prop] = DELETE
         if not muted:
             await self._engine.emit_change(
-                self, SUBJECT_PROPERTY_DELETED, {"property_name": prop, "old_value": old}, extra
+                self, SUBJECT_PROPERTY_DELETED, {"property_name": prop, "old_value": old}, extra, ctx
             )
 
     async def has(self, prop: str, use_cache: bool | None = None) -> bool:
@@ -327,7 +336,9 @@ class Subject:
             return new, old
         if self._props is None:
             await self._load()
-        new, old = self._cached_write(self._ext, self._pending().ext, prop, value)
+        new, old = self._cached_write(
+            self._ext, self._pending(self._engine.handler_context()).ext, prop, value
+        )
         return new, (None if old is _MISSING else old)
 
     async def delete_ext(self, prop: str, use_cache: bool | None = None) -> None:
@@ -345,7 +356,7 @@ class Subject:
         if prop not in self._ext:
             raise AttributeError(f"Subject {self.name!r} has no extended property {prop!r}.")
         del self._ext[prop]
-        self._pending().ext[prop] = DELETE
+        self._pending(self._engine.handler_context()).ext[prop] = DELETE
 
     async def has_ext(self, prop: str, use_cache: bool | None = None) -> bool:
         """True when the extended property exists."""
@@ -414,11 +425,12 @@ class Subject:
         """Delete the subject: property-deleted for each property, then ``subject-deleted``."""
         props = dict(self._props if self._props is not None else await self._load())
         ext = dict(self._ext)
-        self._engine.check_depth(self.name, SUBJECT_DELETED)
+        ctx = self._engine.handler_context()
+        self._engine.check_depth(self.name, SUBJECT_DELETED, ctx)
         await self._engine.storage.flush(self.name)
         self._props, self._ext, self._changes = {}, {}, None
         for prop, value in props.items():
             await self._engine.emit_change(
-                self, SUBJECT_PROPERTY_DELETED, {"property_name": prop, "old_value": value}, None
+                self, SUBJECT_PROPERTY_DELETED, {"property_name": prop, "old_value": value}, None, ctx
             )
-        await self._engine.emit_change(self, SUBJECT_DELETED, {"props": props, "ext_props": ext}, None)
+        await self._engine.emit_change(self, SUBJECT_DELETED, {"props": props, "ext_props": ext}, None, ctx)

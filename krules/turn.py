@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from krules.subject import Subject
+from storage.base import SubjectChanges
 
 if TYPE_CHECKING:
     from krules.engine import Engine
@@ -54,16 +55,27 @@ class Turn:
             if subject not in self._others:
                 self._others.append(subject)
 
-    async def commit(self) -> None:
-        """Close the turn and store every touched subject's cached writes in one storage batch.
-
-        If the store fails, the changes go back to their subjects and the error propagates.
-        """
+    def close(self) -> list[tuple[Subject, SubjectChanges]]:
+        """End the turn: no more writes; hand over every touched subject's cached changes."""
         self.closed = True
-        subjects = list(self.subjects.values())
+        taken = []
+        for subject in self.subjects.values():
+            if subject._changes:
+                taken.append((subject, subject._changes))
+                subject._changes = None
         if self._others:
-            subjects.extend(self._others)
-        taken = [(s, c) for s in subjects if (c := s.take_changes()) is not None]
+            for subject in self._others:
+                changes = subject.take_changes()
+                if changes is not None:
+                    taken.append((subject, changes))
+        return taken
+
+    async def commit(self, taken: list[tuple[Subject, SubjectChanges]] | None = None) -> None:
+        """Close the turn (unless ``taken`` is what :meth:`close` returned) and store the changes in
+        one storage batch.  If the store fails, the changes go back to their subjects and the error
+        propagates."""
+        if taken is None:
+            taken = self.close()
         if not taken:
             return
         try:

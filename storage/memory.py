@@ -41,14 +41,18 @@ class MemoryStorage:
         # re-applied callable leaves the whole batch unapplied.
         for changes in batch:
             props, ext = self._subjects.get(changes.name, _NO_MAPS)
-            self._resolve(changes.name, changes.props, props)
-            self._resolve(changes.name, changes.ext, ext)
+            if changes.props:
+                self._resolve(changes.name, changes.props, props)
+            if changes.ext:
+                self._resolve(changes.name, changes.ext, ext)
         for changes in batch:
             maps = self._subjects.get(changes.name)
             if maps is None:
                 maps = self._subjects[changes.name] = ({}, {})
-            self._apply(changes.props, maps[0])
-            self._apply(changes.ext, maps[1])
+            if changes.props:
+                self._apply(changes.props, maps[0])
+            if changes.ext:
+                self._apply(changes.ext, maps[1])
             if not maps[0] and not maps[1]:
                 del self._subjects[changes.name]
 
