@@ -38,9 +38,11 @@ bench: $(STAMP) redis-server
 	$(PYTHON) -m venv .venv-krules
 	.venv-krules/bin/python -m pip install --quiet 'krules-framework==3.3.0'
 
-# Side-by-side with KRules 3.3 (installed from PyPI into its own virtual environment).
+# Side-by-side with KRules 3.3 (installed from PyPI into its own virtual environment): alternating
+# wall-clock runs, then instruction counts under valgrind (deterministic on a noisy machine).
 bench-compare: $(STAMP) .venv-krules/bin/python
 	$(BIN)/python -m bench.compare
+	@command -v valgrind >/dev/null 2>&1 && $(BIN)/python -m bench.instructions || echo "valgrind missing: instruction counts skipped"
 
 lint: $(STAMP)
 	$(BIN)/ruff check krules storage middleware rulesets tests bench
