@@ -23,27 +23,35 @@ except ImportError:  # pragma: no cover - depends on the interpreter
     )
 
 
+def register_cascade(container: Any, *, store_each: bool) -> Any:
+    """The rules of ``bench.order_cascade`` on a KRules container; returns its ``emit``."""
+    on, _, _, emit = container.handlers()
+
+    @on("order.submitted")
+    async def validate_order(ctx: Any) -> None:
+        if ctx.payload["total"] > 0:
+            await ctx.emit("order.validated")
+
+    @on("order.validated")
+    async def process_payment(ctx: Any) -> None:
+        await ctx.emit("payment.completed")
+
+    @on("payment.completed")
+    async def ship_order(ctx: Any) -> None:
+        await ctx.subject.set("status", "shipped")
+        if store_each:
+            await ctx.subject.store()
+        await ctx.emit("order.shipped")
+
+    return emit
+
+
 async def order_cascade() -> None:
     orders = max(1, int(20_000 * scale()))
 
     async def run() -> float:
         container = KRulesContainer()
-        on, _, _, emit = container.handlers()
-
-        @on("order.submitted")
-        async def validate_order(ctx: Any) -> None:
-            if ctx.payload["total"] > 0:
-                await ctx.emit("order.validated")
-
-        @on("order.validated")
-        async def process_payment(ctx: Any) -> None:
-            await ctx.emit("payment.completed")
-
-        @on("payment.completed")
-        async def ship_order(ctx: Any) -> None:
-            await ctx.subject.set("status", "shipped")
-            await ctx.emit("order.shipped")
-
+        emit = register_cascade(container, store_each=False)
         started = time.perf_counter()
         for i in range(orders):
             await emit("order.submitted", container.subject(f"order-{i}"), {"total": 10})
@@ -144,23 +152,7 @@ async def redis_orders() -> None:
             client = aioredis.Redis.from_url(url)
             container = KRulesContainer()
             container.subject_storage.override(providers.Object(create_redis_storage(client, f"kr{runs}:")))
-            on, _, _, emit = container.handlers()
-
-            @on("order.submitted")
-            async def validate_order(ctx: Any) -> None:
-                if ctx.payload["total"] > 0:
-                    await ctx.emit("order.validated")
-
-            @on("order.validated")
-            async def process_payment(ctx: Any) -> None:
-                await ctx.emit("payment.completed")
-
-            @on("payment.completed")
-            async def ship_order(ctx: Any) -> None:
-                await ctx.subject.set("status", "shipped")
-                await ctx.subject.store()
-                await ctx.emit("order.shipped")
-
+            emit = register_cascade(container, store_each=True)
             await emit("order.submitted", container.subject("warm-up"), {"total": 1})
             stats = await probe.info("commandstats")
             before = sum(int(v["calls"]) for k, v in stats.items() if k != "cmdstat_info")
