@@ -33,7 +33,18 @@ def current_context() -> EventContext | None:
 class EventContext:
     """One handler call's view of an event (each matching handler gets its own context)."""
 
-    __slots__ = ("_engine", "_event", "_metadata", "emitted", "extra", "rule", "subject", "turn")
+    __slots__ = (
+        "_engine",
+        "_event",
+        "_metadata",
+        "emitted",
+        "event_type",
+        "extra",
+        "payload",
+        "rule",
+        "subject",
+        "turn",
+    )
 
     def __init__(
         self,
@@ -47,6 +58,11 @@ class EventContext:
         self._engine = engine
         self.turn = turn
         self._event = event
+        # plain attributes, not properties: nearly every handler reads them
+        self.event_type: str = event.type
+        """The CloudEvent ``type``."""
+        self.payload: dict[str, Any] = event.data
+        """The CloudEvent ``data`` (a JSON object)."""
         self.subject = subject
         self.rule = rule
         self.extra = extra
@@ -55,16 +71,6 @@ class EventContext:
         """Events emitted by this handler call so far (reset for each attempt of a retried call)."""
 
     # -- the event ---------------------------------------------------------------------------
-    @property
-    def event_type(self) -> str:
-        """The CloudEvent ``type``."""
-        return self._event.type
-
-    @property
-    def payload(self) -> dict[str, Any]:
-        """The CloudEvent ``data`` (a JSON object)."""
-        return self._event.data
-
     @property
     def event(self) -> CloudEvent:
         """The event as a ``cloudevents`` SDK object (built on demand)."""
