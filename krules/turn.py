@@ -60,8 +60,9 @@ class Turn:
         self.closed = True
         taken = []
         for subject in self.subjects.values():
-            if subject._changes:
-                taken.append((subject, subject._changes))
+            changes = subject._changes
+            if changes is not None:  # possibly empty: storing an empty batch entry writes nothing
+                taken.append((subject, changes))
                 subject._changes = None
         if self._others:
             for subject in self._others:

@@ -22,8 +22,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol, runtime_checkable
 
-from krules.errors import ValueNotSerializableError
-
 __all__ = [
     "DELETE",
     "Change",
@@ -82,14 +80,24 @@ class SubjectChanges:
 
 _encoder = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":"))
 _encode = _encoder.encode
+_encode_string: Final = json.encoder.encode_basestring  # what the encoder uses for str (ensure_ascii off)
 decode: Final = json.loads
 
 
 def encode(value: Any, subject: str = "?", prop: str = "?") -> str:
     """Encode ``value`` as compact JSON, or raise :class:`ValueNotSerializableError` naming the property."""
+    kind = value.__class__
+    if kind is str:  # the usual property values, without the encoder's Python-level dispatch
+        return _encode_string(value)
+    if kind is int:
+        return int.__repr__(value)
     try:
         return _encode(value)
     except (TypeError, ValueError) as exc:
+        # Imported here, not at the top: the core imports this protocol module, so a top-level
+        # import of the krules package from it would be a cycle when a backend is imported first.
+        from krules.errors import ValueNotSerializableError
+
         raise ValueNotSerializableError(
             f"Property {prop!r} of subject {subject!r} got {value!r} ({type(value).__name__}), which is "
             f"not JSON-serialisable ({exc}); store strings, numbers, booleans, None, lists or dicts."

@@ -75,3 +75,14 @@ def test_the_public_names_are_exported() -> None:
         "subject-property-deleted",
         "subject-deleted",
     )
+
+
+@pytest.mark.parametrize(
+    "module", ["storage.base", "storage.memory", "storage.redis", "krules.errors", "krules"]
+)
+def test_each_package_imports_first_in_a_fresh_interpreter(module: str) -> None:
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
