@@ -24,6 +24,13 @@ async def median_seconds(run: Callable[[], Awaitable[float]], repeats: int = REP
     return statistics.median([await run() for _ in range(repeats)])
 
 
+async def redis_commands(client: Any) -> int:
+    """Commands the server has run so far (``INFO commandstats``, script calls included), minus the
+    INFO and CONFIG calls of the measurement itself; ``client`` is any redis-py asyncio client."""
+    stats: dict[str, Any] = await client.info("commandstats")
+    return sum(int(v["calls"]) for k, v in stats.items() if k not in ("cmdstat_info", "cmdstat_config"))
+
+
 def scale() -> float:
     """BENCH_SCALE shrinks workloads for smoke runs (e.g. 0.05); 1.0 is the reported size."""
     value = float(os.environ.get("BENCH_SCALE", "1"))

@@ -13,7 +13,7 @@ import sys
 import time
 from typing import Any
 
-from bench._common import median_seconds, report, scale
+from bench._common import median_seconds, redis_commands, report, scale
 
 try:
     from krules_core.container import KRulesContainer  # type: ignore[import-not-found]
@@ -154,15 +154,12 @@ async def redis_orders() -> None:
             container.subject_storage.override(providers.Object(create_redis_storage(client, f"kr{runs}:")))
             emit = register_cascade(container, store_each=True)
             await emit("order.submitted", container.subject("warm-up"), {"total": 1})
-            stats = await probe.info("commandstats")
-            before = sum(int(v["calls"]) for k, v in stats.items() if k != "cmdstat_info")
+            before = await redis_commands(probe)
             started = time.perf_counter()
             for i in range(orders):
                 await emit("order.submitted", container.subject(f"order-{i}"), {"total": 10})
             elapsed = time.perf_counter() - started
-            stats = await probe.info("commandstats")
-            after = sum(int(v["calls"]) for k, v in stats.items() if k != "cmdstat_info")
-            counted.append((after - before - 1) / orders)
+            counted.append((await redis_commands(probe) - before) / orders)
             await client.aclose()
             return elapsed
 

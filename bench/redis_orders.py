@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any
 
 import redis.asyncio as aioredis
 from dependency_injector import providers
 
 from bench import order_cascade
-from bench._common import median_seconds, report, scale
+from bench._common import median_seconds, redis_commands, report, scale
 from bench._redis import redis_url
 from krules import KRulesContainer
 from storage.redis import create_redis_storage
@@ -28,11 +27,6 @@ def build(url: str, prefix: str) -> KRulesContainer:
     container = KRulesContainer()
     container.subject_storage.override(providers.Object(create_redis_storage(url=url, key_prefix=prefix)))
     return order_cascade.build(container, store_each=True)
-
-
-async def commands(client: aioredis.Redis) -> int:
-    stats: dict[str, Any] = await client.info("commandstats")
-    return sum(int(v["calls"]) for k, v in stats.items() if k not in ("cmdstat_info", "cmdstat_config"))
 
 
 async def main() -> None:
@@ -49,12 +43,12 @@ async def main() -> None:
             engine = container.engine()
             await engine.start()
             await engine.emit("order.submitted", "warm-up", {"total": 1})  # scripts loaded, pool warm
-            before = await commands(probe)
+            before = await redis_commands(probe)
             started = time.perf_counter()
             for i in range(orders):
                 await engine.emit("order.submitted", f"order-{i}", {"total": 10})
             elapsed = time.perf_counter() - started
-            counted.append((await commands(probe) - before) / orders)
+            counted.append((await redis_commands(probe) - before) / orders)
             stored = await container.subject_storage().get(f"order-{orders - 1}", "status")
             if stored != "shipped":
                 raise SystemExit(f"the last order was not stored as shipped: {stored!r}")
