@@ -37,6 +37,7 @@ class EventContext:
         "_engine",
         "_event",
         "_metadata",
+        "emit_extensions",
         "emitted",
         "event_type",
         "extra",
@@ -69,6 +70,9 @@ class EventContext:
         self._metadata: dict[str, Any] | None = None
         self.emitted = 0
         """Events emitted by this handler call so far (reset for each attempt of a retried call)."""
+        self.emit_extensions: dict[str, Any] | None = None
+        """CloudEvents extensions every event this handler call emits carries (set by middleware,
+        e.g. tracing's ``traceparent``); an extension given to ``emit`` itself wins."""
 
     # -- the event ---------------------------------------------------------------------------
     @property
@@ -152,6 +156,8 @@ class EventContext:
         self.emitted = seq = self.emitted + 1
         parent = self._event
         rule = self.rule
+        if self.emit_extensions is not None:
+            extensions = {**self.emit_extensions, **extensions} if extensions else self.emit_extensions
         return Event(
             event_type,
             subject,

@@ -241,6 +241,9 @@ class Engine:
             raise CascadeDepthExceeded(self._max_depth, [*parent.chain(), f"{event_type}({name})"])
         # ctx.child_event, inlined (hot path)
         ctx.emitted = seq = ctx.emitted + 1
+        extensions = _check_extensions(extensions) if extensions else None
+        if ctx.emit_extensions is not None:
+            extensions = {**ctx.emit_extensions, **extensions} if extensions else ctx.emit_extensions
         child = Event(
             event_type,
             name,
@@ -250,7 +253,7 @@ class Engine:
             self._now(),
             parent.depth + 1,
             parent,
-            _check_extensions(extensions) if extensions else None,
+            extensions,
             seq,
             ctx.rule.key,
         )

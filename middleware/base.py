@@ -7,19 +7,37 @@ outermost, and everything runs in the handler's own task, so context variables a
 set by an outer middleware are visible inside.
 
 Raising :class:`SkipEvent` from a middleware (or handler) ends that handler call quietly: it is not
-a failure.  Any other exception is a failure of the handler call and is reported by the engine.
+a failure.  Raising :class:`DeadLetterEvent` fails it at once with a reason (a known-bad event, an
+open circuit): it is never retried.  Any other exception is a failure of the handler call and is
+reported by the engine.
+
+Middleware share what they learn about a call through ``ctx.set_metadata``/``ctx.get_metadata``
+under the keys named here (e.g. the retry middleware records :data:`ATTEMPTS`, which the metrics,
+logging and dead-letter middleware read).
 """
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 if TYPE_CHECKING:
     from krules.context import EventContext
 
-__all__ = ["Call", "Middleware", "Next", "SkipEvent", "build_chain", "default_middleware"]
+__all__ = [
+    "ATTEMPTS",
+    "Call",
+    "DeadLetterEvent",
+    "Middleware",
+    "Next",
+    "SkipEvent",
+    "build_chain",
+    "default_middleware",
+]
+
+ATTEMPTS: Final = "krules.attempts"
+"""Metadata key: how many times the handler was called for this event (set by the retry middleware)."""
 
 Next = Callable[[], Awaitable[None]]
 """What a middleware awaits to run the rest of the chain (and finally the handler)."""
@@ -36,6 +54,18 @@ class Middleware(Protocol):
 
 class SkipEvent(Exception):
     """Raised by a middleware or handler to stop this handler call without counting it as failed."""
+
+
+class DeadLetterEvent(Exception):
+    """Raised by a handler or middleware to dead-letter the event at once, without retrying.
+
+    ``reason`` is a short machine-readable word recorded with the dead letter (``rejected`` by
+    default; the circuit breaker uses ``circuit_open``); the message says why in one sentence.
+    """
+
+    def __init__(self, message: str, reason: str = "rejected") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 def _layer(mw: Middleware, inner: Call) -> Call:
