@@ -8,6 +8,7 @@ from dataclasses import dataclass, fields, replace
 from typing import Any
 
 from krules.errors import ConfigurationError
+from krules.partitioning import parse_partition_ids
 
 __all__ = ["Settings"]
 
@@ -43,6 +44,22 @@ def _optional_text(var: str, raw: str) -> str | None:
     return raw or None
 
 
+def _partition_spec(var: str, raw: str) -> str:
+    if not raw.strip():
+        raise ConfigurationError(f"{var} is empty; give a partition id, a list like 0,2, or all.")
+    parse_partition_ids(raw, 16_384, var)  # the syntax; the range is checked against KRULES_PARTITIONS
+    return raw.strip()
+
+
+def _consumer(var: str, raw: str) -> str | None:
+    name = raw.strip()
+    if name and not all(c.isalnum() or c in "-_.:@" for c in name):
+        raise ConfigurationError(
+            f"{var}={raw!r} is not a usable consumer name; use letters, digits and - _ . : @."
+        )
+    return name or None
+
+
 def _log_level(var: str, raw: str) -> str:
     level = raw.strip().upper()
     if level not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
@@ -64,8 +81,20 @@ class Settings:
     redis_url: str | None = None
     key_prefix: str = "krules:"
     partitions: int = 1
+    partition_id: str = "all"
+    consumer: str | None = None
+    stream_batch: int = 100
+    stream_block_ms: int = 1000
+    claim_idle_ms: int = 30_000
+    max_deliveries: int = 5
+    dedupe_window: int = 3600
     log_level: str = "INFO"
     log_json: bool = False
+
+    @property
+    def owned_partitions(self) -> tuple[int, ...]:
+        """The partitions this instance reads (``partition_id`` parsed against ``partitions``)."""
+        return parse_partition_ids(self.partition_id, self.partitions)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -77,8 +106,12 @@ class Settings:
             raw = env.get(var)
             if raw is not None:
                 values[f.name] = _PARSERS[f.name](var, raw)
+        if "partition_id" not in values and env.get("PARTITION_ID") is not None:
+            values["partition_id"] = _partition_spec("PARTITION_ID", env["PARTITION_ID"])
         values.update({k: v for k, v in overrides.items() if v is not None})
-        return replace(cls(), **values)
+        settings = replace(cls(), **values)
+        settings.owned_partitions  # noqa: B018 - validates the spec against the partition count
+        return settings
 
 
 _PARSERS: dict[str, Callable[[str, str], Any]] = {
@@ -92,6 +125,13 @@ _PARSERS: dict[str, Callable[[str, str], Any]] = {
     "redis_url": _optional_text,
     "key_prefix": _text,
     "partitions": _int(1, 16_384),
+    "partition_id": _partition_spec,
+    "consumer": _consumer,
+    "stream_batch": _int(1, 10_000),
+    "stream_block_ms": _int(1, 60_000),
+    "claim_idle_ms": _int(100),
+    "max_deliveries": _int(1),
+    "dedupe_window": _int(1),
     "log_level": _log_level,
     "log_json": _bool,
 }

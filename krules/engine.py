@@ -11,7 +11,11 @@ per subject); turns for different subjects run concurrently up to ``max_concurre
 turn's cascade is over, the cached writes of every subject it touched are stored in one batch.
 
 A cascade that reaches another subject (``ctx.emit(..., subject="other")``) runs inline in the
-current turn, as in KRules: it does not wait for that subject's lane.
+current turn, as in KRules: it does not wait for that subject's lane.  In Redis mode (an engine
+with a ``transport``), an event emitted during a stream turn to a subject of *another partition*
+goes to that partition's stream instead, when the turn commits: its owner handles it, in order
+with the subject's other events, and drops it if a re-run of this turn sends it again (its id is
+derived from this event's, so it is the same).  Outside handlers, ``emit`` appends to the stream.
 
 Every ``_BOUNCE_EVERY`` levels a cascade continues in a fresh task, so deep cascades (and long
 middleware chains) never come near Python's recursion limit; the loop guard stops them first.
@@ -34,13 +38,15 @@ from krules.config import Settings
 from krules.context import EventContext, _current
 from krules.errors import CascadeDepthExceeded, EventFormatError, TurnEndedError
 from krules.events import DEPTH_EXTENSION, Event, IdGenerator
+from krules.partitioning import partition_of
 from krules.subject import Subject
 from krules.turn import HandlerFailure, Turn
 from middleware.base import SkipEvent
 
 if TYPE_CHECKING:
     from krules.rules import RuleRegistry
-    from storage.base import SubjectStorage
+    from krules.transport import EventTransport
+    from storage.base import Receipt, SubjectStorage
 
 __all__ = ["Engine"]
 
@@ -120,6 +126,10 @@ def _check_json(event_type: str, payload: dict[str, Any]) -> dict[str, Any]:
     return payload
 
 
+async def _sent() -> None:
+    """What awaiting an event queued for another partition's stream comes to: nothing more."""
+
+
 def _turn_ended(turn: Turn, what: str) -> TurnEndedError:
     return TurnEndedError(
         f"{what} after the turn of event {turn.root.id!r} ended; emit from the handler itself, "
@@ -137,6 +147,7 @@ class Engine:
         settings: Settings | None = None,
         clock: Clock | None = None,
         ids: Callable[[], str] | None = None,
+        transport: EventTransport | None = None,
     ) -> None:
         self.registry = registry
         self.storage = storage
@@ -146,6 +157,9 @@ class Engine:
         self._ids = ids or IdGenerator()
         self._max_depth = self.settings.max_cascade_depth
         self._source = self.settings.source
+        self._partitions = self.settings.partitions
+        self.transport = transport
+        """Where root events go in Redis mode (the partition streams); None: processed here."""
         self._admission = Admission(self.settings.max_concurrent_turns)
         self._memo = registry.memo  # read directly on the hot path; the registry fills and clears it
         self._inflight = 0
@@ -203,6 +217,8 @@ class Engine:
             name, subject_obj = _subject_name(subject)
         data = _check_json(event_type, payload if payload.__class__ is dict else _check_payload(payload))
         event = self.new_event(event_type, name, data, _check_extensions(extensions) if extensions else None)
+        if self.transport is not None:
+            return self.transport.send([event])
         return self.process(event, subject_obj)
 
     def emit_child(
@@ -257,6 +273,14 @@ class Engine:
             seq,
             ctx.rule.key,
         )
+        receipt = turn.receipt
+        if (
+            receipt is not None
+            and subject is not None
+            and partition_of(name, self._partitions) != receipt.partition
+        ):
+            turn.outbox.append(child)  # to its partition's stream when the turn commits
+            return _sent()
         if child.depth % _BOUNCE_EVERY:
             return self._dispatch(child, turn, subject_obj, None)
         return asyncio.ensure_future(self._dispatch(child, turn, subject_obj, None))
@@ -295,12 +319,18 @@ class Engine:
 
     # -- turns -------------------------------------------------------------------------------
     async def process(
-        self, event: Event, subject: Subject | None = None, extra: dict[str, Any] | None = None
+        self,
+        event: Event,
+        subject: Subject | None = None,
+        extra: dict[str, Any] | None = None,
+        receipt: Receipt | None = None,
     ) -> Turn:
         """Run one root event as a turn: wait for its subject's lane, cascade, then store.
 
-        Raises a StorageError when the turn's writes cannot be stored (nothing of the turn is then
-        stored); handler failures do not raise, they are on ``turn.failures``.
+        With a ``receipt`` (an event taken from a partition stream) the end of the turn is a commit
+        that also marks the event processed and acknowledges its entry.  Raises a StorageError when
+        the turn's writes cannot be stored (nothing of the turn is then stored); handler failures
+        do not raise, they are on ``turn.failures``.
         """
         name = event.subject
         self._inflight += 1
@@ -309,12 +339,12 @@ class Engine:
             if not admission.enter_now(name):
                 await admission.enter(name)
             try:
-                turn = Turn(self, event)
+                turn = Turn(self, event, receipt)
                 if subject is not None:
                     turn.adopt(subject)
                 await self._dispatch(event, turn, subject, extra)
                 taken = turn.close()
-                if taken:
+                if taken or receipt is not None:
                     await turn.commit(taken)
                 return turn
             finally:

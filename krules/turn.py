@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from krules.subject import Subject
-from storage.base import SubjectChanges
+from storage.base import CommittingStorage, Receipt, SubjectChanges
 
 if TYPE_CHECKING:
     from krules.engine import Engine
@@ -25,17 +25,37 @@ class HandlerFailure:
 
 
 class Turn:
-    """The turn's subjects (one cached object per name), stored together when the turn ends."""
+    """The turn's subjects (one cached object per name), stored together when the turn ends.
 
-    __slots__ = ("_others", "closed", "engine", "failures", "root", "subjects")
+    A turn whose root event came from a partition stream has a ``receipt``: its end is a commit
+    that stores the writes, marks the event processed and acknowledges the entry at once, and the
+    events it emitted to subjects of other partitions (its ``outbox``) are appended to their
+    streams just before.
+    """
 
-    def __init__(self, engine: Engine, root: Event) -> None:
+    __slots__ = (
+        "_others",
+        "closed",
+        "committed",
+        "engine",
+        "failures",
+        "outbox",
+        "receipt",
+        "root",
+        "subjects",
+    )
+
+    def __init__(self, engine: Engine, root: Event, receipt: Receipt | None = None) -> None:
         self.engine = engine
         self.root = root
+        self.receipt = receipt
         self.subjects: dict[str, Subject] = {}
         self.failures: list[HandlerFailure] = []
+        self.outbox: list[Event] = []
         self._others: list[Subject] | None = None
         self.closed = False
+        self.committed = True
+        """False when the commit found the root event committed before (nothing was written)."""
 
     def subject(self, name: str) -> Subject:
         """The turn's subject called ``name`` (created and cached on first use)."""
@@ -73,14 +93,26 @@ class Turn:
 
     async def commit(self, taken: list[tuple[Subject, SubjectChanges]] | None = None) -> None:
         """Close the turn (unless ``taken`` is what :meth:`close` returned) and store the changes in
-        one storage batch.  If the store fails, the changes go back to their subjects and the error
-        propagates."""
+        one storage batch (a commit when the turn has a receipt).  If that fails, the changes go back
+        to their subjects and the error propagates."""
         if taken is None:
             taken = self.close()
-        if not taken:
+        receipt = self.receipt
+        if self.outbox:
+            transport = self.engine.transport
+            if transport is None:
+                raise RuntimeError("a turn has an outbox but its engine has no transport")
+            await transport.send(self.outbox)
+        if not taken and receipt is None:
             return
+        storage = self.engine.storage
         try:
-            await self.engine.storage.store([c for _, c in taken])
+            if receipt is None:
+                await storage.store([c for _, c in taken])
+            elif isinstance(storage, CommittingStorage):
+                self.committed = await storage.commit([c for _, c in taken], receipt)
+            else:
+                raise TypeError(f"{type(storage).__name__} cannot commit turns of stream events")
         except BaseException:
             for subject, changes in taken:
                 subject.restore_changes(changes)

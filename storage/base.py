@@ -25,6 +25,8 @@ from typing import Any, Final, Protocol, runtime_checkable
 __all__ = [
     "DELETE",
     "Change",
+    "CommittingStorage",
+    "Receipt",
     "SubjectChanges",
     "SubjectStorage",
     "Update",
@@ -153,3 +155,27 @@ class SubjectStorage(Protocol):
     async def close(self) -> None:
         """Release connections; the storage is not used afterwards."""
         ...
+
+
+@dataclass(frozen=True, slots=True)
+class Receipt:
+    """Where a turn's root event came from; committing the turn acknowledges it there."""
+
+    partition: int
+    """The partition whose stream delivered the event (the subject's partition)."""
+    event_id: str
+    """The event's id, recorded as processed by the commit."""
+    entry_id: str = ""
+    """The stream entry to acknowledge ('' when the event did not come from a stream)."""
+
+
+@runtime_checkable
+class CommittingStorage(SubjectStorage, Protocol):
+    """A storage that can commit a turn: its writes, "event processed" and the acknowledgement, at once."""
+
+    async def commit(self, batch: Sequence[SubjectChanges], receipt: Receipt) -> bool:
+        """Store a turn's changes and mark ``receipt``'s event processed and acknowledged, atomically
+        for the subjects of ``receipt.partition``; return False (writing nothing of that partition)
+        when the event had been committed before."""
+        ...
+

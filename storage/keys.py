@@ -6,12 +6,19 @@ subject, ``crc32(utf8(name)) % partitions`` (:func:`krules.partitioning.partitio
 Keys::
 
     <prefix>{p<p>}:s:<subject>   hash    one subject: its properties, extended properties and metadata
-    <prefix>{p<p>}:stream        stream  (reserved) the partition's event stream, one consumer group
-    <prefix>{p<p>}:processed     zset    (reserved) ids of events the partition has committed, scored by
-                                         commit time so the set can be trimmed by age
+    <prefix>{p<p>}:stream        stream  the partition's events, one entry per event (the entry format
+                                         is :mod:`krules.transport`'s), read by the consumer group
+                                         ``krules`` (:data:`CONSUMER_GROUP`)
+    <prefix>{p<p>}:processed     zset    ids of the events the partition has committed, scored by commit
+                                         time in ms, trimmed to the dedupe window
+    <prefix>{p<p>}:deadletter    stream  entries the partition could not process (invalid, delivered too
+                                         often, misrouted twice): the original fields plus ``reason``,
+                                         ``error``, ``deliveries``, ``stream_id`` and ``time``
     <prefix>{p<p>}:dlq           zset    (reserved) names of the partition's dead-letter subjects, scored
                                          by the time they failed
-    <prefix>partitions           string  (reserved) the partition count recorded on first start
+    <prefix>partitions           string  the partition count, recorded by the first instance started
+    <prefix>instances            hash    consumer name -> JSON ``{"partitions": [...], "seen": <ms>}``,
+                                         refreshed by each running instance (``krules partitions``)
 
 Every key of partition ``p`` carries the Redis Cluster hash tag ``{p<p>}``: a cluster hashes only
 the text between the first ``{`` and the next ``}``, so the subject hashes, the stream and the
@@ -44,6 +51,7 @@ from krules.partitioning import partition_of
 
 __all__ = [
     "CLAIM_FIELD",
+    "CONSUMER_GROUP",
     "EXTENDED_FIELD_PREFIX",
     "META_FIELD_PREFIX",
     "PROPERTY_FIELD_PREFIX",
@@ -60,6 +68,8 @@ META_FIELD_PREFIX: Final = "m:"
 WRITE_TOKENS_FIELD: Final = "m:w"
 CLAIM_FIELD: Final = "m:c"
 VERSION_FIELD: Final = "m:v"
+CONSUMER_GROUP: Final = "krules"
+"""The consumer group every partition stream is read by."""
 
 _SUBJECT_MARK: Final = ":s:"
 _GLOB_SPECIAL: Final = re.compile(r"([*?\[\]\\])")
@@ -130,19 +140,27 @@ class KeySchema:
         return key[end + 1 + len(_SUBJECT_MARK) :]
 
     def stream(self, partition: int) -> str:
-        """Return the key of ``partition``'s event stream (reserved)."""
+        """Return the key of ``partition``'s event stream."""
         return f"{self.prefix}{{p{partition}}}:stream"
 
     def processed(self, partition: int) -> str:
-        """Return the key of ``partition``'s processed-event-id set (reserved)."""
+        """Return the key of ``partition``'s processed-event-id set."""
         return f"{self.prefix}{{p{partition}}}:processed"
+
+    def dead_letter_stream(self, partition: int) -> str:
+        """Return the key of ``partition``'s dead-letter stream."""
+        return f"{self.prefix}{{p{partition}}}:deadletter"
+
+    def instances(self) -> str:
+        """Return the key of the hash of running instances and the partitions they own."""
+        return f"{self.prefix}instances"
 
     def dead_letters(self, partition: int) -> str:
         """Return the key of ``partition``'s dead-letter index (reserved)."""
         return f"{self.prefix}{{p{partition}}}:dlq"
 
     def partition_count(self) -> str:
-        """Return the key recording the partition count of the deployment (reserved)."""
+        """Return the key recording the partition count of the deployment."""
         return f"{self.prefix}partitions"
 
     def __repr__(self) -> str:

@@ -13,6 +13,8 @@ What each operation costs (round trips; commands as ``INFO commandstats`` counts
 ones a script makes)::
 
     load            1 round trip   HGETALL
+    commit(turn)    1 round trip   one EVALSHA: ZSCORE, the store below, ZADD, XACK (+ the other
+                                   partitions' writes first, as a store, when the turn made any)
     store(batch)    1 round trip   one EVALSHA per partition touched, sent together; inside, per
                                    subject: HMGET (only for callable updates), one HSET, one HDEL
                                    (only when it deletes; + HLEN when it only deletes)
@@ -46,6 +48,13 @@ naming the URL without its password; rejected credentials are a
 retry on its own, so the retry policy is the one configured here; ``socket_timeout`` bounds the wait
 for a reply.
 
+A turn's commit (:meth:`RedisStorage.commit`) is the same script with a commit header: if the
+partition's processed-id set already holds the event id it only acknowledges the stream entry;
+otherwise it writes the changes, adds the id (scored by commit time, trimmed to the dedupe window
+now and then) and acknowledges the entry, all at once.  Writes the turn made to subjects of other
+partitions are stored first, with a write token derived from the event id, so a turn re-run after
+a crash does not apply their callable updates twice.
+
 Limits: the changes of one partition are stored atomically, a batch spanning partitions is stored
 partition by partition (on a Redis Cluster they live in different slots).  Plain ``set``/``delete``
 calls retried after a lost reply are applied again, which is harmless for the stored value, but the
@@ -55,6 +64,7 @@ old value they report may then be their own first write.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import os
 import random
@@ -84,9 +94,10 @@ from krules.errors import (
     StorageUnavailableError,
     UpdateConflictError,
 )
-from storage.base import DELETE, Change, SubjectChanges, Update, decode, encode
+from storage.base import DELETE, Change, Receipt, SubjectChanges, Update, decode, encode
 from storage.keys import (
     CLAIM_FIELD,
+    CONSUMER_GROUP,
     EXTENDED_FIELD_PREFIX,
     PROPERTY_FIELD_PREFIX,
     WRITE_TOKENS_FIELD,
@@ -94,12 +105,8 @@ from storage.keys import (
     property_field,
 )
 from storage.lua import LuaScript, lua_script
-from storage.redis_connection import (
-    Arg,
-    ClientCommands,
-    ConnectionCommands,
-    RedisCommands,
-)
+from storage.redis_commands import ClientCommands, ConnectionCommands, RedisCommands
+from storage.redis_connection import Arg
 
 __all__ = ["RedisStorage", "create_redis_storage"]
 
@@ -116,6 +123,8 @@ _CLAIM_BACKOFF: Final = 0.001
 _CLAIM_BACKOFF_CAP: Final = 0.05
 _SCAN_COUNT: Final = 1000
 _VALUES_KEPT: Final = 1024  # (subject, property) pairs whose last stored value update() remembers
+_TRIM_EVERY: Final = 256  # commits between two trims of a partition's processed-id set
+_NO_COMMIT: Final = ("", "", "", 0)
 
 _CREDENTIAL_ERRORS: Final = (AuthenticationError, AuthenticationWrongNumberOfArgsError, AuthorizationError)
 # ConnectionError covers refused and dropped connections and BusyLoadingError (a restarted server
@@ -126,6 +135,7 @@ _TRANSIENT_ERRORS: Final = (RedisConnectionError, RedisTimeoutError, ReadOnlyErr
 _CONFLICT: Final = 0
 _STORED: Final = 1
 _CLAIMED: Final = 2
+_ALREADY_COMMITTED: Final = 3
 
 _Reply = list[Any]
 _Group = list[SubjectChanges]
@@ -144,6 +154,7 @@ def create_redis_storage(
     update_attempts: int = 50,
     connect_timeout: float = 5.0,
     socket_timeout: float = 30.0,
+    dedupe_window: float = 3600.0,
 ) -> RedisStorage:
     """Return a Redis subject storage; nothing is sent to the server before the first call.
 
@@ -155,7 +166,8 @@ def create_redis_storage(
     subject key.  ``retries`` bounds the retries of an operation that cannot reach the server
     (``retry_backoff`` doubling up to ``retry_backoff_cap`` seconds, jittered); ``update_attempts``
     bounds the compare-and-set attempts of callable updates under contention.  ``connect_timeout``
-    bounds connecting, ``socket_timeout`` the wait for a reply.
+    bounds connecting, ``socket_timeout`` the wait for a reply.  ``dedupe_window`` is how long (in
+    seconds) a partition remembers the ids of the events it committed, to drop re-deliveries.
 
     For rule modules ported from KRules, ``create_redis_storage(redis_client, redis_prefix="app:")``
     works too: a client passed first is taken as ``client``, ``redis_prefix`` as ``key_prefix``.
@@ -174,6 +186,7 @@ def create_redis_storage(
         ("retry_backoff_cap", retry_backoff_cap),
         ("connect_timeout", connect_timeout),
         ("socket_timeout", socket_timeout),
+        ("dedupe_window", dedupe_window),
     ):
         if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
             raise ConfigurationError(f"{name} must be a positive number of seconds, not {value!r}.")
@@ -201,6 +214,7 @@ def create_redis_storage(
         retry_backoff=retry_backoff,
         retry_backoff_cap=retry_backoff_cap,
         update_attempts=update_attempts,
+        dedupe_window=dedupe_window,
     )
 
 
@@ -217,8 +231,12 @@ class RedisStorage:
         retry_backoff: float,
         retry_backoff_cap: float,
         update_attempts: int,
+        dedupe_window: float = 3600.0,
     ) -> None:
         self.keys: Final = keys
+        self.commands: Final = commands
+        """The commands this storage sends (the stream transport sends its own on them too)."""
+        self.dedupe_window_ms: Final = int(dedupe_window * 1000)
         self.url: Final = url
         self._commands = commands
         self._retries = retries
@@ -228,9 +246,15 @@ class RedisStorage:
         self._store_script = lua_script("redis_store")
         self._set_script = lua_script("redis_set")
         self._delete_script = lua_script("redis_delete")
-        self._scripts = (self._store_script, self._set_script, self._delete_script)
+        self._scripts = (
+            self._store_script,
+            self._set_script,
+            self._delete_script,
+            lua_script("redis_dead_letter"),  # the stream transport's (storage.redis_streams)
+        )
         self._scripts_missing = False
         self._last_values: dict[tuple[str, str], str | None] = {}
+        self._commits = 0
 
     # -- reads ---------------------------------------------------------------------------------
 
@@ -274,18 +298,34 @@ class RedisStorage:
     # -- writes --------------------------------------------------------------------------------
 
     async def store(self, batch: Sequence[SubjectChanges]) -> None:
+        pending = list(self._by_partition(batch).values())
+        if pending:
+            await self._store_groups(pending, os.urandom(_TOKEN_BYTES).hex(), None)
+
+    async def commit(self, batch: Sequence[SubjectChanges], receipt: Receipt) -> bool:
+        """Commit a turn (see the module docstring); False when the event was committed before."""
+        groups = self._by_partition(batch)
+        own = groups.pop(receipt.partition, [])
+        if groups:
+            # Stored before the commit, with a token that is the same when the turn is re-run.
+            token = hashlib.blake2b(receipt.event_id.encode(), digest_size=_TOKEN_BYTES).hexdigest()
+            await self._store_groups(list(groups.values()), token, None)
+        return await self._store_groups([own], os.urandom(_TOKEN_BYTES).hex(), receipt)
+
+    def _by_partition(self, batch: Sequence[SubjectChanges]) -> dict[int, _Group]:
         by_partition: dict[int, _Group] = {}
         for changes in batch:
             if changes:
                 by_partition.setdefault(self.keys.partition(changes.name), []).append(changes)
-        pending = list(by_partition.values())
-        if not pending:
-            return
-        token = os.urandom(_TOKEN_BYTES).hex()
+        return by_partition
+
+    async def _store_groups(self, pending: list[_Group], token: str, receipt: Receipt | None) -> bool:
+        """Store each group (one partition's changes) with the store script, retrying conflicts."""
         waits = 0
+        fresh = True
         for attempt in range(1, self._update_attempts + 1):
             lease = _CLAIM_LEASE_MS if attempt > _CLAIM_AFTER else 0
-            calls = [self._store_call(group, token, lease) for group in pending]
+            calls = [self._store_call(group, token, lease, receipt) for group in pending]
             replies = await self._run(
                 partial(self._eval_all, self._store_script, calls),
                 "store subjects %r",
@@ -293,12 +333,16 @@ class RedisStorage:
             )
             unstored: list[_Group] = []
             for group, reply in zip(pending, replies, strict=True):
-                if reply[0] == _CONFLICT:
+                status = reply[0]
+                if status == _CONFLICT:
                     _reapply(group, reply[1:])
-                if reply[0] != _STORED:
+                elif status == _ALREADY_COMMITTED:
+                    fresh = False
+                    continue
+                if status != _STORED:
                     unstored.append(group)
             if not unstored:
-                return
+                return fresh
             if any(reply[0] == _CLAIMED for reply in replies):
                 waits += 1
                 await _wait_for_claim(waits)
@@ -343,7 +387,8 @@ class RedisStorage:
                 attempt += 1
             lease = _CLAIM_LEASE_MS if attempt > _CLAIM_AFTER else 0
             # One subject, one check, one set, no delete (see redis_store.lua).
-            args: list[Arg] = [token, WRITE_TOKENS_FIELD, _TOKENS_KEPT, CLAIM_FIELD, lease, 1, 1, 0]
+            args: list[Arg] = [token, WRITE_TOKENS_FIELD, _TOKENS_KEPT, CLAIM_FIELD, lease, *_NO_COMMIT]
+            args += (1, 1, 0)
             args += (field, _text(raw) if raw is not None else "", field, value)
             reply = await self._run(
                 partial(self._eval, self._store_script, [key], args), "update subject %r", name
@@ -394,6 +439,26 @@ class RedisStorage:
     def __repr__(self) -> str:
         return f"RedisStorage(url={self.url!r}, keys={self.keys!r})"
 
+    def with_partitions(self, partitions: int) -> RedisStorage:
+        """This storage's connection and settings, for a deployment of ``partitions`` partitions."""
+        return RedisStorage(
+            self.commands,
+            KeySchema(self.keys.prefix, partitions),
+            url=self.url,
+            retries=self._retries,
+            retry_backoff=self._retry_backoff,
+            retry_backoff_cap=self._retry_backoff_cap,
+            update_attempts=self._update_attempts,
+            dedupe_window=self.dedupe_window_ms / 1000,
+        )
+
+    async def run(self, op: Callable[[], Awaitable[_T]], action: str, *details: object) -> _T:
+        """Run ``op`` (commands of this storage's connection) with this storage's retries and errors.
+
+        ``action % details`` completes "could not ..." in an error message.
+        """
+        return await self._run(op, action, *details)
+
     # -- plumbing ------------------------------------------------------------------------------
 
     def _remember(self, remembered: tuple[str, str], value: str) -> None:
@@ -409,9 +474,18 @@ class RedisStorage:
         if remembered in self._last_values:
             self._last_values[remembered] = value
 
-    def _store_call(self, group: _Group, token: str, lease: int) -> tuple[list[str], list[Arg]]:
+    def _store_call(
+        self, group: _Group, token: str, lease: int, receipt: Receipt | None
+    ) -> tuple[list[str], list[Arg]]:
         """Return the keys and arguments of one store-script call (see ``redis_store.lua``)."""
         keys: list[str] = []
+        commit: tuple[Arg, ...] = _NO_COMMIT
+        if receipt is not None:
+            partition = receipt.partition
+            keys += (self.keys.processed(partition), self.keys.stream(partition))
+            self._commits += 1
+            window = self.dedupe_window_ms if self._commits % _TRIM_EVERY == 0 else 0
+            commit = (receipt.event_id, receipt.entry_id, CONSUMER_GROUP, window)
         body: list[Any] = []
         any_checks = False
         for changes in group:
@@ -436,7 +510,7 @@ class RedisStorage:
             body += (len(checks) // 2, len(sets) // 2, len(dels), *checks, *sets, *dels)
         if not any_checks:
             token, lease = "", 0
-        return keys, [token, WRITE_TOKENS_FIELD, _TOKENS_KEPT, CLAIM_FIELD, lease, *body]
+        return keys, [token, WRITE_TOKENS_FIELD, _TOKENS_KEPT, CLAIM_FIELD, lease, *commit, *body]
 
     async def _eval(self, script: LuaScript, keys: Sequence[str], args: Sequence[Arg]) -> Any:
         return await self._commands.evalsha(script.sha, keys, args)

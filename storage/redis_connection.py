@@ -23,9 +23,7 @@ table of error codes); the tests in ``tests/storage/test_redis_connection.py`` p
   the replies of the others stay in step.
 * Not for blocking commands or pub/sub: a slow reply holds back every reply queued behind it.
 
-:class:`RedisCommands` is the handful of commands the storage sends; :class:`ConnectionCommands`
-sends them on a :class:`MultiplexedConnection`, :class:`ClientCommands` on a redis-py (or
-fakeredis) client passed in by the user.
+The commands the storage sends over it are in :mod:`storage.redis_commands`.
 """
 
 from __future__ import annotations
@@ -33,25 +31,15 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from collections.abc import Callable, Sequence
-from typing import Any, Final, Protocol
+from typing import Any, Final
 
-import redis.asyncio as aioredis
 from redis._parsers import BaseParser
-from redis.asyncio.connection import AbstractConnection, parse_url
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
+from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import InvalidResponse, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-__all__ = [
-    "ClientCommands",
-    "ConnectionCommands",
-    "MultiplexedConnection",
-    "RedisCommands",
-    "pack_command",
-    "parse_reply",
-]
+__all__ = ["Arg", "Command", "MultiplexedConnection", "pack_command", "parse_reply"]
 
 Arg = str | bytes | int | float
 Command = Sequence[Arg]
@@ -360,163 +348,3 @@ class MultiplexedConnection:
             link.connection_lost(None)
         self._link = link
         return link
-
-
-# -- the commands the storage sends ------------------------------------------------------------
-
-
-class RedisCommands(Protocol):
-    """The commands the Redis storage sends; replies may carry ``bytes`` or ``str``."""
-
-    async def hgetall(self, key: str) -> dict[Any, Any]:
-        """``HGETALL``: the hash as a dict."""
-        ...
-
-    async def hget(self, key: str, field: str) -> Any:
-        """``HGET``: one field, or None."""
-        ...
-
-    async def evalsha(self, sha: str, keys: Sequence[str], args: Sequence[Arg]) -> Any:
-        """``EVALSHA``: run a loaded script; raise its error (``NoScriptError`` when not loaded)."""
-        ...
-
-    async def evalsha_many(self, sha: str, calls: Sequence[tuple[Sequence[str], Sequence[Arg]]]) -> list[Any]:
-        """Run a script once per ``(keys, args)`` in one round trip; raise the first error."""
-        ...
-
-    async def delete(self, key: str) -> None:
-        """``DEL`` one key."""
-        ...
-
-    async def scan(self, cursor: int, match: str, count: int) -> tuple[int, list[Any]]:
-        """``SCAN``: the next cursor and a page of keys."""
-        ...
-
-    async def load_scripts(self, sources: Sequence[str]) -> None:
-        """``SCRIPT LOAD`` each source, in one round trip."""
-        ...
-
-    async def ping(self) -> None:
-        """``PING``."""
-        ...
-
-    async def aclose(self) -> None:
-        """Release what these commands opened (a client passed in stays open)."""
-        ...
-
-
-class ConnectionCommands:
-    """The storage's commands on a :class:`MultiplexedConnection` (which this object owns)."""
-
-    def __init__(self, connection: MultiplexedConnection) -> None:
-        self.connection: Final = connection
-        self._execute = connection.execute
-
-    @classmethod
-    def from_url(cls, url: str, *, connect_timeout: float, socket_timeout: float) -> ConnectionCommands:
-        """Commands on a connection to ``url`` (opened on first use); ``ValueError`` for a bad URL.
-
-        Options in the URL's query string win over the timeouts given here, as with redis-py's
-        ``from_url``.  redis-py does not retry on its own: retrying is the storage's policy.
-        """
-        options: dict[str, Any] = {
-            "decode_responses": True,
-            "retry": Retry(NoBackoff(), 0),
-            "socket_connect_timeout": connect_timeout,
-            "socket_timeout": socket_timeout,
-        }
-        options.update(parse_url(url))
-        options["protocol"] = 2  # what _Link reads
-        # The pool only makes the connection (TLS, AUTH, SELECT as the URL says); it lends none.
-        pool = aioredis.ConnectionPool(**options)
-        return cls(MultiplexedConnection(pool.make_connection, reply_timeout=options["socket_timeout"]))
-
-    async def hgetall(self, key: str) -> dict[Any, Any]:
-        flat = await self._execute("HGETALL", key)
-        pairs = iter(flat)
-        return dict(zip(pairs, pairs, strict=True))
-
-    async def hget(self, key: str, field: str) -> Any:
-        return await self._execute("HGET", key, field)
-
-    async def evalsha(self, sha: str, keys: Sequence[str], args: Sequence[Arg]) -> Any:
-        return await self._execute("EVALSHA", sha, len(keys), *keys, *args)
-
-    async def evalsha_many(self, sha: str, calls: Sequence[tuple[Sequence[str], Sequence[Arg]]]) -> list[Any]:
-        if len(calls) == 1:
-            keys, args = calls[0]
-            return [await self.evalsha(sha, keys, args)]
-        return await self.connection.execute_many(
-            [("EVALSHA", sha, len(keys), *keys, *args) for keys, args in calls]
-        )
-
-    async def delete(self, key: str) -> None:
-        await self._execute("DEL", key)
-
-    async def scan(self, cursor: int, match: str, count: int) -> tuple[int, list[Any]]:
-        next_cursor, page = await self._execute("SCAN", cursor, "MATCH", match, "COUNT", count)
-        return int(next_cursor), page
-
-    async def load_scripts(self, sources: Sequence[str]) -> None:
-        await self.connection.execute_many([("SCRIPT", "LOAD", source) for source in sources])
-
-    async def ping(self) -> None:
-        await self._execute("PING")
-
-    async def aclose(self) -> None:
-        await self.connection.aclose()
-
-
-class ClientCommands:
-    """The storage's commands on a redis-py (or fakeredis) client, which stays the caller's."""
-
-    def __init__(self, client: aioredis.Redis) -> None:
-        self.client: Final = client
-
-    def server_url(self) -> str:
-        """Name the server the client talks to, as a URL without credentials."""
-        kwargs = self.client.connection_pool.connection_kwargs
-        if kwargs.get("path"):
-            return f"unix://{kwargs['path']}"
-        return f"redis://{kwargs.get('host', 'localhost')}:{kwargs.get('port', 6379)}/{kwargs.get('db', 0)}"
-
-    async def hgetall(self, key: str) -> dict[Any, Any]:
-        return await self.client.hgetall(key)
-
-    async def hget(self, key: str, field: str) -> Any:
-        return await self.client.hget(key, field)
-
-    async def evalsha(self, sha: str, keys: Sequence[str], args: Sequence[Arg]) -> Any:
-        return await self.client.evalsha(sha, len(keys), *keys, *args)
-
-    async def evalsha_many(self, sha: str, calls: Sequence[tuple[Sequence[str], Sequence[Arg]]]) -> list[Any]:
-        if len(calls) == 1:
-            keys, args = calls[0]
-            return [await self.evalsha(sha, keys, args)]
-        pipe = self.client.pipeline(transaction=False)
-        for keys, args in calls:
-            pipe.evalsha(sha, len(keys), *keys, *args)
-        replies: list[Any] = await pipe.execute(raise_on_error=False)
-        for reply in replies:
-            if isinstance(reply, Exception):
-                raise reply
-        return replies
-
-    async def delete(self, key: str) -> None:
-        await self.client.delete(key)
-
-    async def scan(self, cursor: int, match: str, count: int) -> tuple[int, list[Any]]:
-        next_cursor, page = await self.client.scan(cursor, match=match, count=count)
-        return int(next_cursor), list(page)
-
-    async def load_scripts(self, sources: Sequence[str]) -> None:
-        pipe = self.client.pipeline(transaction=False)
-        for source in sources:
-            pipe.script_load(source)
-        await pipe.execute()
-
-    async def ping(self) -> None:
-        await self.client.ping()
-
-    async def aclose(self) -> None:
-        return None

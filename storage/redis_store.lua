@@ -1,22 +1,31 @@
--- Store the pending changes of some subjects of one partition, all or nothing.
+-- Store the pending changes of some subjects of one partition, all or nothing; optionally as the
+-- commit of a turn: the same writes, plus "event processed" and the stream entry acknowledged.
 --
--- KEYS     the subject hashes (one partition, hence one cluster slot)
 -- ARGV[1]  the write token of this call, or '' when no change is a callable update
 -- ARGV[2]  the hash field keeping the latest write tokens (keys.WRITE_TOKENS_FIELD)
 -- ARGV[3]  how many tokens that field keeps
 -- ARGV[4]  the hash field of a writer's claim (keys.CLAIM_FIELD)
 -- ARGV[5]  0, or the claim lease in milliseconds: on a conflict, claim the conflicting subjects
--- then, for each key in order: nchecks, nsets, ndels, followed by
+-- ARGV[6]  '' for a plain store; for a commit, the id of the event whose turn this is
+-- ARGV[7]  commit: the stream entry to acknowledge, or ''
+-- ARGV[8]  commit: the consumer group
+-- ARGV[9]  commit: 0, or a window in ms: forget processed ids committed longer ago than that
+-- then, for each subject key in order: nchecks, nsets, ndels, followed by
 --   nchecks pairs (field, the JSON a callable update saw, or '' for "missing"),
 --   nsets pairs (field, JSON to store), and ndels fields to remove.
+-- KEYS     plain store: the subject hashes (one partition, hence one cluster slot);
+--          commit: the partition's processed-id set, its stream, then the subject hashes
 --
 -- Returns
---   {1}  the changes are stored, by this call or by an earlier one with the same token whose
---        reply was lost (so a retried write is never applied twice);
+--   {1}  the changes are stored (and, for a commit, the event marked processed and the entry
+--        acknowledged), by this call or by an earlier one with the same token whose reply was
+--        lost (so a retried write is never applied twice);
 --   {0, conflict, ...}  a checked field no longer holds what the callable saw: nothing is written,
---        and each conflict is {key index, field, current JSON or nil, field, current, ...};
+--        and each conflict is {subject index, field, current JSON or nil, field, current, ...};
 --   {2}  another writer holds an unexpired claim on a subject with callable updates: nothing is
---        written; retry after a pause.
+--        written; retry after a pause;
+--   {3}  commit only: the event was committed before (by another consumer, or by this commit
+--        whose reply was lost): nothing is written, the entry is acknowledged.
 -- A claim ('<token>:<expiry ms>') lets a writer that keeps losing compare-and-sets win the next
 -- one: it blocks other callable updates of the subject until it is used or expires.
 local unpack = unpack or table.unpack
@@ -26,6 +35,20 @@ local keep = tonumber(ARGV[3])
 local claim_field = ARGV[4]
 local lease = tonumber(ARGV[5])
 local width = #token
+local event_id = ARGV[6]
+local entry_id = ARGV[7]
+local group = ARGV[8]
+local window = tonumber(ARGV[9])
+local first = 1
+if event_id ~= '' then
+  first = 3
+  if redis.call('ZSCORE', KEYS[1], event_id) then
+    if entry_id ~= '' then
+      redis.call('XACK', KEYS[2], group, entry_id)
+    end
+    return { 3 }
+  end
+end
 local CHUNK = 1000 -- arguments per HSET/HDEL, far below Lua's unpack limit
 
 local now = false
@@ -53,8 +76,8 @@ end
 local plans = {}
 local conflicts = {}
 local blocked = false
-local pos = 6
-for k = 1, #KEYS do
+local pos = 10
+for k = first, #KEYS do
   local nchecks, nsets, ndels = tonumber(ARGV[pos]), tonumber(ARGV[pos + 1]), tonumber(ARGV[pos + 2])
   local checks = pos + 3
   local sets = checks + 2 * nchecks
@@ -82,7 +105,7 @@ for k = 1, #KEYS do
     for i = 1, nchecks do
       if (current[i] or '') ~= ARGV[checks + 2 * i - 1] then
         if not plan.conflict then
-          plan.conflict = { k }
+          plan.conflict = { k - first + 1 }
         end
         plan.conflict[#plan.conflict + 1] = fields[i]
         plan.conflict[#plan.conflict + 1] = current[i]
@@ -99,7 +122,7 @@ if blocked then
 end
 if #conflicts > 0 then
   if lease > 0 then
-    for k = 1, #KEYS do
+    for k = first, #KEYS do
       if plans[k].conflict then
         redis.call('HSET', KEYS[k], claim_field, token .. ':' .. (clock() + lease))
       end
@@ -109,7 +132,7 @@ if #conflicts > 0 then
 end
 
 -- Pass 2: write; one HSET and at most one HDEL per subject in the usual case.
-for k = 1, #KEYS do
+for k = first, #KEYS do
   local key, plan = KEYS[k], plans[k]
   local args = {}
   for i = plan.sets, plan.sets + 2 * plan.nsets - 1 do
@@ -149,6 +172,16 @@ for k = 1, #KEYS do
         redis.call('DEL', key)
       end
     end
+  end
+end
+if event_id ~= '' then
+  local committed = clock()
+  redis.call('ZADD', KEYS[1], committed, event_id)
+  if entry_id ~= '' then
+    redis.call('XACK', KEYS[2], group, entry_id)
+  end
+  if window > 0 then
+    redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', committed - window)
   end
 end
 return { 1 }

@@ -1,0 +1,193 @@
+"""The partition worker: reads the streams of the partitions an instance owns and runs their turns.
+
+One reading loop takes entries in batches (``KRULES_STREAM_BATCH``) and starts a turn for each,
+in stream order: the engine keeps one subject's turns in that order and runs different subjects
+concurrently up to ``KRULES_MAX_CONCURRENT_TURNS``; the loop reads ahead at most that many entries.
+Each turn ends in a commit that stores its writes, marks its event processed and acknowledges its
+entry at once (see :class:`krules.turn.Turn`), so a crash at any point leaves the entry pending and
+nothing of it stored, or everything stored and the entry gone.
+
+Before a turn, an entry is checked: one that is not a valid event is dead-lettered
+(``invalid_event``); one delivered more than ``KRULES_MAX_DELIVERIES`` times is dead-lettered
+(``max_deliveries``) instead of looping; one whose subject belongs to another partition is
+forwarded there once (``misrouted`` if it was forwarded already).  A turn whose commit fails
+(storage unreachable) leaves its entry pending: the worker goes over its pending entries again.
+
+A maintenance task reclaims entries other consumers left idle longer than ``KRULES_CLAIM_IDLE_MS``
+(they died) and keeps the streams trimmed.  :meth:`PartitionWorker.stop` (or cancelling
+:meth:`PartitionWorker.run`) stops reading; the turns under way finish and commit, and
+:meth:`krules.engine.Engine.close` waits for them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from typing import TYPE_CHECKING, Final
+
+from krules.errors import KRulesError, StorageError
+from krules.partitioning import partition_of
+from krules.transport import HOPS_FIELD
+from storage.base import Receipt
+
+if TYPE_CHECKING:
+    from krules.engine import Engine
+    from krules.transport import Delivery, PartitionSource
+
+__all__ = ["PartitionWorker"]
+
+logger = logging.getLogger(__name__)
+
+_READ_BACKOFF: Final = 0.1
+_READ_BACKOFF_CAP: Final = 5.0
+
+
+class PartitionWorker:
+    """Feeds an engine from the partitions of a :class:`~krules.transport.PartitionSource`."""
+
+    def __init__(self, engine: Engine, source: PartitionSource) -> None:
+        settings = engine.settings
+        self.engine = engine
+        self.source = source
+        self.batch = settings.stream_batch
+        self.block_ms = settings.stream_block_ms
+        self.max_deliveries = settings.max_deliveries
+        self.maintain_every = max(0.05, settings.claim_idle_ms / 2000)
+        self.max_inflight = max(settings.max_concurrent_turns, settings.stream_batch)
+        self._partitions = settings.partitions
+        # (partition, entry id): entry ids are only unique within one stream
+        self._inflight: dict[tuple[int, str], asyncio.Future[None]] = {}
+        self._room = asyncio.Event()
+        self._stopping = False
+        self._reading: asyncio.Task[list[Delivery]] | None = None
+        self.processed = 0
+        """Entries handled by this worker (turns committed, duplicates dropped, dead letters)."""
+
+    async def run(self) -> None:
+        """Open the source and process until :meth:`stop` or cancellation (turns under way go on)."""
+        await self.source.open()
+        logger.info(
+            "reading partition(s) %s as consumer %r",
+            ",".join(map(str, self.source.partitions)),
+            getattr(self.source, "consumer", "?"),
+        )
+        upkeep = asyncio.ensure_future(self._maintain())
+        try:
+            await self._read_loop()
+        finally:
+            upkeep.cancel()
+            await asyncio.gather(upkeep, return_exceptions=True)
+            await self.drain()
+            await self.source.close()
+
+    def stop(self) -> None:
+        """Stop reading (an entry being read stays pending, for the next run); turns under way go on."""
+        self._stopping = True
+        if self._reading is not None:
+            self._reading.cancel()
+        self._room.set()
+
+    async def drain(self) -> None:
+        """Wait until the turns started by this worker are over."""
+        while self._inflight:
+            await asyncio.gather(*list(self._inflight.values()), return_exceptions=True)
+
+    # -- reading -----------------------------------------------------------------------------
+    async def _read_loop(self) -> None:
+        failures = 0
+        while not self._stopping:
+            room = self.max_inflight - len(self._inflight)
+            if room <= 0:
+                self._room.clear()
+                await self._room.wait()
+                continue
+            self._reading = asyncio.ensure_future(self.source.read(min(self.batch, room), self.block_ms))
+            try:
+                deliveries = await self._reading
+            except asyncio.CancelledError:
+                if self._stopping:
+                    return
+                raise
+            except KRulesError as exc:
+                failures += 1
+                delay = min(_READ_BACKOFF_CAP, _READ_BACKOFF * 2 ** min(failures, 10)) * (
+                    0.5 + random.random() / 2
+                )
+                logger.error("reading the partition streams failed (%s); trying again in %.1f s", exc, delay)
+                await asyncio.sleep(delay)
+                continue
+            finally:
+                self._reading = None
+            failures = 0
+            self._start(deliveries)
+
+    def _start(self, deliveries: list[Delivery]) -> None:
+        for delivery in deliveries:
+            key = (delivery.partition, delivery.entry_id)
+            if key in self._inflight:
+                continue  # re-read or reclaimed while its turn is still running here
+            self._inflight[key] = asyncio.ensure_future(self._handle(delivery))
+
+    async def _maintain(self) -> None:
+        while True:
+            await asyncio.sleep(self.maintain_every)
+            try:
+                await self.source.maintain()
+                reclaimed = await self.source.reclaim()
+            except KRulesError as exc:
+                logger.warning("stream upkeep failed (%s); trying again later", exc)
+                continue
+            if reclaimed and not self._stopping:
+                self._start(reclaimed)
+
+    # -- one entry ---------------------------------------------------------------------------
+    async def _handle(self, delivery: Delivery) -> None:
+        try:
+            await self._decide(delivery)
+            self.processed += 1
+        except StorageError as exc:
+            logger.error(
+                "entry %s of partition %d was not committed (%s); it stays pending and is taken again",
+                delivery.entry_id,
+                delivery.partition,
+                exc,
+            )
+            self.source.replay_pending(delivery.partition)
+        except Exception:
+            logger.exception(
+                "entry %s of partition %d failed unexpectedly; it stays pending and is taken again",
+                delivery.entry_id,
+                delivery.partition,
+            )
+            self.source.replay_pending(delivery.partition)
+        finally:
+            del self._inflight[delivery.partition, delivery.entry_id]
+            self._room.set()
+
+    async def _decide(self, delivery: Delivery) -> None:
+        event = delivery.event
+        if event is None:
+            await self.source.dead_letter(delivery, "invalid_event", delivery.problem or "not an event")
+            return
+        if delivery.deliveries > self.max_deliveries:
+            await self.source.dead_letter(
+                delivery,
+                "max_deliveries",
+                f"Event {event.id!r} was delivered {delivery.deliveries} times without being committed "
+                f"(KRULES_MAX_DELIVERIES={self.max_deliveries}); it is parked instead of tried again.",
+            )
+            return
+        owner = partition_of(event.subject, self._partitions)
+        if owner != delivery.partition:
+            if delivery.fields.get(HOPS_FIELD):
+                await self.source.dead_letter(
+                    delivery,
+                    "misrouted",
+                    f"Event {event.id!r} for subject {event.subject!r} (partition {owner}) was forwarded "
+                    f"to partition {delivery.partition} already and is still in the wrong stream.",
+                )
+            else:
+                await self.source.forward(delivery, owner)
+            return
+        await self.engine.process(event, receipt=Receipt(delivery.partition, event.id, delivery.entry_id))
