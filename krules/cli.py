@@ -1,4 +1,9 @@
-"""The ``krules`` command line: ``run`` rule modules, ``emit`` an event, ``subject show`` a subject.
+"""The ``krules`` command line: ``run`` rule modules, ``emit`` an event, ``subject show`` a subject,
+``partitions`` (see :mod:`krules.cli_ops` for the operators' commands).
+
+With ``KRULES_REDIS_URL`` set, ``krules run`` is an instance of a Redis-mode deployment: it reads
+the partitions of ``KRULES_PARTITION_ID`` from their streams, and its HTTP ingress (like
+``krules emit``) appends events to the streams.
 
 Every mistake a user can make (a module that does not import, bad JSON, a bad ``KRULES_*`` value,
 an unreachable instance or storage) ends as one line ``krules: error: <sentence>`` on stderr and a
@@ -12,6 +17,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
@@ -136,7 +142,7 @@ def configure_quiet_logging(settings: Settings) -> None:
 
 
 # -- krules run ------------------------------------------------------------------------------------
-def _redis_storage(settings: Settings, **options: Any) -> Any:
+def redis_storage(settings: Settings, **options: Any) -> Any:
     try:
         from storage.redis import create_redis_storage
     except ImportError as exc:
@@ -145,7 +151,11 @@ def _redis_storage(settings: Settings, **options: Any) -> Any:
             "install krules with its redis dependency or unset KRULES_REDIS_URL."
         ) from None
     return create_redis_storage(
-        url=settings.redis_url, key_prefix=settings.key_prefix, partitions=settings.partitions, **options
+        url=settings.redis_url,
+        key_prefix=settings.key_prefix,
+        partitions=settings.partitions,
+        dedupe_window=float(settings.dedupe_window),
+        **options,
     )
 
 
@@ -200,9 +210,13 @@ async def feed_demo(engine: Engine, server: KRulesServer) -> None:
         return
     logger.info("demo: feeding %d sample events", len(samples))
     for event_type, subject, data in samples:
+        event = engine.new_event(event_type, subject, data)
+        if engine.transport is not None:  # Redis mode: queued; the partitions' owners log them
+            await asyncio.shield(engine.transport.send([event]))
+            continue
         try:
             # shielded: a shutdown stops the feeding, but lets the turn under way finish
-            turn = await asyncio.shield(engine.process(engine.new_event(event_type, subject, data)))
+            turn = await asyncio.shield(engine.process(event))
         except StorageError as exc:
             logger.error("demo: %s for %r was not stored: %s", event_type, subject, exc)
             continue
@@ -220,19 +234,29 @@ def command_run(args: argparse.Namespace) -> int:
     configure_logging(settings)
     container = default_container()
     container.settings.override(providers.Object(settings))
-    if settings.redis_url:
-        container.subject_storage.override(providers.Object(_redis_storage(settings)))
+    storage = redis_storage(settings) if settings.redis_url else None
+    if storage is not None:
+        container.subject_storage.override(providers.Object(storage))
     with use_container(container):
         for module in args.modules:
             load_rule_module(module)
             logger.info("loaded rule module %s", module)
     engine: Engine = container.engine()
-    on_started: Callable[[KRulesServer], Any] | None = None
+    companions: list[Callable[[KRulesServer], Any]] = []
+    if storage is not None:
+        from storage.redis_streams import stream_worker
+
+        worker = stream_worker(engine, storage)
+        companions.append(lambda server: worker.run())
     if args.demo:
         engine.event_observers.append(log_event)
+        companions.append(lambda server: feed_demo(engine, server))
 
-        def on_started(server: KRulesServer) -> Any:
-            return feed_demo(engine, server)
+    async def alongside(server: KRulesServer) -> None:
+        await asyncio.gather(*(start(server) for start in companions))
+
+    def on_started(server: KRulesServer) -> Any:
+        return alongside(server) if companions else None
 
     run(engine, on_started=on_started)
     return 0
@@ -248,11 +272,15 @@ def _instance(args: argparse.Namespace, settings: Settings) -> tuple[str, str | 
 
 
 def command_emit(args: argparse.Namespace) -> int:
-    from krules.client import KRulesClient
+    from krules.client import KRulesClient, StreamClient
 
     data = _json_object(args.data) if args.data is not None else None
     settings = Settings.from_env()
     configure_quiet_logging(settings)
+    if settings.redis_url and not args.url:
+        with StreamClient(settings.redis_url, settings.key_prefix) as streams:
+            print(streams.emit(args.type, args.subject, data))
+        return 0
     url, token = _instance(args, settings)
     with KRulesClient(url, token) as client:
         event_id = client.emit(args.type, args.subject, data)
@@ -267,7 +295,7 @@ def _show(name: str, props: dict[str, Any], ext: dict[str, Any]) -> None:
 
 
 async def _load_from_redis(settings: Settings, name: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    storage = _redis_storage(settings, retries=2)
+    storage = redis_storage(settings, retries=2)
     try:
         props, ext = await storage.load(name)
     finally:
@@ -343,6 +371,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     show.add_argument("name", metavar="NAME", help="subject name")
     show.set_defaults(handler=command_subject_show)
+
+    from krules.cli_ops import command_partitions
+
+    partitions_cmd = commands.add_parser(
+        "partitions",
+        help="show partitions, their owners, stream lengths, pending entries and lag",
+        description="Show a Redis-mode deployment's partitions (KRULES_REDIS_URL, KRULES_KEY_PREFIX): "
+        "which instances own them, stream length, pending entries and lag.",
+    )
+    partitions_cmd.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    partitions_cmd.set_defaults(handler=command_partitions)
     return parser
 
 
@@ -363,7 +402,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if handler is None:
             if args.command == "subject":
                 raise UsageError("Missing subject command; use 'krules subject show NAME'.")
-            raise UsageError("Missing command; use one of run, emit or subject (see 'krules --help').")
+            raise UsageError(
+                "Missing command; use one of run, emit, subject or partitions (see 'krules --help')."
+            )
         return handler(args)
     except UsageError as exc:
         return _fail(str(exc), EXIT_USAGE)
@@ -375,6 +416,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(str(exc), EXIT_FAILURE)
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # e.g. piped into head: the reader has all it wanted
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - no flush error at interpreter exit
+        return 0
 
 
 if __name__ == "__main__":

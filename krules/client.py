@@ -1,19 +1,31 @@
-"""Python clients of a krules instance's HTTP ingress (sync and async), built on httpx.
+"""Python clients of krules: over an instance's HTTP ingress, or straight into the partition streams.
 
-Events are built with the ``cloudevents`` SDK and posted in structured mode (one event) or batch
-mode (a list).  Every failure is an :class:`~krules.errors.IngressError` with one sentence: the
-instance's own reason for a refused request (with ``status`` set), or why it could not be reached
-(``status`` None)::
+:class:`KRulesClient` / :class:`AsyncKRulesClient` post events built with the ``cloudevents`` SDK in
+structured mode (one event) or batch mode (a list).  Every failure is an
+:class:`~krules.errors.IngressError` with one sentence: the instance's own reason for a refused
+request (with ``status`` set), or why it could not be reached (``status`` None)::
 
     with KRulesClient("http://127.0.0.1:8080", token="...") as client:
         event_id = client.emit("order.submitted", "order-1", {"total": 30})
+
+:class:`StreamClient` / :class:`AsyncStreamClient` append events to a Redis-mode deployment's
+partition streams directly (the format is :mod:`krules.transport`'s), reading the partition count
+the instances recorded; failures are :class:`~krules.errors.StorageError` or
+:class:`~krules.errors.ConfigurationError`::
+
+    async with AsyncStreamClient("redis://127.0.0.1:6379/0") as client:
+        event_id = await client.emit("order.submitted", "order-1", {"total": 30})
+
+An emitted event's id is returned once it is queued; sending the same event (same id) again is
+harmless, its partition drops ids it has processed.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterable, Mapping
 from types import TracebackType
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import quote
 
 import httpx
@@ -23,9 +35,20 @@ from cloudevents.core.formats.json import JSONFormat
 from cloudevents.core.v1.event import CloudEvent
 
 from krules.errors import EventFormatError, IngressError
+from krules.events import Event, event_from_cloudevent
 from krules.ingress import BATCH_CONTENT_TYPE
 
-__all__ = ["AsyncKRulesClient", "KRulesClient", "build_event", "default_url"]
+if TYPE_CHECKING:
+    from storage.redis_streams import RedisStreams
+
+__all__ = [
+    "AsyncKRulesClient",
+    "AsyncStreamClient",
+    "KRulesClient",
+    "StreamClient",
+    "build_event",
+    "default_url",
+]
 
 CLIENT_SOURCE: Final = "krules-client"
 DEFAULT_URL: Final = "http://127.0.0.1:8080"
@@ -169,7 +192,7 @@ class KRulesClient:
         self._http = httpx.Client(base_url=self.url, timeout=timeout)
 
     def emit(self, type: str, subject: str, data: Mapping[str, Any] | None = None, **extensions: Any) -> str:
-        """Send one event; return its id once the instance has processed it."""
+        """Send one event; return its id once the instance has processed it (queued it, in Redis mode)."""
         body, content_type = _single(type, subject, data, extensions)
         answer = self._post(body, content_type)
         return _accepted_ids(self.url, answer)[0]
@@ -220,7 +243,7 @@ class AsyncKRulesClient:
     async def emit(
         self, type: str, subject: str, data: Mapping[str, Any] | None = None, **extensions: Any
     ) -> str:
-        """Send one event; return its id once the instance has processed it."""
+        """Send one event; return its id once the instance has processed it (queued it, in Redis mode)."""
         body, content_type = _single(type, subject, data, extensions)
         answer = await self._post(body, content_type)
         return _accepted_ids(self.url, answer)[0]
@@ -258,3 +281,98 @@ class AsyncKRulesClient:
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         await self.aclose()
+
+
+def _batch_events(events: Iterable[Mapping[str, Any]]) -> list[Event]:
+    out = []
+    for spec in events:
+        fields = dict(spec)
+        try:
+            event_type = fields.pop("type")
+            subject = fields.pop("subject")
+        except KeyError as exc:
+            raise EventFormatError(f"A batch entry needs a {exc.args[0]!r} key: {spec!r}.") from None
+        data = fields.pop("data", None)
+        out.append(event_from_cloudevent(build_event(event_type, subject, data, **fields)))
+    if not out:
+        raise EventFormatError("The batch is empty; give emit_batch at least one event.")
+    return out
+
+
+class AsyncStreamClient:
+    """Appends events to the partition streams of a Redis-mode krules deployment (asyncio)."""
+
+    def __init__(self, redis_url: str, key_prefix: str = "krules:") -> None:
+        from storage.redis import create_redis_storage  # the Redis backend only when this client is used
+
+        self._storage = create_redis_storage(redis_url, key_prefix)
+        self._streams: RedisStreams | None = None
+
+    async def _connected(self) -> RedisStreams:
+        if self._streams is None:
+            from storage.redis_streams import connect_streams
+
+            self._streams = await connect_streams(self._storage)
+        return self._streams
+
+    async def emit(
+        self, type: str, subject: str, data: Mapping[str, Any] | None = None, **extensions: Any
+    ) -> str:
+        """Queue one event on its partition's stream; return its id."""
+        event = event_from_cloudevent(build_event(type, subject, data, **extensions))
+        await (await self._connected()).send([event])
+        return event.id
+
+    async def emit_batch(self, events: Iterable[Mapping[str, Any]]) -> list[str]:
+        """Queue several events (mappings with ``type``, ``subject``, optional ``data`` and extensions)
+        in one round trip; return their ids."""
+        built = _batch_events(events)
+        await (await self._connected()).send(built)
+        return [event.id for event in built]
+
+    async def send(self, events: list[Event]) -> list[str]:
+        """Queue events built elsewhere (their ids are kept); return the stream entry ids."""
+        return await (await self._connected()).send(events)
+
+    async def aclose(self) -> None:
+        """Close the Redis connection."""
+        await self._storage.close()
+
+    async def __aenter__(self) -> AsyncStreamClient:
+        return self
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+
+class StreamClient:
+    """Appends events to the partition streams of a Redis-mode krules deployment (blocking)."""
+
+    def __init__(self, redis_url: str, key_prefix: str = "krules:") -> None:
+        self._loop = asyncio.new_event_loop()
+        self._client = AsyncStreamClient(redis_url, key_prefix)
+
+    def emit(self, type: str, subject: str, data: Mapping[str, Any] | None = None, **extensions: Any) -> str:
+        """Queue one event on its partition's stream; return its id."""
+        return self._loop.run_until_complete(self._client.emit(type, subject, data, **extensions))
+
+    def emit_batch(self, events: Iterable[Mapping[str, Any]]) -> list[str]:
+        """Queue several events in one round trip; return their ids."""
+        return self._loop.run_until_complete(self._client.emit_batch(events))
+
+    def close(self) -> None:
+        """Close the Redis connection and the client's event loop."""
+        try:
+            self._loop.run_until_complete(self._client.aclose())
+        finally:
+            self._loop.close()
+
+    def __enter__(self) -> StreamClient:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()

@@ -479,8 +479,10 @@ class Engine:
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:
-        """Check the storage is reachable (a clear StorageError otherwise)."""
+        """Check the storage is reachable and the transport usable (a one-sentence error otherwise)."""
         await self.storage.check()
+        if self.transport is not None:
+            await self.transport.check()
 
     async def close(self) -> None:
         """Wait for running turns, then release the storage (once; later calls do nothing)."""

@@ -5,11 +5,14 @@ Routes of :func:`create_ingress_app`:
 * ``POST /`` and ``POST /events``: one CloudEvent in binary mode (``ce-*`` headers, the body is the
   data) or structured mode (``application/cloudevents+json``), or a batch
   (``application/cloudevents-batch+json``, a JSON array).  The whole request is validated before
-  any event is processed, so a malformed request (400) processes nothing.  Each event runs as a turn
-  (a batch's events concurrently; the engine keeps one subject's events in order) and the answer,
-  ``200 {"accepted": n, "ids": [...]}``, is sent once the turns are over.  A handler failure is the
-  rule's business (dead-lettered, logged), not the sender's; a storage failure is 503, because the
-  turn's writes were not stored and the sender must retry.
+  any event is processed, so a malformed request (400) processes nothing.  Embedded mode: each
+  event runs as a turn (a batch's events concurrently; the engine keeps one subject's events in
+  order) and the answer, ``200 {"accepted": n, "ids": [...]}``, is sent once the turns are over.
+  Redis mode (the engine has a transport): the events are appended to their partitions' streams,
+  whichever instance owns them, and the answer is ``202 {"accepted": n, "ids": [...],
+  "queued": true}`` once they are.  A handler failure is the rule's business (dead-lettered,
+  logged), not the sender's; a storage failure is 503, because nothing was stored or queued and
+  the sender must retry (the same ids: a partition drops an event it committed before).
 * ``GET /subjects/{name}``: ``{"name", "properties", "ext"}`` of a stored subject (404 when unknown).
 * ``GET /healthz``: liveness, never behind the token.
 
@@ -223,6 +226,8 @@ class _Ingress:
         except ClientDisconnect:
             logger.warning("ingress: client %s disconnected before sending the whole body", _peer(request))
             return Response(status_code=400)
+        if self.engine.transport is not None:
+            return await self.enqueue(request, events)
         outcomes = await self.process(events)
         accepted: list[str] = []
         storage_failures: list[tuple[Event, StorageError]] = []
@@ -273,6 +278,31 @@ class _Ingress:
             )
         logger.debug("ingress: accepted %d event(s) from %s", len(accepted), _peer(request))
         return JSONResponse({"accepted": len(accepted), "ids": accepted})
+
+    async def enqueue(self, request: Request, events: list[Event]) -> Response:
+        """Redis mode: append the events to their partitions' streams (shielded from a cancelled request)."""
+        transport = self.engine.transport
+        if transport is None:
+            raise RuntimeError("enqueue needs an engine with a transport")
+        task = asyncio.ensure_future(transport.send(events))
+        self._turns.add(task)
+        task.add_done_callback(self._turns.discard)
+        try:
+            await asyncio.shield(task)
+        except StorageError as exc:
+            ids = [event.id for event in events]
+            return _reject(
+                request,
+                _Rejected(
+                    503,
+                    f"The event(s) could not be queued ({_clause(str(exc))}); nothing was queued for sure, "
+                    "so retry the same request (a partition drops an event id it has processed).",
+                    {"Retry-After": "1"},
+                ),
+                {"ids": [], "failed": ids},
+            )
+        logger.debug("ingress: queued %d event(s) from %s", len(events), _peer(request))
+        return JSONResponse({"accepted": len(events), "ids": [e.id for e in events], "queued": True}, 202)
 
     async def subject(self, request: Request) -> Response:
         try:

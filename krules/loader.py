@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import pkgutil
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -20,12 +21,25 @@ def _looks_like_path(target: str) -> bool:
 def load_rule_module(target: str, *, fresh: bool = False) -> ModuleType:
     """Import the rule module ``target`` (``rulesets.orders`` or ``path/to/rules.py``).
 
+    A package (``rulesets``) stands for itself and every module in it whose name does not start
+    with ``_``, imported in name order (sub-packages likewise).
+
     With ``fresh=True`` the module body runs again even if it was imported before, and the result
     is not cached in ``sys.modules``: this is how test apps register a module's rules on themselves.
     Raises :class:`RuleModuleError` with a one-sentence reason.
     """
     if not isinstance(target, str) or not target.strip():
         raise RuleModuleError(f"A rule module must be a dotted name or a .py path, not {target!r}.")
+    module = _load_one(target, fresh)
+    package_path = getattr(module, "__path__", None)
+    if package_path is not None and not _looks_like_path(target):
+        for info in sorted(pkgutil.iter_modules(package_path), key=lambda found: found.name):
+            if not info.name.startswith("_"):
+                load_rule_module(f"{target}.{info.name}", fresh=fresh)
+    return module
+
+
+def _load_one(target: str, fresh: bool) -> ModuleType:
     if _looks_like_path(target):
         path = Path(target)
         if not path.is_file():

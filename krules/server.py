@@ -97,6 +97,7 @@ class KRulesServer:
         )
         self._uvicorn = uvicorn.Server(self._config)
         self._stop_requested = False
+        self._companion_error: Exception | None = None
 
     @property
     def url(self) -> str:
@@ -122,7 +123,8 @@ class KRulesServer:
         Raises ServerError when the address cannot be bound and StorageError when the storage is
         unreachable.  ``on_started()`` is called once requests are being served; if it returns a
         coroutine, that runs alongside the server and is cancelled when serving ends, before the
-        engine closes (so the engine's last turns are not joined by new ones).
+        engine closes (so the engine's last turns are not joined by new ones).  If that coroutine
+        fails (e.g. the partition worker cannot go on), the server stops and its error is raised.
         """
         if sock is None:
             sock = self.bind()
@@ -146,6 +148,8 @@ class KRulesServer:
             sock.close()
             await self.engine.close()
             logger.info("krules ingress on %s stopped", self.url)
+        if self._companion_error is not None:
+            raise self._companion_error
 
     async def _notify_started(
         self, on_started: Callable[[], Any], companions: list[asyncio.Future[Any]]
@@ -157,18 +161,22 @@ class KRulesServer:
         result = on_started()
         if asyncio.iscoroutine(result):
             task = asyncio.ensure_future(result)
-            task.add_done_callback(_log_companion_failure)
+            task.add_done_callback(self._companion_done)
             companions.append(task)
+
+    def _companion_done(self, task: asyncio.Future[Any]) -> None:
+        if task.cancelled() or task.exception() is None:
+            return
+        error = task.exception()
+        logger.error("a task started with the server failed; stopping", exc_info=error)
+        if isinstance(error, Exception) and self._companion_error is None:
+            self._companion_error = error
+        self.stop()
 
     def stop(self) -> None:
         """Ask the server to stop: no new connections, in-flight requests finish (any thread may call it)."""
         self._stop_requested = True
         self._uvicorn.should_exit = True
-
-
-def _log_companion_failure(task: asyncio.Future[Any]) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        logger.error("a task started with the server failed", exc_info=task.exception())
 
 
 class _SignalsRecorded:

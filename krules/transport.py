@@ -92,6 +92,10 @@ class Delivery:
 class EventTransport(Protocol):
     """Appends events to the streams of their subjects' partitions."""
 
+    async def check(self) -> None:
+        """Verify the streams can be used (e.g. the partition count matches); raise a KRulesError."""
+        ...
+
     async def send(self, events: Sequence[Event]) -> list[str]:
         """Append ``events`` (each to its partition's stream); return the entry ids.
 

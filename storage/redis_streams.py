@@ -122,6 +122,10 @@ class RedisStreams:
             )
         self._count_checked = True
 
+    async def check(self) -> None:
+        """The transport's start-up check: the partition count (see :meth:`check_partition_count`)."""
+        await self.check_partition_count()
+
     async def open(self) -> None:
         """Check the partition count, create missing streams and groups, register this consumer."""
         await self.check_partition_count()
