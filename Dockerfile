@@ -13,4 +13,4 @@ ENV KRULES_HTTP_HOST=0.0.0.0 KRULES_HTTP_PORT=8080
 EXPOSE 8080
 HEALTHCHECK CMD python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8080/healthz', timeout=2)"
 ENTRYPOINT ["krules"]
-CMD ["run", "rulesets.orders", "rulesets.sensors", "rulesets.retries", "rulesets.loops"]
+CMD ["run", "rulesets"]
