@@ -22,8 +22,8 @@ from storage.base import SubjectChanges
 from storage.keys import KeySchema
 from storage.local_redis import LocalRedisServer, find_redis_server, free_port
 from storage.redis import RedisStorage
+from storage.redis_commands import ConnectionCommands
 from storage.redis_connection import (
-    ConnectionCommands,
     MultiplexedConnection,
     _Link,
     pack_command,
