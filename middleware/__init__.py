@@ -1,0 +1,1 @@
+"""Built-in middleware: one module per middleware, and the chain contract in :mod:`middleware.base`."""
