@@ -1,0 +1,231 @@
+"""Metrics middleware: Prometheus counters, a duration histogram and gauges, served at ``/metrics``.
+
+:class:`MetricsMiddleware` keeps its metrics in its own
+:class:`~prometheus_client.CollectorRegistry` (never the process-wide default one, so several apps
+and tests never collide); ``registry=`` injects one.  Metrics:
+
+- ``krules_events_received_total{type}``: every event the engine dispatches, root events and every
+  event of their cascades alike (:meth:`MetricsMiddleware.observe_event`, to append to
+  ``engine.event_observers``).
+- ``krules_handler_calls_total{handler,outcome}``: handler calls by outcome, ``ok``, ``skipped``
+  (:class:`~middleware.base.SkipEvent`), ``failed`` (any other exception) or ``dead_lettered``
+  (:class:`~middleware.base.DeadLetterEvent`).  A cancelled call is not counted.
+- ``krules_handler_duration_seconds{handler}``: histogram of handler call durations, buckets
+  from 0.5 ms to 10 s (:data:`DURATION_BUCKETS`).
+- ``krules_handler_retries_total{handler}``: retries, i.e. :data:`~middleware.base.ATTEMPTS` - 1
+  when a retry middleware inside this one recorded the attempts.
+- ``krules_dead_letters_total{handler,reason}``: :meth:`MetricsMiddleware.record_dead_letter`.
+- ``krules_circuit_state{key}``: 0 closed, 1 half-open, 2 open
+  (:meth:`MetricsMiddleware.record_circuit_state`).
+- ``krules_partition_lag{partition}`` and ``krules_partition_pending{partition}``:
+  :meth:`MetricsMiddleware.record_partition_lag` and :meth:`MetricsMiddleware.record_partition_pending`.
+
+Register it before (outside) the retry middleware: it then counts one call per event and handler,
+with the final attempt count; inside it, every attempt would count as a call and the retries
+counter would overcount.
+
+Options (keyword-only): ``registry``, the :class:`~prometheus_client.CollectorRegistry` to register
+the metrics in (default: a new one); anything else raises :class:`~krules.errors.ConfigurationError`.
+
+:func:`metrics_route` serves a registry in the Prometheus text format as a Starlette route, to pass
+to ``krules.server.serve_in_background(engine, routes=[...])`` or ``krules.server.run``.
+"""
+
+from __future__ import annotations
+
+from time import perf_counter
+from typing import TYPE_CHECKING, Final
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from krules.errors import ConfigurationError
+from middleware.base import ATTEMPTS, DeadLetterEvent, Next, SkipEvent
+
+if TYPE_CHECKING:
+    from krules.context import EventContext
+    from krules.events import Event
+
+__all__ = ["CIRCUIT_STATES", "DURATION_BUCKETS", "MetricsMiddleware", "metrics_route"]
+
+DURATION_BUCKETS: Final = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
+"""Upper bounds (seconds) of the handler duration histogram's buckets (``+Inf`` is added)."""
+
+CIRCUIT_STATES: Final = {"closed": 0, "half-open": 1, "half_open": 1, "open": 2}
+"""Circuit breaker state -> value of the ``krules_circuit_state`` gauge."""
+
+
+class _HandlerSeries:
+    """One handler's label children, bound once: ``labels()`` is too slow for every call."""
+
+    __slots__ = ("dead_lettered", "duration", "failed", "ok", "retries", "skipped")
+
+    def __init__(self, metrics: MetricsMiddleware, handler: str) -> None:
+        calls = metrics.handler_calls
+        self.ok = calls.labels(handler, "ok")
+        self.skipped = calls.labels(handler, "skipped")
+        self.failed = calls.labels(handler, "failed")
+        self.dead_lettered = calls.labels(handler, "dead_lettered")
+        self.duration = metrics.handler_duration.labels(handler)
+        self.retries = metrics.handler_retries.labels(handler)
+
+
+class MetricsMiddleware:
+    """Count and time every handler call in Prometheus metrics of its own registry."""
+
+    def __init__(self, *, registry: CollectorRegistry | None = None) -> None:
+        if registry is None:
+            registry = CollectorRegistry()
+        elif not isinstance(registry, CollectorRegistry):
+            raise ConfigurationError(
+                f"MetricsMiddleware option registry={registry!r} is invalid; "
+                "pass a prometheus_client.CollectorRegistry or leave it out for a new one."
+            )
+        self.registry = registry
+        """Where the metrics are registered (serve it with :func:`metrics_route`)."""
+        try:
+            self.events_received = Counter(
+                "krules_events_received", "Events dispatched (root and cascaded)", ["type"], registry=registry
+            )
+            self.handler_calls = Counter(
+                "krules_handler_calls", "Handler calls by outcome", ["handler", "outcome"], registry=registry
+            )
+            self.handler_duration = Histogram(
+                "krules_handler_duration_seconds",
+                "Duration of handler calls",
+                ["handler"],
+                registry=registry,
+                buckets=DURATION_BUCKETS,
+            )
+            self.handler_retries = Counter(
+                "krules_handler_retries", "Handler calls retried", ["handler"], registry=registry
+            )
+            self.dead_letters = Counter(
+                "krules_dead_letters", "Events dead-lettered", ["handler", "reason"], registry=registry
+            )
+            self.circuit_state = Gauge(
+                "krules_circuit_state",
+                "Circuit state: 0 closed, 1 half-open, 2 open",
+                ["key"],
+                registry=registry,
+            )
+            self.partition_lag = Gauge(
+                "krules_partition_lag",
+                "Events not yet delivered (consumer group lag), per partition",
+                ["partition"],
+                registry=registry,
+            )
+            self.partition_pending = Gauge(
+                "krules_partition_pending",
+                "Events delivered but not yet acknowledged, per partition",
+                ["partition"],
+                registry=registry,
+            )
+        except ValueError as exc:  # "Duplicated timeseries in CollectorRegistry"
+            raise ConfigurationError(
+                f"MetricsMiddleware option registry={registry!r} already holds krules metrics ({exc}); "
+                "give each MetricsMiddleware its own registry."
+            ) from None
+        self._handlers: dict[str, _HandlerSeries] = {}
+        self._types: dict[str, Counter] = {}
+
+    async def __call__(self, ctx: EventContext, next: Next) -> None:
+        """Run the rest of the chain, then count its outcome, duration and retries."""
+        name = ctx.rule.name
+        series = self._handlers.get(name)
+        if series is None:
+            series = self._handlers[name] = _HandlerSeries(self, name)
+        outcome: Counter | None = None
+        start = perf_counter()
+        try:
+            await next()
+            outcome = series.ok
+        except SkipEvent:
+            outcome = series.skipped
+            raise
+        except DeadLetterEvent:
+            outcome = series.dead_lettered
+            raise
+        except Exception:
+            outcome = series.failed
+            raise
+        finally:
+            if outcome is not None:
+                series.duration.observe(perf_counter() - start)
+                outcome.inc()
+                attempts = ctx.get_metadata(ATTEMPTS)
+                if attempts.__class__ is int and attempts > 1:
+                    series.retries.inc(attempts - 1)
+
+    def observe_event(self, event: Event) -> None:
+        """Count a dispatched event by type: append this to ``engine.event_observers``."""
+        counter = self._types.get(event.type)
+        if counter is None:
+            counter = self._types[event.type] = self.events_received.labels(event.type)
+        counter.inc()
+
+    def record_dead_letter(self, handler: str, reason: str) -> None:
+        """Count an event dead-lettered for ``handler`` with ``reason`` (e.g. ``circuit_open``)."""
+        self.dead_letters.labels(handler, reason).inc()
+
+    def record_circuit_state(self, key: str, state: str) -> None:
+        """Set the circuit ``key``'s gauge from ``state``: ``closed``, ``half-open`` or ``open``."""
+        value = CIRCUIT_STATES.get(state)
+        if value is None:
+            raise ValueError(
+                f"Circuit state {state!r} of circuit {key!r} is unknown; use 'closed', 'half-open' or 'open'."
+            )
+        self.circuit_state.labels(key).set(value)
+
+    def record_partition_lag(self, partition: int, lag: int) -> None:
+        """Set how many events of ``partition`` are not yet delivered (its consumer-group lag)."""
+        self.partition_lag.labels(str(partition)).set(lag)
+
+    def record_partition_pending(self, partition: int, pending: int) -> None:
+        """Set how many events of ``partition`` were delivered but are not acknowledged yet."""
+        self.partition_pending.labels(str(partition)).set(pending)
+
+    def __repr__(self) -> str:
+        return f"MetricsMiddleware(handlers={len(self._handlers)})"
+
+
+def metrics_route(source: MetricsMiddleware | CollectorRegistry, path: str = "/metrics") -> Route:
+    """A ``GET path`` route serving ``source``'s registry in the Prometheus text exposition format."""
+    registry = source.registry if isinstance(source, MetricsMiddleware) else source
+    if not isinstance(registry, CollectorRegistry):
+        raise ConfigurationError(
+            f"metrics_route got {source!r}; pass a MetricsMiddleware or a CollectorRegistry."
+        )
+    if not isinstance(path, str) or not path.startswith("/"):
+        raise ConfigurationError(
+            f"metrics_route option path={path!r} is invalid; pass a path such as '/metrics'."
+        )
+
+    async def metrics(request: Request) -> Response:
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    return Route(path, metrics, methods=["GET"], name="metrics")
