@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from krules.subject import Subject
-from storage.base import CommittingStorage, Receipt, SubjectChanges
+from storage.base import Receipt, SubjectChanges
 
 if TYPE_CHECKING:
     from krules.engine import Engine
@@ -109,10 +109,12 @@ class Turn:
         try:
             if receipt is None:
                 await storage.store([c for _, c in taken])
-            elif isinstance(storage, CommittingStorage):
-                self.committed = await storage.commit([c for _, c in taken], receipt)
             else:
-                raise TypeError(f"{type(storage).__name__} cannot commit turns of stream events")
+                # not isinstance(storage, CommittingStorage): a protocol check costs 50 µs per turn
+                commit = getattr(storage, "commit", None)
+                if commit is None:
+                    raise TypeError(f"{type(storage).__name__} cannot commit turns of stream events")
+                self.committed = await commit([c for _, c in taken], receipt)
         except BaseException:
             for subject, changes in taken:
                 subject.restore_changes(changes)

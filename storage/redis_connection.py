@@ -61,7 +61,11 @@ def pack_command(args: Command) -> bytes:
     """Encode one command as a RESP array of bulk strings (str as UTF-8, numbers in decimal)."""
     parts = [b"*%d\r\n" % len(args)]
     for arg in args:
-        if isinstance(arg, str):
+        if type(arg) is str:  # the usual case first, without isinstance's subclass walk
+            data = arg.encode()
+        elif type(arg) is int:
+            data = b"%d" % arg
+        elif isinstance(arg, str):
             data = arg.encode()
         elif isinstance(arg, bytes):
             data = arg
