@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 MEMORY = ["bench.order_cascade", "bench.dispatch_cost", "bench.middleware_overhead"]
-REDIS = ["bench.redis_orders", "bench.redis_increments"]
+REDIS = ["bench.redis_orders", "bench.redis_increments", "bench.stream_orders"]
 
 
 def main() -> int:
