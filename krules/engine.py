@@ -37,7 +37,7 @@ from krules.clock import Clock, SystemClock
 from krules.config import Settings
 from krules.context import EventContext, _current
 from krules.errors import CascadeDepthExceeded, EventFormatError, TurnEndedError
-from krules.events import DEPTH_EXTENSION, Event, IdGenerator
+from krules.events import DEPTH_EXTENSION, REPLAY_EXTENSION, Event, IdGenerator
 from krules.partitioning import partition_of
 from krules.subject import Subject
 from krules.turn import HandlerFailure, Turn
@@ -65,6 +65,7 @@ _RESERVED_NAMES: Final = frozenset(
         "dataschema",
         "data",
         DEPTH_EXTENSION,
+        REPLAY_EXTENSION,
     }
 )
 _BOUNCE_EVERY: Final = 16
@@ -342,7 +343,10 @@ class Engine:
                 turn = Turn(self, event, receipt)
                 if subject is not None:
                     turn.adopt(subject)
-                await self._dispatch(event, turn, subject, extra)
+                if event.extensions and REPLAY_EXTENSION in event.extensions:
+                    await self._replay(event, turn, subject, extra, str(event.extensions[REPLAY_EXTENSION]))
+                else:
+                    await self._dispatch(event, turn, subject, extra)
                 taken = turn.close()
                 if taken or receipt is not None:
                     await turn.commit(taken)
@@ -413,6 +417,29 @@ class Engine:
             async with asyncio.TaskGroup() as group:
                 for ctx in chosen:
                     group.create_task(self._run(ctx))
+
+    async def _replay(
+        self, event: Event, turn: Turn, subject: Subject | None, extra: dict[str, Any] | None, handler: str
+    ) -> None:
+        """Deliver a replayed root event to the one handler it names (its cascade goes on as usual)."""
+        if self.event_observers:
+            for observe in self.event_observers:
+                observe(event)
+        rule = next((r for r in self.registry.match(event.type) if r.name == handler), None)
+        if rule is None:
+            turn.failures.append(
+                HandlerFailure(
+                    handler,
+                    event,
+                    LookupError(
+                        f"Event {event.id!r} was replayed to handler {handler!r}, which this instance has "
+                        f"no rule for on {event.type!r}; load its module (or replay it where it runs)."
+                    ),
+                )
+            )
+            logger.error("replay of event %s: no handler %s for %s here", event.id, handler, event.type)
+            return
+        await self._run(EventContext(self, turn, event, subject or turn.subject(event.subject), rule, extra))
 
     async def _run(self, ctx: EventContext) -> None:
         """Run one handler call whose sync filters passed (its async filters still decide)."""

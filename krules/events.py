@@ -26,10 +26,21 @@ from cloudevents.core.v1.event import CloudEvent
 
 from krules.errors import EventFormatError
 
-__all__ = ["DEPTH_EXTENSION", "Event", "IdGenerator", "event_from_cloudevent", "event_from_dict"]
+__all__ = [
+    "DEPTH_EXTENSION",
+    "REPLAY_EXTENSION",
+    "Event",
+    "IdGenerator",
+    "event_from_cloudevent",
+    "event_from_dict",
+]
 
 DEPTH_EXTENSION: Final = "krulesdepth"
 """CloudEvents extension attribute carrying the cascade depth of an event."""
+
+REPLAY_EXTENSION: Final = "krulesreplay"
+"""CloudEvents extension attribute of a replayed event: the dotted name of the only handler to run
+(a dead letter replayed to the handler that failed on it)."""
 
 _MAX_ID_LENGTH: Final = 96
 _CORE_ATTRIBUTES: Final = frozenset(
