@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import difflib
+import math
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields, replace
@@ -60,6 +62,48 @@ def _consumer(var: str, raw: str) -> str | None:
     return name or None
 
 
+def _float(minimum: float, *, inclusive: bool = False) -> Callable[[str, str], float]:
+    def parse(var: str, raw: str) -> float:
+        try:
+            value = float(raw)
+        except ValueError:
+            raise ConfigurationError(f"{var}={raw!r} is not a number.") from None
+        if (
+            math.isnan(value)
+            or math.isinf(value)
+            or value < minimum
+            or (value == minimum and not inclusive)
+        ):
+            bound = f"at least {minimum:g}" if inclusive else f"greater than {minimum:g}"
+            raise ConfigurationError(f"{var}={raw!r} is out of range; use a number {bound}.")
+        return value
+
+    return parse
+
+
+def _optional_seconds(var: str, raw: str) -> float | None:
+    if raw.strip().lower() in {"", "none", "off"}:
+        return None
+    return _float(0.0)(var, raw)
+
+
+def _choice(*choices: str) -> Callable[[str, str], str]:
+    def parse(var: str, raw: str) -> str:
+        value = raw.strip().lower()
+        if value not in choices:
+            raise ConfigurationError(f"{var}={raw!r} is not one of {', '.join(choices)}.")
+        return value
+
+    return parse
+
+
+def _middleware_list(var: str, raw: str) -> str:
+    from middleware.names import parse_middleware_names  # the list of built-ins lives with them
+
+    parse_middleware_names(raw, var)
+    return raw.strip()
+
+
 def _log_level(var: str, raw: str) -> str:
     level = raw.strip().upper()
     if level not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
@@ -88,6 +132,15 @@ class Settings:
     claim_idle_ms: int = 30_000
     max_deliveries: int = 5
     dedupe_window: int = 3600
+    middleware: str = "default"
+    handler_log_level: str = "INFO"
+    circuit_failures: int = 5
+    circuit_open_seconds: float = 30.0
+    circuit_key: str = "handler"
+    retry_max_attempts: int = 10
+    retry_backoff: float = 0.1
+    retry_cap: float = 10.0
+    handler_timeout: float | None = None
     log_level: str = "INFO"
     log_json: bool = False
 
@@ -100,6 +153,7 @@ class Settings:
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
         """Read ``KRULES_<FIELD>`` variables (e.g. ``KRULES_HTTP_PORT``); raise ConfigurationError if bad."""
         env = os.environ if env is None else env
+        _refuse_unknown(env)
         values: dict[str, Any] = {}
         for f in fields(cls):
             var = "KRULES_" + f.name.upper()
@@ -132,6 +186,28 @@ _PARSERS: dict[str, Callable[[str, str], Any]] = {
     "claim_idle_ms": _int(100),
     "max_deliveries": _int(1),
     "dedupe_window": _int(1),
+    "middleware": _middleware_list,
+    "handler_log_level": _log_level,
+    "circuit_failures": _int(1),
+    "circuit_open_seconds": _float(0.0),
+    "circuit_key": _choice("handler", "subject"),
+    "retry_max_attempts": _int(1, 1000),
+    "retry_backoff": _float(0.0),
+    "retry_cap": _float(0.0),
+    "handler_timeout": _optional_seconds,
     "log_level": _log_level,
     "log_json": _bool,
 }
+
+
+_KNOWN_ELSEWHERE = frozenset({"KRULES_BASELINE_PYTHON"})  # the benchmarks' own
+
+
+def _refuse_unknown(env: Mapping[str, str]) -> None:
+    """A misspelt ``KRULES_*`` variable would silently be ignored: refuse it, naming the closest one."""
+    known = {"KRULES_" + f.name.upper() for f in fields(Settings)} | _KNOWN_ELSEWHERE
+    for var in env:
+        if var.startswith("KRULES_") and var not in known:
+            close = difflib.get_close_matches(var, sorted(known), n=1)
+            hint = f"; did you mean {close[0]}?" if close else "; see the README's configuration table."
+            raise ConfigurationError(f"{var} is not a krules setting{hint}")

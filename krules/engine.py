@@ -506,7 +506,9 @@ class Engine:
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:
-        """Check the storage is reachable and the transport usable (a one-sentence error otherwise)."""
+        """Check the storage is reachable and the transport usable (a one-sentence error otherwise);
+        from now on the middleware chain is frozen."""
+        self.registry.freeze()
         await self.storage.check()
         if self.transport is not None:
             await self.transport.check()

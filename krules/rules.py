@@ -108,6 +108,7 @@ class RuleRegistry:
         self._globs: list[tuple[re.Pattern[str], Rule]] = []
         self._middleware: list[Middleware] = []
         self._memo: dict[str, tuple[Rule, ...]] = {}
+        self._frozen = False
 
     # -- registration -----------------------------------------------------------------------
     def on(self, *patterns: str) -> Callable[[F], F]:
@@ -181,17 +182,49 @@ class RuleRegistry:
         logger.debug("registered %s for %s", rule.name, rule.patterns)
         return rule
 
-    def add_middleware(self, mw: Middleware) -> None:
-        """Append a middleware and re-compose every rule's chain once."""
+    def add_middleware(
+        self, mw: Middleware, *, before: Middleware | str | None = None, after: Middleware | str | None = None
+    ) -> None:
+        """Add a middleware (last, i.e. innermost, unless ``before``/``after`` another one, given as
+        the object or its class or function name) and re-compose every rule's chain once.
+
+        Raises RuleDefinitionError once the chain is frozen (the app has started)."""
+        if self._frozen:
+            raise RuleDefinitionError(
+                f"Cannot add middleware {_name_of(mw)!r}: the middleware chain is frozen once the app has "
+                "started; add middleware before serving or emitting the first event."
+            )
         if not _is_async_callable(mw):
             short = getattr(mw, "__name__", "middleware")
             raise RuleDefinitionError(
                 f"Middleware {_name_of(mw)!r} is not a coroutine function; declare it as "
                 f"'async def {short}(ctx, next): ... await next()'."
             )
-        self._middleware.append(mw)
+        if before is not None and after is not None:
+            raise RuleDefinitionError("Give add_middleware either before= or after=, not both.")
+        if before is not None:
+            self._middleware.insert(self._position(before), mw)
+        elif after is not None:
+            self._middleware.insert(self._position(after) + 1, mw)
+        else:
+            self._middleware.append(mw)
         for rule in self._rules:
             rule.call = build_chain(self._middleware, rule.handler)
+
+    def _position(self, ref: Middleware | str) -> int:
+        for i, mw in enumerate(self._middleware):
+            if mw is ref or (isinstance(ref, str) and ref in {_name_of(mw), type(mw).__name__}):
+                return i
+            if isinstance(ref, type) and isinstance(mw, ref):
+                return i
+        names = ", ".join(_name_of(mw) for mw in self._middleware) or "none"
+        raise RuleDefinitionError(
+            f"Middleware {ref!r} given as before=/after= is not in the chain (it has: {names})."
+        )
+
+    def freeze(self) -> None:
+        """Freeze the middleware chain (the engine does it when it starts); rules may still be added."""
+        self._frozen = True
 
     def remove(self, handler: Callable[..., Any]) -> int:
         """Unregister every rule of ``handler``; return how many were removed."""

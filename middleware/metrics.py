@@ -19,6 +19,8 @@ and tests never collide); ``registry=`` injects one.  Metrics:
   (:meth:`MetricsMiddleware.record_circuit_state`).
 - ``krules_partition_lag{partition}`` and ``krules_partition_pending{partition}``:
   :meth:`MetricsMiddleware.record_partition_lag` and :meth:`MetricsMiddleware.record_partition_pending`.
+- ``krules_rerouted_total{partition}``: events the partitioning middleware sent to their owner's
+  partition (:meth:`MetricsMiddleware.record_reroute`).
 
 Register it before (outside) the retry middleware: it then counts one call per event and handler,
 with the final attempt count; inside it, every attempt would count as a call and the retries
@@ -145,6 +147,12 @@ class MetricsMiddleware:
                 ["partition"],
                 registry=registry,
             )
+            self.rerouted = Counter(
+                "krules_rerouted",
+                "Events re-routed to the partition that owns their subject",
+                ["partition"],
+                registry=registry,
+            )
         except ValueError as exc:  # "Duplicated timeseries in CollectorRegistry"
             raise ConfigurationError(
                 f"MetricsMiddleware option registry={registry!r} already holds krules metrics ({exc}); "
@@ -208,6 +216,10 @@ class MetricsMiddleware:
     def record_partition_pending(self, partition: int, pending: int) -> None:
         """Set how many events of ``partition`` were delivered but are not acknowledged yet."""
         self.partition_pending.labels(str(partition)).set(pending)
+
+    def record_reroute(self, partition: int) -> None:
+        """Count an event re-routed to ``partition``, which owns its subject."""
+        self.rerouted.labels(str(partition)).inc()
 
     def __repr__(self) -> str:
         return f"MetricsMiddleware(handlers={len(self._handlers)})"
