@@ -137,8 +137,9 @@ class PartitionSource(Protocol):
         """Append the entry to ``partition``'s stream (marked as forwarded), then acknowledge it."""
         ...
 
-    async def maintain(self) -> None:
-        """Periodic upkeep: refresh this consumer's registration, trim what every consumer has read."""
+    async def maintain(self) -> dict[int, tuple[int | None, int]]:
+        """Periodic upkeep: refresh this consumer's registration, trim what every consumer has read;
+        return each owned partition's ``(lag, pending)`` (lag None when unknown)."""
         ...
 
     async def close(self) -> None:

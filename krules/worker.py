@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Final
 
 from krules.errors import KRulesError, StorageError
@@ -63,6 +64,8 @@ class PartitionWorker:
         self._reading: asyncio.Task[list[Delivery]] | None = None
         self.processed = 0
         """Entries handled by this worker (turns committed, duplicates dropped, dead letters)."""
+        self.partition_observers: list[Callable[[int, int | None, int], None]] = []
+        """Called with ``(partition, lag, pending)`` at each upkeep (e.g. to export metrics)."""
 
     async def run(self) -> None:
         """Open the source and process until :meth:`stop` or cancellation (turns under way go on)."""
@@ -133,11 +136,17 @@ class PartitionWorker:
         while True:
             await asyncio.sleep(self.maintain_every)
             try:
-                await self.source.maintain()
+                figures = await self.source.maintain()
                 reclaimed = await self.source.reclaim()
             except KRulesError as exc:
                 logger.warning("stream upkeep failed (%s); trying again later", exc)
                 continue
+            for partition, (lag, pending) in figures.items():
+                for observe in self.partition_observers:
+                    try:
+                        observe(partition, lag, pending)
+                    except Exception:
+                        logger.exception("a partition observer failed")
             if reclaimed and not self._stopping:
                 self._start(reclaimed)
 

@@ -364,8 +364,11 @@ class RedisStreams:
 
     # -- upkeep ------------------------------------------------------------------------------
 
-    async def maintain(self) -> None:
-        """Refresh this consumer's registration; trim the owned streams to what is still needed."""
+    async def maintain(self) -> dict[int, tuple[int | None, int]]:
+        """Refresh this consumer's registration; trim the owned streams to what is still needed.
+
+        Returns each owned partition's ``(lag, pending)``: entries not yet delivered to the group
+        (None when Redis cannot tell) and entries delivered but not acknowledged."""
         seen = {"partitions": list(self.partitions), "seen": int(time.time() * 1000)}
         commands: list[Command] = [("HSET", self.keys.instances(), self.consumer, json.dumps(seen))]
         for p in self.partitions:
@@ -375,11 +378,14 @@ class RedisStreams:
             ]
         replies = await self._run(partial(self._commands.execute_many, commands), "maintain the streams")
         trims: list[Command] = []
+        figures: dict[int, tuple[int | None, int]] = {}
         for i, p in enumerate(self.partitions):
             pending, groups = replies[1 + 2 * i], replies[2 + 2 * i]
             group = _group_info(groups)
             if group is None:
                 continue
+            lag = group.get("lag")
+            figures[p] = (None if lag is None else int(lag), int(pending[0]) if pending else 0)
             keep = _text(group.get("last-delivered-id", "0-0"))
             if pending and int(pending[0]) > 0 and pending[1] is not None:
                 keep = min(keep, _text(pending[1]), key=_stream_id)
@@ -387,6 +393,7 @@ class RedisStreams:
                 trims.append(("XTRIM", self.keys.stream(p), "MINID", "~", keep))
         if trims:
             await self._run(partial(self._commands.execute_many, trims), "trim the streams")
+        return figures
 
     async def close(self) -> None:
         """Unregister this consumer and close the reading connection (the storage stays open)."""
