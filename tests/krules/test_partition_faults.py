@@ -5,7 +5,8 @@ subject's ``count`` and, through a ``count.total`` event that may cross partitio
 ``total-<k>`` subject's.  Counters are exact only if no event was lost and none was applied twice,
 so each test ends by comparing every counter with the number of events sent to it: after an
 instance is killed with SIGKILL and restarted, with two instances sharing the partitions, across a
-crash and restart of the Redis server itself, and across a graceful SIGTERM.
+crash and restart of the Redis server itself (quick, and longer than the instances' retry budget),
+across a graceful SIGTERM, and after a client sends the same events (same ids) again.
 
 Progress is read straight from Redis (counters, the partitions' consumer group, the processed-id
 sets) and waited for with deadlines; the deadlines are guards against a hang, never the assertion.
@@ -176,7 +177,7 @@ class Deployment:
     # sending
     def send_counts(self, events: int = EVENTS) -> None:
         """Queue ``events`` ``count.inc`` events over SUBJECTS subjects and GROUPS totals."""
-        specs = [
+        specs: list[dict[str, Any]] = [
             {"type": "count.inc", "subject": f"c-{i % SUBJECTS}", "data": {"k": i % GROUPS}}
             for i in range(events)
         ]
@@ -251,7 +252,10 @@ class Deployment:
             return False
 
     def dead_letters(self) -> int:
-        return sum(self.redis.xlen(self.keys.dead_letter_stream(p)) for p in range(self.keys.partitions))
+        """Dead letters of any kind: parked stream entries and ``dlq-<id>`` subjects (by their index)."""
+        parked = sum(self.redis.xlen(self.keys.dead_letter_stream(p)) for p in range(self.keys.partitions))
+        indexed = self.redis.hkeys(self.keys.subject("dlq-index"))
+        return parked + sum(field.startswith("p:") for field in indexed)
 
     def describe(self) -> str:
         try:
@@ -267,8 +271,11 @@ class Deployment:
         """Every subject's count is the number of events sent to it: none lost, none doubled."""
         counts = self.counts()
         wrong = {name: (counts[name], want) for name, want in self.expected.items() if counts[name] != want}
-        assert not wrong, f"(stored, expected) counts differ for {len(wrong)} subject(s): {wrong}"
-        assert self.dead_letters() == 0
+        dead = self.dead_letters()
+        assert not wrong, (
+            f"(stored, expected) counts differ for {len(wrong)} subject(s), {dead} dead letter(s): {wrong}"
+        )
+        assert dead == 0
 
     def assert_counts_match_commits(self) -> None:
         """A stopped deployment stored a subject's increments exactly for the events it marked processed."""
@@ -417,6 +424,39 @@ def test_instances_reconnect_after_a_redis_crash_and_restart_and_finish_exactly(
         assert deployment.prop(name, "handled_by") == [owners[partition_of(name, 4) // 2]]
     for instance in instances:
         assert_clean_exit(instance)
+
+
+def test_a_redis_outage_longer_than_the_retry_budget_loses_no_event(
+    redis_server_factory: Callable[..., LocalRedisServer],
+    redis_key_prefix: str,
+    start_instance: Callable[[dict[str, str]], Instance],
+    deployment_factory: Callable[..., Deployment],
+) -> None:
+    server = redis_server_factory(persistent=True)
+    env = counter_env(server.url, redis_key_prefix, partitions=4, partition_id="all", consumer="outage")
+    deployment = deployment_factory(server.url, redis_key_prefix, 4)
+    instance = start_instance(env)
+    instance.wait_reading()
+    deployment.send_counts()
+    wait_partly_counted(deployment, [instance])
+
+    # Redis stays down until the instance gives up on a call (its retry budget is spent), and as
+    # long again; every event must still be counted once: a turn whose storage calls failed must
+    # stay pending, not be committed as processed without its writes.
+    crashed = time.monotonic()
+    server.stop(kill=True)
+    wait_until(
+        lambda: re.search(r"could not .* after \d+ attempts", instance.log) is not None,
+        FINISH_TIMEOUT,
+        "the instance giving up on a Redis call",
+        instance.describe,
+    )
+    time.sleep(time.monotonic() - crashed)  # down as long again: the calls begun at the crash give up too
+    server.start()
+
+    wait_finished(deployment, instance)
+    deployment.assert_counts_exact()
+    assert instance.terminate() == 0, instance.describe()
 
 
 def test_an_instance_with_a_different_partition_count_refuses_with_one_error_line(
