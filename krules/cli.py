@@ -382,6 +382,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     partitions_cmd.add_argument("--json", action="store_true", help="print JSON instead of a table")
     partitions_cmd.set_defaults(handler=command_partitions)
+
+    from krules.cli_ops import add_dlq_commands
+
+    add_dlq_commands(commands)
     return parser
 
 
@@ -402,8 +406,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if handler is None:
             if args.command == "subject":
                 raise UsageError("Missing subject command; use 'krules subject show NAME'.")
+            if args.command == "dlq":
+                raise UsageError(
+                    "Missing dlq command; use 'krules dlq list', 'show ID', 'replay ID' or 'purge'."
+                )
             raise UsageError(
-                "Missing command; use one of run, emit, subject or partitions (see 'krules --help')."
+                "Missing command; use one of run, emit, subject, partitions or dlq (see 'krules --help')."
             )
         return handler(args)
     except UsageError as exc:

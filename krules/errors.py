@@ -36,6 +36,10 @@ class CascadeDepthExceeded(KRulesError):
         )
 
 
+class DeadLetterError(KRulesError):
+    """Raised when a dead letter cannot be found, or cannot be replayed (its event is not valid)."""
+
+
 class TurnEndedError(KRulesError):
     """Raised when background work writes a subject or emits an event after its turn was stored."""
 

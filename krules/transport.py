@@ -14,7 +14,8 @@ The ``event`` field holds one CloudEvents 1.0 event in JSON format (``specversio
 be unique per event and stable across retries of the same send: a partition drops an event whose id
 it committed before (within the dedupe window).  krules adds a ``hops`` field (``1``) to an entry
 it forwards to the right partition; an entry in the wrong stream with ``hops`` set is
-dead-lettered instead of forwarded again.
+dead-lettered instead of forwarded again (an entry that is not a valid event is dead-lettered too:
+dead letters are subjects, see :mod:`krules.dead_letters`).
 
 :class:`EventTransport` appends events to their partitions' streams; :class:`PartitionSource` is
 what :class:`krules.worker.PartitionWorker` reads them from.  The Redis implementation is
@@ -127,10 +128,6 @@ class PartitionSource(Protocol):
 
     def replay_pending(self, partition: int) -> None:
         """Make the next :meth:`read` go over this consumer's pending entries of ``partition`` again."""
-        ...
-
-    async def dead_letter(self, delivery: Delivery, reason: str, error: str) -> None:
-        """Park the entry in the partition's dead-letter stream and acknowledge it, at once."""
         ...
 
     async def forward(self, delivery: Delivery, partition: int) -> None:

@@ -13,6 +13,13 @@ Before a turn, an entry is checked: one that is not a valid event is dead-letter
 forwarded there once (``misrouted`` if it was forwarded already).  A turn whose commit fails
 (storage unreachable) leaves its entry pending: the worker goes over its pending entries again.
 
+The worker's dead letters are dead-letter subjects like the handlers' (:mod:`krules.dead_letters`,
+listed by ``krules dlq``), with handler "".  Each is committed like a turn, with the receipt
+``entry:<partition>:<entry id>``: the entry's ack, that id marked processed and the dead letter's
+writes of the entry's partition in one script; its writes to other partitions (the ``dlq-<id>``
+subject and the index usually live elsewhere) are stored just before and are idempotent, so a crash
+in between only means the entry is taken again and the same dead letter rewritten.
+
 A maintenance task reclaims entries other consumers left idle longer than ``KRULES_CLAIM_IDLE_MS``
 (they died) and keeps the streams trimmed.  :meth:`PartitionWorker.stop` (or cancelling
 :meth:`PartitionWorker.run`) stops reading; the turns under way finish and commit, and
@@ -27,6 +34,7 @@ import random
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Final
 
+from krules.dead_letters import INVALID_EVENT, MAX_DELIVERIES, MISROUTED, entry_dead_letter, store_changes
 from krules.errors import KRulesError, StorageError
 from krules.partitioning import partition_of
 from krules.transport import HOPS_FIELD
@@ -66,6 +74,9 @@ class PartitionWorker:
         """Entries handled by this worker (turns committed, duplicates dropped, dead letters)."""
         self.partition_observers: list[Callable[[int, int | None, int], None]] = []
         """Called with ``(partition, lag, pending)`` at each upkeep (e.g. to export metrics)."""
+        self.dead_letter_observers: list[Callable[[str, str], object]] = []
+        """Called with ``("", reason)`` for each entry dead-lettered (the handler is "": none ran),
+        e.g. ``MetricsMiddleware.record_dead_letter``."""
 
     async def run(self) -> None:
         """Open the source and process until :meth:`stop` or cancellation (turns under way go on)."""
@@ -177,12 +188,12 @@ class PartitionWorker:
     async def _decide(self, delivery: Delivery) -> None:
         event = delivery.event
         if event is None:
-            await self.source.dead_letter(delivery, "invalid_event", delivery.problem or "not an event")
+            await self._dead_letter(delivery, INVALID_EVENT, delivery.problem or "not an event")
             return
         if delivery.deliveries > self.max_deliveries:
-            await self.source.dead_letter(
+            await self._dead_letter(
                 delivery,
-                "max_deliveries",
+                MAX_DELIVERIES,
                 f"Event {event.id!r} was delivered {delivery.deliveries} times without being committed "
                 f"(KRULES_MAX_DELIVERIES={self.max_deliveries}); it is parked instead of tried again.",
             )
@@ -190,9 +201,9 @@ class PartitionWorker:
         owner = partition_of(event.subject, self._partitions)
         if owner != delivery.partition:
             if delivery.fields.get(HOPS_FIELD):
-                await self.source.dead_letter(
+                await self._dead_letter(
                     delivery,
-                    "misrouted",
+                    MISROUTED,
                     f"Event {event.id!r} for subject {event.subject!r} (partition {owner}) was forwarded "
                     f"to partition {delivery.partition} already and is still in the wrong stream.",
                 )
@@ -200,3 +211,28 @@ class PartitionWorker:
                 await self.source.forward(delivery, owner)
             return
         await self.engine.process(event, receipt=Receipt(delivery.partition, event.id, delivery.entry_id))
+
+    async def _dead_letter(self, delivery: Delivery, reason: str, message: str) -> None:
+        """Store the entry as a dead-letter subject and acknowledge it, in one commit."""
+        record = entry_dead_letter(delivery, reason, message, self.engine.clock.now())
+        storage = self.engine.storage
+        commit = getattr(storage, "commit", None)  # a CommittingStorage (Redis mode)
+        if commit is None:
+            raise TypeError(f"{type(storage).__name__} cannot commit the dead letters of stream entries")
+        receipt = Receipt(
+            delivery.partition, f"entry:{delivery.partition}:{delivery.entry_id}", delivery.entry_id
+        )
+        await commit(store_changes(record), receipt)
+        logger.error(
+            "dead-lettered stream entry %s of partition %d as %s (%s): %s",
+            delivery.entry_id,
+            delivery.partition,
+            record.name,
+            reason,
+            message,
+        )
+        for observe in self.dead_letter_observers:
+            try:
+                observe("", reason)
+            except Exception:
+                logger.exception("dead-letter observer %r raised", observe)

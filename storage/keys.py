@@ -11,14 +11,14 @@ Keys::
                                          ``krules`` (:data:`CONSUMER_GROUP`)
     <prefix>{p<p>}:processed     zset    ids of the events the partition has committed, scored by commit
                                          time in ms, trimmed to the dedupe window
-    <prefix>{p<p>}:deadletter    stream  entries the partition could not process (invalid, delivered too
-                                         often, misrouted twice): the original fields plus ``reason``,
-                                         ``error``, ``deliveries``, ``stream_id`` and ``time``
-    <prefix>{p<p>}:dlq           zset    (reserved) names of the partition's dead-letter subjects, scored
-                                         by the time they failed
     <prefix>partitions           string  the partition count, recorded by the first instance started
     <prefix>instances            hash    consumer name -> JSON ``{"partitions": [...], "seen": <ms>}``,
                                          refreshed by each running instance (``krules partitions``)
+
+Dead letters are ordinary subjects, so they have no keys of their own: each is the hash of subject
+``dlq-<id>``, and their index by time the hash of subject ``dlq-index`` (:mod:`krules.dead_letters`),
+each in its own partition.  The names ``<prefix>{p<p>}:deadletter`` (a dead-letter stream that
+earlier builds wrote) and ``<prefix>{p<p>}:dlq`` are reserved and not written.
 
 Every key of partition ``p`` carries the Redis Cluster hash tag ``{p<p>}``: a cluster hashes only
 the text between the first ``{`` and the next ``}``, so the subject hashes, the stream and the
@@ -148,7 +148,7 @@ class KeySchema:
         return f"{self.prefix}{{p{partition}}}:processed"
 
     def dead_letter_stream(self, partition: int) -> str:
-        """Return the key of ``partition``'s dead-letter stream."""
+        """Return the key of ``partition``'s dead-letter stream (reserved: no longer written)."""
         return f"{self.prefix}{{p{partition}}}:deadletter"
 
     def instances(self) -> str:
@@ -156,7 +156,7 @@ class KeySchema:
         return f"{self.prefix}instances"
 
     def dead_letters(self, partition: int) -> str:
-        """Return the key of ``partition``'s dead-letter index (reserved)."""
+        """Return the key of ``partition``'s dead-letter index (reserved: the index is a subject)."""
         return f"{self.prefix}{{p{partition}}}:dlq"
 
     def partition_count(self) -> str:

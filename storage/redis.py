@@ -246,12 +246,7 @@ class RedisStorage:
         self._store_script = lua_script("redis_store")
         self._set_script = lua_script("redis_set")
         self._delete_script = lua_script("redis_delete")
-        self._scripts = (
-            self._store_script,
-            self._set_script,
-            self._delete_script,
-            lua_script("redis_dead_letter"),  # the stream transport's (storage.redis_streams)
-        )
+        self._scripts = (self._store_script, self._set_script, self._delete_script)
         self._scripts_missing = False
         self._last_values: dict[tuple[str, str], str | None] = {}
         self._commits = 0

@@ -18,9 +18,9 @@ What a consumer does, per partition it owns:
   event re-sent by a re-run turn, a client retry), acknowledging them;
 * :meth:`~RedisStreams.reclaim`: ``XAUTOCLAIM`` entries idle longer than ``claim_idle_ms`` (a
   consumer died holding them), with their delivery counts from ``XPENDING``;
-* :meth:`~RedisStreams.dead_letter` parks an entry in the partition's dead-letter stream and
-  acknowledges it in one script; :meth:`~RedisStreams.forward` appends an entry that belongs to
-  another partition there, marked ``hops=1``, and acknowledges it;
+* :meth:`~RedisStreams.forward` appends an entry that belongs to another partition there, marked
+  ``hops=1``, and acknowledges it (an entry the worker will not process becomes a dead-letter
+  subject, committed with its ack through the storage: see :mod:`krules.worker`);
 * :meth:`~RedisStreams.maintain`: refresh the registration, and trim each stream to its oldest
   entry still pending or not yet delivered (one consumer group per stream, so nothing before that
   is needed again).
@@ -43,7 +43,6 @@ from krules.events import Event
 from krules.transport import ENTRY_FIELD, HOPS_FIELD, Delivery, decode_entry, encode_entry
 from krules.worker import PartitionWorker
 from storage.keys import CONSUMER_GROUP
-from storage.lua import lua_script
 from storage.redis import RedisStorage
 from storage.redis_commands import RedisCommands
 from storage.redis_connection import Arg, Command
@@ -103,7 +102,6 @@ class RedisStreams:
         self._reader: RedisCommands | None = None
         self._cursors = dict.fromkeys(self.partitions, "0")  # "0": own pending entries first
         self._claim_cursors = dict.fromkeys(self.partitions, "0-0")
-        self._dead_letter_script = lua_script("redis_dead_letter")
         self._count_checked = False
 
     # -- the deployment ----------------------------------------------------------------------
@@ -319,30 +317,6 @@ class RedisStreams:
         await self._run(partial(self._commands.execute_many, commands), "acknowledge entries")
 
     # -- what is not processed ---------------------------------------------------------------
-
-    async def dead_letter(self, delivery: Delivery, reason: str, error: str) -> None:
-        """Park ``delivery`` in its partition's dead-letter stream and acknowledge it, atomically."""
-        p = delivery.partition
-        keys = [self.keys.stream(p), self.keys.dead_letter_stream(p)]
-        parked = {
-            **delivery.fields,
-            "reason": reason,
-            "error": error,
-            "deliveries": str(delivery.deliveries),
-            "stream_id": delivery.entry_id,
-            "time": str(int(time.time() * 1000)),
-            "consumer": self.consumer,
-        }
-        args: list[Arg] = [CONSUMER_GROUP, delivery.entry_id]
-        for name, value in parked.items():
-            args += (name, value)
-        script = self._dead_letter_script
-        await self._run(
-            partial(self._commands.evalsha, script.sha, keys, args), "dead-letter entry %s", delivery.entry_id
-        )
-        _log.error(
-            "dead-lettered stream entry %s of partition %d (%s): %s", delivery.entry_id, p, reason, error
-        )
 
     async def forward(self, delivery: Delivery, partition: int) -> None:
         """Append ``delivery``'s entry to ``partition``'s stream (``hops=1``), then acknowledge it."""

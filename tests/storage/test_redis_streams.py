@@ -18,6 +18,7 @@ from krules import KRulesContainer
 from krules.client import AsyncStreamClient
 from krules.config import Settings
 from krules.context import EventContext
+from krules.dead_letters import DeadLetters
 from krules.engine import Engine
 from krules.errors import ConfigurationError
 from krules.events import Event
@@ -223,18 +224,27 @@ async def test_an_entry_that_is_not_an_event_is_dead_lettered_with_the_reason(
     await raw.xadd(keys.stream(0), {"event": json.dumps({"specversion": "1.0", "id": "x", "type": "t"})})
     await instance.emit("count.inc", "after")  # the stream goes on after them
     await eventually(lambda: _equals(count_of(instance.storage, "after"), 1))
-    await eventually(lambda: _length_is(raw, keys.dead_letter_stream(0), 3))
-    parked = await raw.xrange(keys.dead_letter_stream(0))
-    assert [fields["reason"] for _, fields in parked] == ["invalid_event"] * 3
-    assert "not valid JSON" in parked[0][1]["error"]
-    assert parked[0][1]["event"] == "{not json"  # the original entry is kept
-    assert "no 'event' field" in parked[1][1]["error"]
-    assert "'source'" in parked[2][1]["error"]
+    await eventually(lambda: _dead_letters_are(instance, 3))
+    parked = sorted(await DeadLetters(instance.storage).list(), key=lambda r: _stream_order(r.entry_id))
+    assert [record.reason for record in parked] == ["invalid_event"] * 3
+    assert [record.handler for record in parked] == [""] * 3
+    assert "not valid JSON" in parked[0].error["message"]
+    assert parked[0].event == {"event": "{not json"}  # the original entry is kept
+    assert "no 'event' field" in parked[1].error["message"]
+    assert parked[1].event == {"something": "else"}
+    assert "'source'" in parked[2].error["message"]
+    assert (parked[2].event_id, parked[2].event_type) == ("x", "t")  # what could be read of it
+    assert {record.partition for record in parked} == {0}
     await eventually(lambda: _pending_is(raw, keys.stream(0), 0))
 
 
-async def _length_is(raw: aioredis.Redis, key: str, expected: int) -> bool:
-    return bool(await raw.xlen(key) == expected)
+async def _dead_letters_are(instance: Instance, expected: int) -> bool:
+    return len(await DeadLetters(instance.storage).list()) == expected
+
+
+def _stream_order(entry_id: str) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq)
 
 
 async def test_an_entry_delivered_too_often_is_dead_lettered_instead_of_looping(
@@ -251,10 +261,12 @@ async def test_an_entry_delivered_too_often_is_dead_lettered_instead_of_looping(
     await raw.xreadgroup(CONSUMER_GROUP, "crashed-a", {keys.stream(0): ">"}, count=1)
     await raw.xautoclaim(keys.stream(0), CONSUMER_GROUP, "crashed-b", 0, "0-0")
     await instance.start()
-    await eventually(lambda: _length_is(raw, keys.dead_letter_stream(0), 1))
-    ((_, parked),) = await raw.xrange(keys.dead_letter_stream(0))
-    assert parked["reason"] == "max_deliveries"
-    assert parked["deliveries"] == "3"
+    await eventually(lambda: _dead_letters_are(instance, 1))
+    (parked,) = await DeadLetters(instance.storage).list()
+    assert parked.reason == "max_deliveries"
+    assert parked.attempts == 3  # the deliveries
+    assert (parked.event_id, parked.subject, parked.handler) == ("poison-1", "poison", "")
+    assert parked.event["id"] == "poison-1" and parked.event["type"] == "count.inc"
     assert await count_of(instance.storage, "poison") is None
     await eventually(lambda: _pending_is(raw, keys.stream(0), 0))
 
@@ -294,9 +306,10 @@ async def test_an_entry_in_the_wrong_partition_is_forwarded_once_and_processed_b
     assert [fields.get("hops") for _, fields in forwarded] == ["1"]
     # An entry that was forwarded already and is still misplaced is parked, not bounced again.
     await raw.xadd(keys.stream(0), {"event": json.dumps(event.to_dict()), "hops": "1"})
-    await eventually(lambda: _length_is(raw, keys.dead_letter_stream(0), 1))
-    ((_, parked),) = await raw.xrange(keys.dead_letter_stream(0))
-    assert parked["reason"] == "misrouted"
+    await eventually(lambda: _dead_letters_are(instance, 1))
+    (parked,) = await DeadLetters(instance.storage).list()
+    assert (parked.reason, parked.partition, parked.event_id) == ("misrouted", 0, "misrouted-1")
+    await eventually(lambda: _pending_is(raw, keys.stream(0), 0))
 
 
 async def test_an_emit_to_another_partition_goes_through_its_stream_with_a_derived_id(

@@ -1,0 +1,213 @@
+"""Dead letters: a handler call that finally fails is stored as a dead-letter subject, never lost.
+
+:class:`DeadLetterMiddleware` wraps each handler call.  When the rest of the chain raises anything
+but :class:`~middleware.base.SkipEvent` (the last attempt of a retried call, a time-out, an open
+circuit, a :class:`~middleware.base.DeadLetterEvent`, the loop guard), it
+
+1. writes the dead letter ``dlq-<id>`` and its index line (:mod:`krules.dead_letters`: the original
+   CloudEvent, handler, error, traceback, attempts, reason, time) through the turn's cached
+   subjects, so it is stored with the turn (in Redis mode: committed with the event's ack);
+2. emits ``error.handler_failed`` for the failed event's subject, a child of the failed event in
+   the same turn, with data ``{"dlq", "handler", "reason", "error", "error_type", "event_type",
+   "event_id", "subject", "attempts"}`` (rules can alert on it);
+3. calls the ``on_dead_letter(handler, reason)`` listeners (e.g.
+   ``MetricsMiddleware.record_dead_letter``);
+4. re-raises the original exception, so the engine records the failure on the turn as before.
+
+The reason is the :class:`~middleware.base.DeadLetterEvent`'s own (``circuit_open`` for an open
+circuit, ``rejected`` by default), ``timeout`` for a time-out (any :class:`TimeoutError`, which
+:class:`~middleware.timeout.HandlerTimeoutError` is), ``loop_guard`` for
+:class:`~krules.errors.CascadeDepthExceeded`, else ``error``.  Attempts are the retry middleware's
+:data:`~middleware.base.ATTEMPTS` (1 without it).
+
+No loops, no lost events: a failure of a handler *of* ``error.handler_failed`` is dead-lettered
+but emits nothing more, and an event at the cascade depth limit cannot have a child, so its
+``error.handler_failed`` is logged instead of emitted.  A failure of this middleware itself (the
+record cannot be written) is logged and the original exception still propagates.
+
+Replays (``krules dlq replay``): the root event of a replay turn runs only the failed handler.  When
+that call succeeds, its dead letter and index line are deleted in the same turn; when it fails
+again, the same dead letter is rewritten (the original event kept, ``replays`` counted).
+
+Place it outside the circuit breaker, retry and time-out middleware (registered before them), so it
+sees only what finally failed::
+
+    [DeadLetterMiddleware(on_dead_letter=metrics.record_dead_letter), CircuitBreakerMiddleware(),
+     RetryMiddleware(), TimeoutMiddleware()]
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Final
+
+from krules.dead_letters import (
+    ERROR,
+    HANDLER_FAILED,
+    LOOP_GUARD,
+    TIMEOUT,
+    DeadLetter,
+    handler_dead_letter,
+    remove_dead_letter,
+    replay_target,
+    write_dead_letter,
+)
+from krules.errors import CascadeDepthExceeded, ConfigurationError
+from middleware.base import ATTEMPTS, DeadLetterEvent, Next, SkipEvent
+
+if TYPE_CHECKING:
+    from krules.context import EventContext
+
+__all__ = ["DeadLetterListener", "DeadLetterMiddleware", "reason_of"]
+
+logger = logging.getLogger(__name__)
+
+DeadLetterListener = Callable[[str, str], object]
+"""Called as ``listener(handler, reason)`` for every dead-lettered handler call."""
+
+_DEPTH_LIMITED: Final = (
+    "error.handler_failed for %s on %s (event %s) not emitted: the event is at the cascade depth limit"
+)
+
+
+def reason_of(error: BaseException) -> str:
+    """The dead-letter reason of a handler call that failed with ``error``."""
+    if isinstance(error, DeadLetterEvent):
+        return error.reason
+    if isinstance(error, TimeoutError):
+        return TIMEOUT
+    if isinstance(error, CascadeDepthExceeded):
+        return LOOP_GUARD
+    return ERROR
+
+
+def _listeners(value: object) -> list[DeadLetterListener]:
+    candidates: Sequence[object]
+    if value is None:
+        candidates = []
+    elif isinstance(value, list | tuple):
+        candidates = value
+    else:
+        candidates = [value]
+    checked: list[DeadLetterListener] = []
+    for listener in candidates:
+        if not callable(listener) or inspect.iscoroutinefunction(listener):
+            raise ConfigurationError(
+                f"DeadLetterMiddleware got on_dead_letter={value!r}; pass a plain (not async) function "
+                "of (handler, reason), or a list of them."
+            )
+        checked.append(listener)
+    return checked
+
+
+class DeadLetterMiddleware:
+    """Middleware: store what finally fails as a dead letter, announce it, and let it fail.
+
+    ``emit_event`` (default True) emits ``error.handler_failed`` for each dead letter;
+    ``on_dead_letter`` is one ``listener(handler, reason)`` or a list of them.
+    """
+
+    __slots__ = ("_emit", "_listeners")
+
+    def __init__(
+        self,
+        *,
+        emit_event: bool = True,
+        on_dead_letter: DeadLetterListener | Sequence[DeadLetterListener] | None = None,
+    ) -> None:
+        if not isinstance(emit_event, bool):
+            raise ConfigurationError(
+                f"DeadLetterMiddleware got emit_event={emit_event!r}; pass True or False."
+            )
+        self._emit = emit_event
+        self._listeners = _listeners(on_dead_letter)
+
+    def add_listener(self, listener: DeadLetterListener) -> None:
+        """Also call ``listener(handler, reason)`` for every dead letter."""
+        self._listeners.extend(_listeners(listener))
+
+    async def __call__(self, ctx: EventContext, next: Next) -> None:
+        """Run the rest of the chain; dead-letter what it raises (but SkipEvent), then re-raise it."""
+        try:
+            await next()
+        except SkipEvent:
+            raise
+        except Exception as exc:
+            await self._dead_letter(ctx, exc)
+            raise
+        if ctx.raw_event.extensions is not None:  # a replay (only root events of replays carry one)
+            target = replay_target(ctx)
+            if target is not None:
+                await self._replayed(ctx, target[0])
+
+    async def _dead_letter(self, ctx: EventContext, error: Exception) -> None:
+        reason = reason_of(error)
+        handler = ctx.rule.name
+        record: DeadLetter | None = None
+        try:
+            attempts = ctx.get_metadata(ATTEMPTS, 1)
+            target = replay_target(ctx)
+            record = handler_dead_letter(
+                ctx,
+                error,
+                reason,
+                attempts if attempts.__class__ is int else 1,
+                ctx.clock.now(),
+                name=None if target is None else target[0],
+            )
+            record = await write_dead_letter(ctx.turn, record, replay=0 if target is None else target[1])
+        except Exception:
+            logger.exception(
+                "could not dead-letter the failure of %s on %s (event %s); the failure itself is recorded",
+                handler,
+                ctx.event_type,
+                ctx.event_id,
+            )
+            record = None
+        if self._emit:
+            await self._announce(ctx, error, reason, record)
+        for listener in self._listeners:
+            try:
+                listener(handler, reason)
+            except Exception:  # a broken listener must not change the outcome of the handler call
+                logger.exception("dead-letter listener %r raised", listener)
+
+    async def _announce(
+        self, ctx: EventContext, error: Exception, reason: str, record: DeadLetter | None
+    ) -> None:
+        event = ctx.raw_event
+        if event.type == HANDLER_FAILED:
+            return  # a handler of the announcement failed: announcing that too could loop
+        if event.depth >= ctx._engine.settings.max_cascade_depth:
+            logger.warning(_DEPTH_LIMITED, ctx.rule.name, event.type, event.id)
+            return
+        attempts = ctx.get_metadata(ATTEMPTS, 1)
+        payload = {
+            "dlq": None if record is None else record.name,
+            "handler": ctx.rule.name,
+            "reason": reason,
+            "error": f"{type(error).__name__}: {error}",
+            "error_type": type(error).__name__,
+            "event_type": event.type,
+            "event_id": event.id,
+            "subject": event.subject,
+            "attempts": attempts if attempts.__class__ is int else 1,
+        }
+        try:
+            await ctx.emit(HANDLER_FAILED, payload)
+        except Exception:
+            logger.exception("emitting %s for %s (event %s) failed", HANDLER_FAILED, ctx.rule.name, event.id)
+
+    async def _replayed(self, ctx: EventContext, name: str) -> None:
+        try:
+            removed = await remove_dead_letter(ctx.turn, name)
+        except Exception:
+            logger.exception("could not delete dead letter %s after its replay succeeded", name)
+            return
+        if removed:
+            logger.info("replay of dead letter %s by %s succeeded; it is deleted", name, ctx.rule.name)
+
+    def __repr__(self) -> str:
+        return f"DeadLetterMiddleware(emit_event={self._emit}, listeners={len(self._listeners)})"
