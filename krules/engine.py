@@ -36,7 +36,7 @@ from krules.admission import Admission
 from krules.clock import Clock, SystemClock
 from krules.config import Settings
 from krules.context import EventContext, _current
-from krules.errors import CascadeDepthExceeded, EventFormatError, TurnEndedError
+from krules.errors import CascadeDepthExceeded, EventFormatError, TurnEndedError, aborts_turn
 from krules.events import DEPTH_EXTENSION, REPLAY_EXTENSION, Event, IdGenerator
 from krules.partitioning import partition_of
 from krules.subject import Subject
@@ -330,8 +330,9 @@ class Engine:
 
         With a ``receipt`` (an event taken from a partition stream) the end of the turn is a commit
         that also marks the event processed and acknowledges its entry.  Raises a StorageError when
-        the turn's writes cannot be stored (nothing of the turn is then stored); handler failures
-        do not raise, they are on ``turn.failures``.
+        the turn's writes cannot be stored, or when a handler let a StorageError through (a read
+        that gave up): nothing of the turn is then stored, and a stream event stays pending to be
+        taken again.  Other handler failures do not raise, they are on ``turn.failures``.
         """
         name = event.subject
         self._inflight += 1
@@ -348,6 +349,12 @@ class Engine:
                 else:
                     await self._dispatch(event, turn, subject, extra)
                 taken = turn.close()
+                if turn.aborted is not None:
+                    # A handler met a storage failure (e.g. Redis away past the retries): the turn
+                    # cannot be complete, so none of it is stored and the event is not acknowledged.
+                    for touched, changes in taken:
+                        touched.restore_changes(changes)
+                    raise turn.aborted
                 if taken or receipt is not None:
                     await turn.commit(taken)
                 return turn
@@ -487,6 +494,8 @@ class Engine:
         event = ctx._event
         failure = HandlerFailure(ctx.handler_name, event, exc)
         ctx.turn.failures.append(failure)
+        if ctx.turn.aborted is None and aborts_turn(exc):
+            ctx.turn.aborted = exc  # not the handler's fault: the whole turn is to be taken again
         try:
             logger.error(
                 "%s of %s failed on %s for subject %r (event %s): %s: %s",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TypeGuard
+
 
 class KRulesError(Exception):
     """Root of every error krules raises on purpose."""
@@ -73,3 +75,10 @@ class IngressError(KRulesError):
 
 class ServerError(KRulesError):
     """Raised when the HTTP server cannot start, e.g. because its address is already in use."""
+
+
+def aborts_turn(error: BaseException) -> TypeGuard[StorageError]:
+    """Whether ``error``, let through by a handler, is the storage failing rather than the handler:
+    the engine then stores nothing of the turn and it is taken again (a value that cannot be
+    serialised is the handler's own mistake, not the storage's)."""
+    return isinstance(error, StorageError) and not isinstance(error, ValueNotSerializableError)

@@ -10,6 +10,7 @@ from storage.base import Receipt, SubjectChanges
 
 if TYPE_CHECKING:
     from krules.engine import Engine
+    from krules.errors import StorageError
     from krules.events import Event
 
 __all__ = ["HandlerFailure", "Turn"]
@@ -35,6 +36,7 @@ class Turn:
 
     __slots__ = (
         "_others",
+        "aborted",
         "closed",
         "committed",
         "engine",
@@ -56,6 +58,8 @@ class Turn:
         self.closed = False
         self.committed = True
         """False when the commit found the root event committed before (nothing was written)."""
+        self.aborted: StorageError | None = None
+        """The storage failure a handler let through: the turn is then not stored at all."""
 
     def subject(self, name: str) -> Subject:
         """The turn's subject called ``name`` (created and cached on first use)."""

@@ -10,8 +10,11 @@ nothing of it stored, or everything stored and the entry gone.
 Before a turn, an entry is checked: one that is not a valid event is dead-lettered
 (``invalid_event``); one delivered more than ``KRULES_MAX_DELIVERIES`` times is dead-lettered
 (``max_deliveries``) instead of looping; one whose subject belongs to another partition is
-forwarded there once (``misrouted`` if it was forwarded already).  A turn whose commit fails
-(storage unreachable) leaves its entry pending: the worker goes over its pending entries again.
+forwarded there once (``misrouted`` if it was forwarded already).  A turn that cannot be stored
+(Redis away past the storage's retries, in a handler's read or in the commit) is not stored at all
+and is run again by the worker, which still owns its entry: for as long as Redis is unreachable,
+up to ``KRULES_MAX_DELIVERIES`` times for other storage failures (then the entry stays pending and
+is reclaimed later, counting as a delivery).
 
 The worker's dead letters are dead-letter subjects like the handlers' (:mod:`krules.dead_letters`,
 listed by ``krules dlq``), with handler "".  Each is committed like a turn, with the receipt
@@ -35,7 +38,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Final
 
 from krules.dead_letters import INVALID_EVENT, MAX_DELIVERIES, MISROUTED, entry_dead_letter, store_changes
-from krules.errors import KRulesError, StorageError
+from krules.errors import KRulesError, StorageError, StorageUnavailableError
 from krules.partitioning import partition_of
 from krules.transport import HOPS_FIELD
 from storage.base import Receipt
@@ -50,6 +53,8 @@ logger = logging.getLogger(__name__)
 
 _READ_BACKOFF: Final = 0.1
 _READ_BACKOFF_CAP: Final = 5.0
+_RETRY_BACKOFF: Final = 0.1
+_RETRY_CAP: Final = 5.0
 
 
 class PartitionWorker:
@@ -164,23 +169,43 @@ class PartitionWorker:
     # -- one entry ---------------------------------------------------------------------------
     async def _handle(self, delivery: Delivery) -> None:
         try:
-            await self._decide(delivery)
-            self.processed += 1
-        except StorageError as exc:
-            logger.error(
-                "entry %s of partition %d was not committed (%s); it stays pending and is taken again",
-                delivery.entry_id,
-                delivery.partition,
-                exc,
-            )
-            self.source.replay_pending(delivery.partition)
+            failures = 0
+            while True:
+                try:
+                    await self._decide(delivery)
+                    self.processed += 1
+                    return
+                except StorageError as exc:
+                    # Nothing of the turn was stored.  Try it again here, still owning the entry
+                    # (a re-read would count as another delivery): forever while Redis is away,
+                    # up to KRULES_MAX_DELIVERIES times for other storage failures.
+                    failures += 1
+                    gone = isinstance(exc, StorageUnavailableError)
+                    if self._stopping or (not gone and failures >= self.max_deliveries):
+                        logger.error(
+                            "entry %s of partition %d was not committed (%s); it stays pending and is "
+                            "taken again later",
+                            delivery.entry_id,
+                            delivery.partition,
+                            exc,
+                        )
+                        return
+                    delay = min(_RETRY_CAP, _RETRY_BACKOFF * 2 ** min(failures - 1, 10))
+                    delay *= 0.5 + random.random() / 2
+                    logger.warning(
+                        "entry %s of partition %d was not committed (%s); trying again in %.1f s",
+                        delivery.entry_id,
+                        delivery.partition,
+                        exc,
+                        delay,
+                    )
+                    await asyncio.sleep(delay)
         except Exception:
             logger.exception(
-                "entry %s of partition %d failed unexpectedly; it stays pending and is taken again",
+                "entry %s of partition %d failed unexpectedly; it stays pending and is reclaimed later",
                 delivery.entry_id,
                 delivery.partition,
             )
-            self.source.replay_pending(delivery.partition)
         finally:
             del self._inflight[delivery.partition, delivery.entry_id]
             self._room.set()

@@ -38,7 +38,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Final, Literal, Protocol
 
-from krules.errors import ConfigurationError, KRulesError
+from krules.errors import ConfigurationError, KRulesError, aborts_turn
 from middleware.base import DeadLetterEvent, Next, SkipEvent
 
 if TYPE_CHECKING:
@@ -231,7 +231,9 @@ class CircuitBreakerMiddleware:
             await next()
         except _NEUTRAL:
             raise
-        except Exception:
+        except Exception as exc:
+            if aborts_turn(exc):  # the storage failing, not the handler: the turn is taken again
+                raise
             self._failed(ctx, key)
             raise
         if self._circuits:  # a success ends a run of failures (the closed circuit is forgotten)
@@ -254,7 +256,9 @@ class CircuitBreakerMiddleware:
             await next()
         except _NEUTRAL:
             raise
-        except Exception:
+        except Exception as exc:
+            if aborts_turn(exc):  # the storage failing, not the handler: the turn is taken again
+                raise
             if self._current(key, circuit, trip):
                 circuit.failures += 1
                 self._open(ctx, key, circuit)

@@ -54,7 +54,7 @@ from krules.dead_letters import (
     replay_target,
     write_dead_letter,
 )
-from krules.errors import CascadeDepthExceeded, ConfigurationError
+from krules.errors import CascadeDepthExceeded, ConfigurationError, aborts_turn
 from middleware.base import ATTEMPTS, DeadLetterEvent, Next, SkipEvent
 
 if TYPE_CHECKING:
@@ -135,7 +135,8 @@ class DeadLetterMiddleware:
         except SkipEvent:
             raise
         except Exception as exc:
-            await self._dead_letter(ctx, exc)
+            if not aborts_turn(exc):  # the storage failing: the whole turn is taken again instead
+                await self._dead_letter(ctx, exc)
             raise
         if ctx.raw_event.extensions is not None:  # a replay (only root events of replays carry one)
             target = replay_target(ctx)
