@@ -229,6 +229,7 @@ async def feed_demo(engine: Engine, server: KRulesServer) -> None:
 
 def command_run(args: argparse.Namespace) -> int:
     from krules.server import run
+    from middleware.defaults import build_default_chain
 
     settings = Settings.from_env(http_host=args.host, http_port=args.port)
     configure_logging(settings)
@@ -237,16 +238,36 @@ def command_run(args: argparse.Namespace) -> int:
     storage = redis_storage(settings) if settings.redis_url else None
     if storage is not None:
         container.subject_storage.override(providers.Object(storage))
+    chain = build_default_chain(settings)
+    registry = container.registry()
+    for mw in chain.middlewares:
+        registry.add_middleware(mw)
     with use_container(container):
         for module in args.modules:
             load_rule_module(module)
             logger.info("loaded rule module %s", module)
+    logger.info("middleware: %s", " -> ".join(chain.names) or "none")
     engine: Engine = container.engine()
+    routes = []
+    if chain.metrics is not None:
+        from middleware.metrics import metrics_route
+
+        engine.event_observers.append(chain.metrics.observe_event)
+        routes.append(metrics_route(chain.metrics))
     companions: list[Callable[[KRulesServer], Any]] = []
     if storage is not None:
         from storage.redis_streams import stream_worker
 
         worker = stream_worker(engine, storage)
+        if chain.metrics is not None:
+            metrics = chain.metrics
+
+            def export(partition: int, lag: int | None, pending: int) -> None:
+                if lag is not None:
+                    metrics.record_partition_lag(partition, lag)
+                metrics.record_partition_pending(partition, pending)
+
+            worker.partition_observers.append(export)
         companions.append(lambda server: worker.run())
     if args.demo:
         engine.event_observers.append(log_event)
@@ -258,7 +279,11 @@ def command_run(args: argparse.Namespace) -> int:
     def on_started(server: KRulesServer) -> Any:
         return alongside(server) if companions else None
 
-    run(engine, on_started=on_started)
+    try:
+        run(engine, on_started=on_started, routes=routes)
+    finally:
+        if chain.tracer_provider is not None:
+            chain.tracer_provider.shutdown()  # flushes the spans still buffered
     return 0
 
 

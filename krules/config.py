@@ -68,12 +68,7 @@ def _float(minimum: float, *, inclusive: bool = False) -> Callable[[str, str], f
             value = float(raw)
         except ValueError:
             raise ConfigurationError(f"{var}={raw!r} is not a number.") from None
-        if (
-            math.isnan(value)
-            or math.isinf(value)
-            or value < minimum
-            or (value == minimum and not inclusive)
-        ):
+        if math.isnan(value) or math.isinf(value) or value < minimum or (value == minimum and not inclusive):
             bound = f"at least {minimum:g}" if inclusive else f"greater than {minimum:g}"
             raise ConfigurationError(f"{var}={raw!r} is out of range; use a number {bound}.")
         return value
