@@ -6,7 +6,7 @@ import importlib
 import subprocess
 import sys
 
-MEMORY = ["bench.order_cascade", "bench.dispatch_cost", "bench.middleware_overhead"]
+MEMORY = ["bench.order_cascade", "bench.dispatch_cost", "bench.middleware_overhead", "bench.default_chain"]
 REDIS = ["bench.redis_orders", "bench.redis_increments", "bench.stream_orders"]
 
 

@@ -268,6 +268,7 @@ def command_run(args: argparse.Namespace) -> int:
                 metrics.record_partition_pending(partition, pending)
 
             worker.partition_observers.append(export)
+            worker.dead_letter_observers.append(metrics.record_dead_letter)
         companions.append(lambda server: worker.run())
     if args.demo:
         engine.event_observers.append(log_event)
