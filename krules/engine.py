@@ -355,7 +355,7 @@ class Engine:
                     for touched, changes in taken:
                         touched.restore_changes(changes)
                     raise turn.aborted
-                if taken or receipt is not None:
+                if taken or receipt is not None or turn.outbox:
                     await turn.commit(taken)
                 return turn
             finally:

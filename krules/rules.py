@@ -213,7 +213,8 @@ class RuleRegistry:
 
     def _position(self, ref: Middleware | str) -> int:
         for i, mw in enumerate(self._middleware):
-            if mw is ref or (isinstance(ref, str) and ref in {_name_of(mw), type(mw).__name__}):
+            names = {_name_of(mw), type(mw).__name__, getattr(mw, "__name__", None)}
+            if mw is ref or (isinstance(ref, str) and ref in names):
                 return i
             if isinstance(ref, type) and isinstance(mw, ref):
                 return i

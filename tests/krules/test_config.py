@@ -46,3 +46,41 @@ def test_bad_values_are_refused_with_a_sentence_naming_the_variable(
     with pytest.raises(ConfigurationError) as info:
         Settings.from_env(env)
     assert str(info.value).startswith(message)
+
+
+def test_a_misspelt_krules_variable_is_refused_naming_the_closest_setting() -> None:
+    with pytest.raises(
+        ConfigurationError,
+        match="KRULES_CIRCUT_FAILURES is not a krules setting; did you mean KRULES_CIRCUIT_FAILURES",
+    ):
+        Settings.from_env({"KRULES_CIRCUT_FAILURES": "3"})
+
+
+def test_partition_ownership_accepts_one_id_a_list_all_and_the_short_variable() -> None:
+    assert Settings.from_env({"KRULES_PARTITIONS": "4", "KRULES_PARTITION_ID": "2"}).owned_partitions == (2,)
+    assert Settings.from_env({"KRULES_PARTITIONS": "4", "PARTITION_ID": "3, 1"}).owned_partitions == (1, 3)
+    assert Settings.from_env({"KRULES_PARTITIONS": "3"}).owned_partitions == (0, 1, 2)
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"KRULES_PARTITIONS": "2", "KRULES_PARTITION_ID": "2"}, "names partition 2, but there are only 2"),
+        ({"KRULES_PARTITION_ID": "first"}, "is not a partition id"),
+        ({"KRULES_MIDDLEWARE": "logging,loggin"}, "names unknown middleware 'loggin'"),
+        ({"KRULES_CIRCUIT_FAILURES": "-1"}, "KRULES_CIRCUIT_FAILURES='-1' is out of range"),
+        ({"KRULES_CIRCUIT_OPEN_SECONDS": "0"}, "use a number greater than 0"),
+        ({"KRULES_RETRY_BACKOFF": "nan"}, "KRULES_RETRY_BACKOFF='nan' is out of range"),
+        ({"KRULES_CIRCUIT_KEY": "tenant"}, "is not one of handler, subject"),
+        ({"KRULES_HANDLER_TIMEOUT": "soon"}, "KRULES_HANDLER_TIMEOUT='soon' is not a number"),
+        ({"KRULES_CONSUMER": "a b"}, "is not a usable consumer name"),
+    ],
+)
+def test_bad_partition_and_middleware_settings_are_one_sentence(env: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigurationError, match=message):
+        Settings.from_env(env)
+
+
+def test_a_handler_timeout_can_be_switched_off() -> None:
+    assert Settings.from_env({"KRULES_HANDLER_TIMEOUT": "off"}).handler_timeout is None
+    assert Settings.from_env({"KRULES_HANDLER_TIMEOUT": "2.5"}).handler_timeout == 2.5

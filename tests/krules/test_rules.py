@@ -186,3 +186,40 @@ def test_sync_filters_before_the_first_async_one_are_counted() -> None:
     (rule,) = registry.match("x")
     assert [f for f, _ in rule.filters] == [fast, slow, fast]
     assert rule.sync_filters == 1
+
+
+def test_middleware_can_be_added_before_or_after_another_by_object_or_name() -> None:
+    registry = RuleRegistry()
+
+    async def outer(ctx: Any, next: Any) -> None: ...
+
+    async def inner(ctx: Any, next: Any) -> None: ...
+
+    async def middle(ctx: Any, next: Any) -> None: ...
+
+    async def first(ctx: Any, next: Any) -> None: ...
+
+    registry.add_middleware(outer)
+    registry.add_middleware(inner)
+    registry.add_middleware(middle, after=outer)
+    registry.add_middleware(first, before="outer")
+    assert registry.middlewares == (first, outer, middle, inner)
+    with pytest.raises(RuleDefinitionError, match="is not in the chain"):
+        registry.add_middleware(noop_mw, before="missing")
+
+
+async def noop_mw(ctx: Any, next: Any) -> None:
+    await next()
+
+
+def test_the_middleware_chain_is_frozen_once_the_app_has_started() -> None:
+    registry = RuleRegistry()
+    registry.add_middleware(noop_mw)
+    registry.freeze()
+    with pytest.raises(RuleDefinitionError, match="frozen once the app has started"):
+        registry.add_middleware(noop_mw)
+
+    @registry.on("still.allowed")  # rules may still be added
+    async def late(ctx: Any) -> None: ...
+
+    assert registry.match("still.allowed")[0].handler is late

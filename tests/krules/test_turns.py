@@ -163,3 +163,40 @@ async def test_a_root_payload_that_is_not_json_is_refused(krules_app: KRulesTest
     with pytest.raises(EventFormatError, match="not JSON-serialisable"):
         await krules_app.emit("x", "s", {"when": object()})
     assert krules_app.recorder.events == []
+
+
+async def test_a_storage_failure_let_through_by_a_handler_stores_nothing_of_the_turn(
+    krules_app: KRulesTestApp,
+) -> None:
+    from krules.errors import StorageUnavailableError
+
+    @krules_app.on("work")
+    async def writes_then_reads(ctx: EventContext) -> None:
+        await ctx.subject.set("written", True)
+        raise StorageUnavailableError("Redis at redis://x could not read subject 'a' after 9 attempts.")
+
+    @krules_app.on("work")
+    async def other_handler(ctx: EventContext) -> None:
+        await subject("other").set("touched", True)
+
+    event = krules_app.engine.new_event("work", "a", {})
+    with pytest.raises(StorageUnavailableError):
+        await krules_app.engine.process(event)
+    assert await krules_app.stored("a") == {}  # not half a turn: it is to be taken again whole
+    assert await krules_app.stored("other") == {}
+
+
+async def test_a_value_that_cannot_be_stored_is_the_handlers_failure_not_the_turns(
+    krules_app: KRulesTestApp,
+) -> None:
+    @krules_app.on("work")
+    async def bad_value(ctx: EventContext) -> None:
+        await ctx.subject.set("when", object())
+
+    @krules_app.on("work")
+    async def good(ctx: EventContext) -> None:
+        await ctx.subject.set("fine", 1)
+
+    turn = await krules_app.engine.process(krules_app.engine.new_event("work", "b", {}))
+    assert [type(f.error).__name__ for f in turn.failures] == ["ValueNotSerializableError"]
+    assert await krules_app.stored("b") == {"fine": 1}
