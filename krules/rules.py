@@ -218,9 +218,9 @@ class RuleRegistry:
                 return i
             if isinstance(ref, type) and isinstance(mw, ref):
                 return i
-        names = ", ".join(_name_of(mw) for mw in self._middleware) or "none"
+        chain = ", ".join(_name_of(mw) for mw in self._middleware) or "none"
         raise RuleDefinitionError(
-            f"Middleware {ref!r} given as before=/after= is not in the chain (it has: {names})."
+            f"Middleware {ref!r} given as before=/after= is not in the chain (it has: {chain})."
         )
 
     def freeze(self) -> None:
