@@ -126,10 +126,6 @@ class PartitionSource(Protocol):
         """Entries another consumer (or this one, before a restart) took and left idle too long."""
         ...
 
-    def replay_pending(self, partition: int) -> None:
-        """Make the next :meth:`read` go over this consumer's pending entries of ``partition`` again."""
-        ...
-
     async def forward(self, delivery: Delivery, partition: int) -> None:
         """Append the entry to ``partition``'s stream (marked as forwarded), then acknowledge it."""
         ...

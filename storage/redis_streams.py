@@ -220,11 +220,6 @@ class RedisStreams:
                 self._cursors[partition] = "0"
             raise
 
-    def replay_pending(self, partition: int) -> None:
-        """Make the next read go over this consumer's pending entries of ``partition`` again."""
-        if partition in self._cursors:
-            self._cursors[partition] = "0"
-
     async def reclaim(self) -> list[Delivery]:
         """Take over entries left idle longer than ``claim_idle_ms``, with their delivery counts."""
         commands: list[Command] = [
