@@ -115,8 +115,9 @@ def _single(
     return message.body, message.headers["content-type"]
 
 
-def _batch(events: Iterable[Mapping[str, Any]]) -> bytes:
-    bodies = []
+def _batch_cloudevents(events: Iterable[Mapping[str, Any]]) -> list[CloudEvent]:
+    """The CloudEvents of a batch: mappings with ``type``, ``subject``, optional ``data`` and extensions."""
+    built = []
     for spec in events:
         fields = dict(spec)
         try:
@@ -125,10 +126,14 @@ def _batch(events: Iterable[Mapping[str, Any]]) -> bytes:
         except KeyError as exc:
             raise EventFormatError(f"A batch entry needs a {exc.args[0]!r} key: {spec!r}.") from None
         data = fields.pop("data", None)
-        bodies.append(_encode(build_event(event_type, subject, data, **fields)))
-    if not bodies:
+        built.append(build_event(event_type, subject, data, **fields))
+    if not built:
         raise EventFormatError("The batch is empty; give emit_batch at least one event.")
-    return b"[" + b",".join(bodies) + b"]"
+    return built
+
+
+def _batch(events: Iterable[Mapping[str, Any]]) -> bytes:
+    return b"[" + b",".join(_encode(event) for event in _batch_cloudevents(events)) + b"]"
 
 
 def _headers(token: str | None, content_type: str | None = None) -> dict[str, str]:
@@ -284,19 +289,7 @@ class AsyncKRulesClient:
 
 
 def _batch_events(events: Iterable[Mapping[str, Any]]) -> list[Event]:
-    out = []
-    for spec in events:
-        fields = dict(spec)
-        try:
-            event_type = fields.pop("type")
-            subject = fields.pop("subject")
-        except KeyError as exc:
-            raise EventFormatError(f"A batch entry needs a {exc.args[0]!r} key: {spec!r}.") from None
-        data = fields.pop("data", None)
-        out.append(event_from_cloudevent(build_event(event_type, subject, data, **fields)))
-    if not out:
-        raise EventFormatError("The batch is empty; give emit_batch at least one event.")
-    return out
+    return [event_from_cloudevent(event) for event in _batch_cloudevents(events)]
 
 
 class AsyncStreamClient:

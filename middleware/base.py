@@ -18,6 +18,7 @@ logging and dead-letter middleware read).
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
 from typing import TYPE_CHECKING, Any, Final, Protocol
@@ -33,6 +34,7 @@ __all__ = [
     "Next",
     "SkipEvent",
     "build_chain",
+    "check_listeners",
     "default_middleware",
 ]
 
@@ -95,6 +97,26 @@ def build_chain(middlewares: Sequence[Middleware], handler: Call) -> Call:
     for mw in reversed(middlewares):
         call = _layer(mw, call)
     return call
+
+
+def check_listeners(value: object, *, owner: str, option: str, shape: str) -> list[Callable[..., Any]]:
+    """``value`` as a list of listeners: None, one plain callable, or a list/tuple of them (never
+    ``async``: they are called on the hot path); ConfigurationError naming ``owner`` and ``option``."""
+    candidates: Sequence[object]
+    if value is None:
+        candidates = []
+    elif isinstance(value, list | tuple):
+        candidates = value
+    else:
+        candidates = [value]
+    checked: list[Callable[..., Any]] = []
+    for listener in candidates:
+        if not callable(listener) or inspect.iscoroutinefunction(listener):
+            from krules.errors import ConfigurationError  # the core imports this module
+
+            raise ConfigurationError(f"{owner} got {option}={value!r}; pass {shape}.")
+        checked.append(listener)
+    return checked
 
 
 def default_middleware() -> list[Middleware]:

@@ -31,7 +31,6 @@ circuit ends the retries at once (``CircuitOpenError`` is never retried).
 
 from __future__ import annotations
 
-import inspect
 import logging
 import math
 from collections import OrderedDict
@@ -39,7 +38,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Final, Literal, Protocol
 
 from krules.errors import ConfigurationError, KRulesError, aborts_turn
-from middleware.base import DeadLetterEvent, Next, SkipEvent
+from middleware.base import DeadLetterEvent, Next, SkipEvent, check_listeners
 
 if TYPE_CHECKING:
     from krules.context import EventContext
@@ -132,23 +131,12 @@ def _positive_int(option: str, value: object) -> int:
 
 
 def _listeners(value: object) -> list[StateListener]:
-    candidates: Sequence[object]
-    if value is None:
-        candidates = []
-    elif isinstance(value, list | tuple):
-        candidates = value
-    else:
-        candidates = [value]
-    checked: list[StateListener] = []
-    for listener in candidates:
-        if not callable(listener) or inspect.iscoroutinefunction(listener):
-            raise _config_error(
-                "on_state_change",
-                value,
-                "a plain (not async) function of (key, old_state, new_state), or a list of them",
-            )
-        checked.append(listener)
-    return checked
+    return check_listeners(
+        value,
+        owner="CircuitBreakerMiddleware",
+        option="on_state_change",
+        shape="a plain (not async) function of (key, old_state, new_state), or a list of them",
+    )
 
 
 class CircuitBreakerMiddleware:

@@ -38,7 +38,6 @@ sees only what finally failed::
 
 from __future__ import annotations
 
-import inspect
 import logging
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Final
@@ -55,7 +54,7 @@ from krules.dead_letters import (
     write_dead_letter,
 )
 from krules.errors import CascadeDepthExceeded, ConfigurationError, aborts_turn
-from middleware.base import ATTEMPTS, DeadLetterEvent, Next, SkipEvent
+from middleware.base import ATTEMPTS, DeadLetterEvent, Next, SkipEvent, check_listeners
 
 if TYPE_CHECKING:
     from krules.context import EventContext
@@ -84,22 +83,12 @@ def reason_of(error: BaseException) -> str:
 
 
 def _listeners(value: object) -> list[DeadLetterListener]:
-    candidates: Sequence[object]
-    if value is None:
-        candidates = []
-    elif isinstance(value, list | tuple):
-        candidates = value
-    else:
-        candidates = [value]
-    checked: list[DeadLetterListener] = []
-    for listener in candidates:
-        if not callable(listener) or inspect.iscoroutinefunction(listener):
-            raise ConfigurationError(
-                f"DeadLetterMiddleware got on_dead_letter={value!r}; pass a plain (not async) function "
-                "of (handler, reason), or a list of them."
-            )
-        checked.append(listener)
-    return checked
+    return check_listeners(
+        value,
+        owner="DeadLetterMiddleware",
+        option="on_dead_letter",
+        shape="a plain (not async) function of (handler, reason), or a list of them",
+    )
 
 
 class DeadLetterMiddleware:
