@@ -15,7 +15,8 @@ Outside pytest, :class:`KRulesTestApp` works the same (``async with KRulesTestAp
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from types import ModuleType
 from typing import Any
 
@@ -30,10 +31,11 @@ from krules.events import Event
 from krules.loader import load_rule_module
 from krules.subject import Subject
 from krules.turn import HandlerFailure
+from krules.worker import PartitionWorker
 from storage.base import SubjectStorage
 from storage.memory import MemoryStorage
 
-__all__ = ["EventRecorder", "FakeClock", "KRulesTestApp", "krules_app"]
+__all__ = ["EventRecorder", "FakeClock", "KRulesTestApp", "RedisModeApp", "krules_app", "wait_until"]
 
 
 class FakeClock:
@@ -156,6 +158,68 @@ class KRulesTestApp:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+
+class RedisModeApp:
+    """A Redis-mode instance in this process, for tests: its own container on Redis storage, the
+    engine's transport the partition streams, and its partition worker running as a task.
+
+    ``settings`` override :class:`~krules.config.Settings` (defaults here: 2 partitions, short
+    blocking reads and claim time, so tests do not wait).  Register rules with ``app.on``, then
+    ``await app.start()``; ``await app.stop()`` stops reading, lets the turns under way commit and
+    closes the engine.
+    """
+
+    def __init__(self, url: str, key_prefix: str, **settings: Any) -> None:
+        from storage.redis import create_redis_storage  # the Redis backend only when this is used
+
+        defaults: dict[str, Any] = {"partitions": 2, "stream_block_ms": 50, "claim_idle_ms": 300}
+        self.settings = Settings(redis_url=url, key_prefix=key_prefix, **{**defaults, **settings})
+        self.container = KRulesContainer()
+        self.container.settings.override(providers.Object(self.settings))
+        self.storage = create_redis_storage(url, key_prefix, partitions=self.settings.partitions)
+        self.container.subject_storage.override(providers.Object(self.storage))
+        self.on, self.when, self.middleware, self.emit = self.container.handlers()
+        self._task: asyncio.Future[None] | None = None
+        self._worker: PartitionWorker | None = None
+
+    @property
+    def engine(self) -> Engine:
+        """The app's engine."""
+        engine: Engine = self.container.engine()
+        return engine
+
+    @property
+    def worker(self) -> PartitionWorker:
+        """The partition worker (created on first use; it makes the streams the engine's transport)."""
+        if self._worker is None:
+            from storage.redis_streams import stream_worker
+
+            self._worker = stream_worker(self.engine, self.storage)
+        return self._worker
+
+    async def start(self) -> None:
+        """Start the engine (checks, chain frozen) and the worker."""
+        self.worker  # noqa: B018 - wires the engine's transport before it starts
+        await self.engine.start()
+        self._task = asyncio.ensure_future(self.worker.run())
+
+    async def stop(self) -> None:
+        """Stop reading, let the turns under way commit, close the engine (safe to call twice)."""
+        task, self._task = self._task, None
+        if task is not None:
+            self.worker.stop()
+            await task
+        await self.engine.close()
+
+
+async def wait_until(check: Callable[[], Awaitable[bool]], timeout: float = 10.0) -> None:
+    """Poll ``await check()`` until it is true; AssertionError naming it after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not await check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{getattr(check, '__name__', check)!r} did not hold within {timeout} s")
+        await asyncio.sleep(0.02)
 
 
 try:  # async fixtures need pytest-asyncio; without it the helpers above still work

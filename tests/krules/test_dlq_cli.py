@@ -6,64 +6,22 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from collections.abc import AsyncIterator
 
 import pytest
 import redis.asyncio as aioredis
-from dependency_injector import providers
 
-from krules import KRulesContainer
 from krules.cli import main
-from krules.config import Settings
 from krules.context import EventContext
 from krules.dead_letters import INDEX_SUBJECT, DeadLetter, DeadLetters, dead_letter_name, store_changes
-from krules.engine import Engine
-from krules.worker import PartitionWorker
+from krules.testing import RedisModeApp, wait_until
 from middleware.dead_letter import DeadLetterMiddleware
 from storage.local_redis import LocalRedisServer
-from storage.redis import RedisStorage, create_redis_storage
-from storage.redis_streams import stream_worker
 
 pytestmark = [pytest.mark.slow, pytest.mark.redis_server]
 
 
-class Instance:
-    """One Redis-mode app (container, engine, streams) with its worker running as a task."""
-
-    def __init__(self, url: str, prefix: str, **settings: Any) -> None:
-        defaults: dict[str, Any] = {"partitions": 2, "stream_block_ms": 50, "claim_idle_ms": 300}
-        self.settings = Settings(redis_url=url, key_prefix=prefix, **{**defaults, **settings})
-        self.container = KRulesContainer()
-        self.container.settings.override(providers.Object(self.settings))
-        self.storage: RedisStorage = create_redis_storage(url, prefix, partitions=self.settings.partitions)
-        self.container.subject_storage.override(providers.Object(self.storage))
-        self.on, self.when, self.middleware, self.emit = self.container.handlers()
-        self._task: asyncio.Future[None] | None = None
-        self._worker: PartitionWorker | None = None
-
-    @property
-    def engine(self) -> Engine:
-        engine: Engine = self.container.engine()
-        return engine
-
-    @property
-    def worker(self) -> PartitionWorker:
-        if self._worker is None:
-            self._worker = stream_worker(self.engine, self.storage)
-        return self._worker
-
-    async def start(self) -> None:
-        self.worker  # noqa: B018 - wires the engine's transport before it starts
-        await self.engine.start()
-        self._task = asyncio.ensure_future(self.worker.run())
-
-    async def stop(self) -> None:
-        task, self._task = self._task, None
-        if task is not None:
-            self.worker.stop()
-            await task
-        await self.engine.close()
+Instance = RedisModeApp
 
 
 @pytest.fixture
@@ -86,12 +44,7 @@ def env(monkeypatch: pytest.MonkeyPatch, redis_server: LocalRedisServer, redis_k
     monkeypatch.setenv("KRULES_KEY_PREFIX", redis_key_prefix)
 
 
-async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not await check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{check.__name__} did not hold within {timeout} s")
-        await asyncio.sleep(0.02)
+eventually = wait_until
 
 
 async def krules(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:

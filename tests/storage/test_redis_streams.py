@@ -12,69 +12,31 @@ from typing import Any
 import httpx
 import pytest
 import redis.asyncio as aioredis
-from dependency_injector import providers
 
-from krules import KRulesContainer
 from krules.client import AsyncStreamClient
-from krules.config import Settings
 from krules.context import EventContext
 from krules.dead_letters import DeadLetters
-from krules.engine import Engine
 from krules.errors import ConfigurationError
 from krules.events import Event
 from krules.partitioning import partition_of
 from krules.server import serve_in_background
-from krules.worker import PartitionWorker
+from krules.testing import RedisModeApp, wait_until
 from storage.keys import CONSUMER_GROUP
 from storage.local_redis import LocalRedisServer
 from storage.redis import RedisStorage, create_redis_storage
-from storage.redis_streams import RedisStreams, connect_streams, stream_worker
+from storage.redis_streams import RedisStreams, connect_streams
 
 pytestmark = pytest.mark.redis_server
 
 
-class Instance:
-    """One Redis-mode app: container, engine, streams and its worker running as a task."""
-
-    def __init__(self, url: str, prefix: str, **settings: Any) -> None:
-        defaults: dict[str, Any] = {"partitions": 2, "stream_block_ms": 50, "claim_idle_ms": 300}
-        self.settings = Settings(redis_url=url, key_prefix=prefix, **{**defaults, **settings})
-        self.container = KRulesContainer()
-        self.container.settings.override(providers.Object(self.settings))
-        self.storage: RedisStorage = create_redis_storage(url, prefix, partitions=self.settings.partitions)
-        self.container.subject_storage.override(providers.Object(self.storage))
-        self.on, self.when, self.middleware, self.emit = self.container.handlers()
-        self._task: asyncio.Future[None] | None = None
-        self._worker: PartitionWorker | None = None
-
-    @property
-    def engine(self) -> Engine:
-        engine: Engine = self.container.engine()
-        return engine
-
-    @property
-    def worker(self) -> PartitionWorker:
-        if self._worker is None:
-            self._worker = stream_worker(self.engine, self.storage)
-        return self._worker
+class Instance(RedisModeApp):
+    """A Redis-mode app with its streams at hand."""
 
     @property
     def streams(self) -> RedisStreams:
         source = self.worker.source
         assert isinstance(source, RedisStreams)
         return source
-
-    async def start(self) -> None:
-        self.worker  # noqa: B018 - wires the engine's transport before it starts
-        await self.engine.start()
-        self._task = asyncio.ensure_future(self.worker.run())
-
-    async def stop(self) -> None:
-        task, self._task = self._task, None
-        if task is not None:
-            self.worker.stop()
-            await task
-        await self.engine.close()
 
 
 @pytest.fixture
@@ -100,12 +62,7 @@ async def raw(redis_server: LocalRedisServer) -> AsyncIterator[aioredis.Redis]:
     await client.aclose()
 
 
-async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not await check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{check.__name__} did not hold within {timeout} s")
-        await asyncio.sleep(0.02)
+eventually = wait_until
 
 
 def counting(instance: Instance, event_type: str = "count.inc") -> None:
