@@ -178,4 +178,3 @@ class CommittingStorage(SubjectStorage, Protocol):
         for the subjects of ``receipt.partition``; return False (writing nothing of that partition)
         when the event had been committed before."""
         ...
-
