@@ -12,13 +12,16 @@ import contextlib
 import inspect
 import logging
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from fnmatch import translate
-from typing import Any, Final, TypeVar
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 from zlib import crc32
 
 from krules.errors import RuleDefinitionError
 from middleware.base import Call, Middleware, build_chain
+
+if TYPE_CHECKING:
+    from krules.context import EventContext
 
 __all__ = ["Filter", "Rule", "RuleRegistry"]
 
@@ -43,6 +46,22 @@ def _is_async_callable(fn: Any) -> bool:
     # a callable object counts by its class's __call__ (an ``async def`` method)
     method = type(fn).__dict__.get("__call__") if not inspect.isclass(fn) else None
     return inspect.iscoroutinefunction(method)
+
+
+def _chain_on_first_call(rule: Rule, middlewares: list[Middleware]) -> Call:
+    """``rule``'s call: the handler itself without middleware, else a stand-in that composes the
+    chain at the first call (by then every decorator has marked the handler, whichever order they
+    were written in, so ``applies_to`` sees the marks) and replaces itself with it."""
+    if not middlewares:
+        return rule.handler
+    snapshot = tuple(middlewares)
+
+    def first_call(ctx: EventContext) -> Awaitable[Any]:
+        if rule.call is first_call:  # not re-composed meanwhile by add_middleware
+            rule.call = build_chain(snapshot, rule.handler, rule)
+        return rule.call(ctx)
+
+    return first_call
 
 
 class Rule:
@@ -171,7 +190,7 @@ class RuleRegistry:
                 f"so declare it as 'async def {short}(ctx): ...'."
             )
         rule = Rule(handler, tuple(patterns), len(self._rules))
-        rule.call = build_chain(self._middleware, handler)
+        rule.call = _chain_on_first_call(rule, self._middleware)
         self._rules.append(rule)
         for pattern in rule.patterns:
             if _GLOB_CHARS.isdisjoint(pattern):
@@ -209,7 +228,7 @@ class RuleRegistry:
         else:
             self._middleware.append(mw)
         for rule in self._rules:
-            rule.call = build_chain(self._middleware, rule.handler)
+            rule.call = _chain_on_first_call(rule, self._middleware)
 
     def _position(self, ref: Middleware | str) -> int:
         for i, mw in enumerate(self._middleware):

@@ -2,9 +2,14 @@
 
 A middleware is ``async def mw(ctx, next)``: it wraps **one handler call**, may look at or annotate
 ``ctx`` and decides whether and when to ``await next()``.  The chain for a handler is composed once
-(when rules or middleware are registered, never per call): the first middleware registered is the
-outermost, and everything runs in the handler's own task, so context variables and tracing spans
-set by an outer middleware are visible inside.
+per rule (at its first call, so that marks decorators leave on the handler are all in place; never
+per call): the first middleware registered is the outermost, and everything runs in the handler's
+own task, so context variables and tracing spans set by an outer middleware are visible inside.
+
+A middleware that only acts on some rules (the retry middleware on rules marked ``@retry``) may
+define ``applies_to(rule) -> bool``: the chain of a rule it does not apply to leaves it out, so it
+costs those rules nothing.  It must still pass such calls through when called (a chain composed by
+hand may include it).
 
 Raising :class:`SkipEvent` from a middleware (or handler) ends that handler call quietly: it is not
 a failure.  Raising :class:`DeadLetterEvent` fails it at once with a reason (a known-bad event, an
@@ -25,6 +30,7 @@ from typing import TYPE_CHECKING, Any, Final, Protocol
 
 if TYPE_CHECKING:
     from krules.context import EventContext
+    from krules.rules import Rule
 
 __all__ = [
     "ATTEMPTS",
@@ -33,6 +39,7 @@ __all__ = [
     "Middleware",
     "Next",
     "SkipEvent",
+    "applies",
     "build_chain",
     "check_listeners",
     "default_middleware",
@@ -89,14 +96,25 @@ def _attempt(handler: Call) -> Call:
     return call
 
 
-def build_chain(middlewares: Sequence[Middleware], handler: Call) -> Call:
-    """Compose ``middlewares`` around ``handler``; the first in the sequence is the outermost."""
+def build_chain(middlewares: Sequence[Middleware], handler: Call, rule: Rule | None = None) -> Call:
+    """Compose ``middlewares`` around ``handler``; the first in the sequence is the outermost.
+
+    Given the ``rule``, a middleware whose ``applies_to(rule)`` is false is left out.
+    """
+    if rule is not None:
+        middlewares = [mw for mw in middlewares if applies(mw, rule)]
     if not middlewares:
         return handler
     call = _attempt(handler)
     for mw in reversed(middlewares):
         call = _layer(mw, call)
     return call
+
+
+def applies(mw: Middleware, rule: Rule) -> bool:
+    """Whether ``mw`` acts on calls of ``rule`` (its ``applies_to``; a middleware without one: yes)."""
+    applies_to = getattr(mw, "applies_to", None)
+    return applies_to is None or bool(applies_to(rule))
 
 
 def check_listeners(value: object, *, owner: str, option: str, shape: str) -> list[Callable[..., Any]]:

@@ -32,9 +32,13 @@ JSON lines also carry their fields as ``extra=`` record attributes, so a JSON fo
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
-from time import perf_counter
+import os
+import sys
+import threading
+from time import perf_counter, time_ns
 from typing import TYPE_CHECKING, Any, Final
 
 from krules.errors import ConfigurationError
@@ -65,6 +69,103 @@ _FORMATS: Final = {
     for error in (False, True)
     for dead in (False, True)
 }
+
+
+# -- records -------------------------------------------------------------------------------------
+# logging.LogRecord's constructor works out, per record, things that are the same for every line
+# of this middleware (its file name and module, the process) or cheap to look up directly; with a
+# logger enabled it is most of a line's cost.  _record makes the same record (same class, same
+# attributes, same values) for a fraction of that, unless a record factory or a Logger subclass
+# asks for their own records (then logging makes them).
+_FIXED: Final = {
+    "pathname": __file__,
+    "filename": os.path.basename(__file__),
+    "module": os.path.splitext(os.path.basename(__file__))[0],
+    "lineno": 0,
+    "funcName": None,
+    "exc_info": None,
+    "exc_text": None,
+    "stack_info": None,
+}
+_probe = logging.LogRecord("", logging.INFO, "", 0, "", (), None)
+_START: Final = _probe.created - _probe.relativeCreated / 1000.0  # logging's own start time
+_TASK_NAMES: Final = "taskName" in _probe.__dict__  # Python 3.12+
+del _probe
+_process: tuple[int, str | None] | None = None
+
+
+def _forget_process() -> None:
+    global _process
+    _process = None
+
+
+os.register_at_fork(after_in_child=_forget_process)
+
+
+def _process_fields() -> tuple[int | None, str | None]:
+    # (process, processName) as LogRecord sets them, looked up once per process.
+    global _process
+    if _process is None:
+        name: str | None = "MainProcess"
+        mp = sys.modules.get("multiprocessing")
+        if mp is not None:
+            with contextlib.suppress(Exception):  # as logging does: a broken name is no name
+                name = mp.current_process().name
+        _process = (os.getpid(), name)
+    return (_process[0] if logging.logProcesses else None), (
+        _process[1] if logging.logMultiprocessing else None
+    )
+
+
+def _fast_records(logger: logging.Logger) -> bool:
+    return (
+        logging.getLogRecordFactory() is logging.LogRecord
+        and type(logger).makeRecord is logging.Logger.makeRecord
+    )
+
+
+def _record(
+    name: str, level: int, msg: str, args: tuple[Any, ...], extra: dict[str, Any] | None
+) -> logging.LogRecord:
+    """The ``logging.LogRecord`` that ``Logger.makeRecord`` would make for a line of this module."""
+    record = logging.LogRecord.__new__(logging.LogRecord)
+    fields = record.__dict__
+    fields.update(_FIXED)
+    now = time_ns()
+    created = now / 1e9
+    fields["name"] = name
+    fields["msg"] = msg
+    fields["args"] = args
+    fields["levelname"] = logging.getLevelName(level)
+    fields["levelno"] = level
+    fields["created"] = created
+    fields["msecs"] = (now % 1_000_000_000) // 1_000_000 + 0.0
+    fields["relativeCreated"] = (created - _START) * 1000.0
+    if logging.logThreads:
+        fields["thread"] = threading.get_ident()
+        fields["threadName"] = threading.current_thread().name
+    else:
+        fields["thread"] = fields["threadName"] = None
+    fields["process"], fields["processName"] = _process_fields()
+    if _TASK_NAMES:
+        fields["taskName"] = _task_name()
+    if extra:
+        fields.update(extra)
+    return record
+
+
+def _task_name() -> str | None:
+    # As LogRecord does on Python 3.12+: the running asyncio task's name, if any.
+    if not getattr(logging, "logAsyncioTasks", False):
+        return None
+    asyncio = sys.modules.get("asyncio")
+    if asyncio is None:
+        return None
+    try:
+        task = asyncio.current_task()
+    except Exception:
+        return None
+    return None if task is None else task.get_name()
 
 
 def _check_logger(logger: Any) -> logging.Logger:
@@ -183,11 +284,15 @@ class LoggingMiddleware:
                 line_format = _FORMATS[attempts is not None, error is not None, reason is not None]
             level = self.level if error is None else max(self.level, logging.WARNING)
             logger = self.logger
-            # makeRecord + handle is Logger.log without its stack walk for the caller (which would
-            # only ever name this method): about 2 us less per line.
-            logger.handle(
-                logger.makeRecord(logger.name, level, __file__, 0, line_format, args, None, None, extra)
-            )
+            # Building the record + handle is Logger.log without its stack walk for the caller (which
+            # would only ever name this method) and the per-record work described at _record.
+            if _fast_records(logger):
+                record = _record(logger.name, level, line_format, args, extra)
+            else:
+                record = logger.makeRecord(
+                    logger.name, level, __file__, 0, line_format, args, None, None, extra
+                )
+            logger.handle(record)
         except Exception:
             _log.exception("LoggingMiddleware could not log a call of %s", ctx.rule.name)
 

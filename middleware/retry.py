@@ -46,6 +46,7 @@ from middleware.base import ATTEMPTS, DeadLetterEvent, Next, SkipEvent
 
 if TYPE_CHECKING:
     from krules.context import EventContext
+    from krules.rules import Rule
 
 __all__ = ["RETRY_POLICY", "Jitter", "RetryMiddleware", "RetryPolicy", "retry"]
 
@@ -205,6 +206,10 @@ class RetryMiddleware:
         self._default_backoff = float(default_backoff)
         self._default_cap = float(default_cap)
         self._random = draw
+
+    def applies_to(self, rule: Rule) -> bool:
+        """Only rules marked with :func:`retry` have this middleware in their chain."""
+        return getattr(rule.handler, RETRY_POLICY, None) is not None
 
     async def __call__(self, ctx: EventContext, next: Next) -> None:
         """Call the handler; if it is marked and fails with a listed error, back off and call again."""

@@ -31,6 +31,7 @@ from middleware.base import Next
 
 if TYPE_CHECKING:
     from krules.context import EventContext
+    from krules.rules import Rule
 
 __all__ = ["TIME_LIMIT", "HandlerTimeoutError", "TimeoutMiddleware", "timeout"]
 
@@ -111,6 +112,10 @@ class TimeoutMiddleware:
     def default(self) -> float | None:
         """The limit in seconds for rules without :func:`timeout` (None: none)."""
         return self._default
+
+    def applies_to(self, rule: Rule) -> bool:
+        """Only rules with a time limit (their own, or the default) have this middleware in their chain."""
+        return getattr(rule.handler, TIME_LIMIT, self._default) is not None
 
     async def __call__(self, ctx: EventContext, next: Next) -> None:
         """Run the rest of the chain within the rule's time limit."""

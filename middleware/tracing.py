@@ -102,6 +102,7 @@ if TYPE_CHECKING:
     from krules.context import EventContext
     from krules.events import Event
     from krules.rules import Rule
+    from middleware.spans import SpanRecorder
 
 __all__ = ["DEFAULT_SERVICE_NAME", "EXPORTERS", "TracingMiddleware", "configure_tracing"]
 
@@ -147,6 +148,7 @@ class TracingMiddleware:
         "_next_poll",
         "_polling",
         "_receive_cache",
+        "_recorder",
         "_tracer",
         "service_name",
         "tracer_provider",
@@ -172,12 +174,13 @@ class TracingMiddleware:
         self.service_name = service_name
         """The tracer's (instrumentation scope's) name."""
         self._tracer: trace.Tracer | None = None
+        self._recorder: SpanRecorder | None = None
         self._polling = False
         self._next_poll = 0.0
         # Contexts of this middleware's spans still running, by the trace context stamped on the
         # events they emit: an event handled inline finds its parent here instead of parsing it.
-        self._live: dict[tuple[str, str | None], otel_context.Context] = {}
-        self._receive_cache: tuple[tuple[str, str | None], otel_context.Context] | None = None
+        self._live: dict[tuple[str, str | None], trace.SpanContext] = {}
+        self._receive_cache: tuple[tuple[str, str | None], trace.SpanContext] | None = None
         self._resolve(tracer_provider or trace.get_tracer_provider())
 
     def _resolve(self, provider: trace.TracerProvider) -> trace.Tracer | None:
@@ -190,6 +193,11 @@ class TracingMiddleware:
             self._tracer = None
         else:
             self._tracer = provider.get_tracer(self.service_name, _KRULES_VERSION)
+        self._recorder = None
+        if self._tracer is not None:
+            from middleware.spans import SpanRecorder  # loads the SDK, which only tracing needs
+
+            self._recorder = SpanRecorder.for_tracer(self._tracer, self.service_name, _KRULES_VERSION)
         return self._tracer
 
     async def __call__(self, ctx: EventContext, next: Next) -> None:
@@ -211,25 +219,29 @@ class TracingMiddleware:
             parent = self._parent(extensions)
         attributes = _event_attributes(event)
         attributes["krules.handler"] = ctx.rule.name
-        # Exceptions are recorded below, where SkipEvent and DeadLetterEvent are told apart.
-        span = tracer.start_span(
-            f"{event.type} {_handler_label(ctx.rule)}",
-            parent,
-            SpanKind.CONSUMER,
-            attributes,
-            record_exception=False,
-            set_status_on_exception=False,
-        )
+        name = f"{event.type} {_handler_label(ctx.rule)}"
+        recorder = self._recorder
+        if recorder is not None:
+            span = recorder.start(name, parent, attributes)
+        else:  # exceptions are recorded below, where SkipEvent and DeadLetterEvent are told apart
+            span = tracer.start_span(
+                name,
+                None if parent is None else trace.set_span_in_context(trace.NonRecordingSpan(parent)),
+                SpanKind.CONSUMER,
+                attributes,
+                record_exception=False,
+                set_status_on_exception=False,
+            )
         recording = span.is_recording()
         # attach/detach is what trace.use_span does, without its generator-based context manager.
         span_context = trace.set_span_in_context(span)
-        carrier: dict[str, str] = {}
-        _PROPAGATOR.inject(carrier, span_context)
+        own = span.get_span_context()
+        carrier = _carrier(own)
         previous = ctx.emit_extensions
         key: tuple[str, str | None] | None = None
-        if carrier:
+        if carrier is not None:
             key = (carrier[_TRACEPARENT], carrier.get(_TRACESTATE))
-            self._live[key] = span_context
+            self._live[key] = own
             # A new dict each time: the engine may hand emit_extensions itself to an emitted event.
             ctx.emit_extensions = {**previous, **carrier} if previous else carrier
         token = otel_context.attach(span_context)
@@ -267,8 +279,8 @@ class TracingMiddleware:
                     span.set_attribute("krules.attempts", attempts)
             span.end()
 
-    def _parent(self, extensions: dict[str, Any]) -> otel_context.Context:
-        """The context the event's ``traceparent``/``tracestate`` name: a live local span, or parsed."""
+    def _parent(self, extensions: dict[str, Any]) -> trace.SpanContext:
+        """The span the event's ``traceparent``/``tracestate`` name: a live local span's, or parsed."""
         key = (extensions[_TRACEPARENT], extensions.get(_TRACESTATE))
         parent = self._live.get(key)
         if parent is not None:
@@ -276,25 +288,27 @@ class TracingMiddleware:
         receive = self._receive_cache
         if receive is not None and receive[0] == key:
             return receive[1]
-        return _PROPAGATOR.extract(extensions)
+        return trace.get_current_span(_PROPAGATOR.extract(extensions)).get_span_context()
 
     def _receive(
         self, tracer: trace.Tracer, event: Event, extensions: dict[str, Any] | None
-    ) -> otel_context.Context | None:
+    ) -> trace.SpanContext | None:
         """Give an event that came without a trace context a ``receive`` span, stamped on the event.
 
         Every handler of the event then has that span as parent, so they (and their cascades) share
         one trace, and the event carries its trace wherever it goes next (a dead letter, a replay).
         No await between the check and the stamp: concurrent handlers of the event see one span.
         """
-        span = tracer.start_span(
-            f"{event.type} receive", kind=SpanKind.CONSUMER, attributes=_event_attributes(event)
-        )
+        name = f"{event.type} receive"
+        recorder = self._recorder
+        if recorder is not None:
+            span = recorder.start(name, None, _event_attributes(event))
+        else:
+            span = tracer.start_span(name, kind=SpanKind.CONSUMER, attributes=_event_attributes(event))
         span.end()
-        span_context = trace.set_span_in_context(span)
-        carrier: dict[str, str] = {}
-        _PROPAGATOR.inject(carrier, span_context)
-        if not carrier:  # not sampled into existence (an invalid span): nothing to propagate
+        span_context = span.get_span_context()
+        carrier = _carrier(span_context)
+        if carrier is None:  # not sampled into existence (an invalid span): nothing to propagate
             return None
         # A new dict: a child's extensions may be its parent handler's emit_extensions itself.
         event.extensions = {**extensions, **carrier} if extensions else carrier
@@ -332,6 +346,24 @@ def _event_attributes(event: Event) -> dict[str, str | int]:
         "cloudevents.event_subject": event.subject,
         "krules.cascade_depth": event.depth,
     }
+
+
+def _carrier(span_context: trace.SpanContext) -> dict[str, str] | None:
+    """``traceparent`` (and ``tracestate``) for ``span_context`` in the W3C Trace Context format, as
+    the TraceContext propagator writes them; None for an invalid context (nothing to propagate)."""
+    if not span_context.is_valid:
+        return None
+    global _trace_hex
+    trace_id = span_context.trace_id
+    if _trace_hex[0] != trace_id:  # the spans of a cascade share their trace id
+        _trace_hex = (trace_id, f"{trace_id:032x}")
+    carrier = {_TRACEPARENT: f"00-{_trace_hex[1]}-{span_context.span_id:016x}-{span_context.trace_flags:02x}"}
+    if span_context.trace_state:
+        carrier[_TRACESTATE] = span_context.trace_state.to_header()
+    return carrier
+
+
+_trace_hex: tuple[int, str] = (0, "")
 
 
 def _record_failure(span: trace.Span, exc: BaseException) -> None:

@@ -370,3 +370,46 @@ def test_level_names_are_case_insensitive() -> None:
 def test_options_are_keyword_only() -> None:
     with pytest.raises(TypeError):
         LoggingMiddleware("krules.handlers")  # type: ignore[call-arg]
+
+
+async def test_a_line_is_the_record_logging_itself_would_make_with_the_same_fields() -> None:
+    made = logging.getLogger("t").makeRecord(
+        "t", logging.INFO, logging_middleware.__file__, 0, "a=%s", ("x",), None
+    )
+    fast = logging_middleware._record("t", logging.INFO, "a=%s", ("x",), {"event_id": "e-1"})
+
+    assert type(fast) is logging.LogRecord
+    assert set(fast.__dict__) == set(made.__dict__) | {"event_id"}
+    timing = {"created", "msecs", "relativeCreated"}
+    assert {k: v for k, v in fast.__dict__.items() if k not in timing | {"event_id"}} == {
+        k: v for k, v in made.__dict__.items() if k not in timing
+    }
+    assert abs(fast.created - made.created) < 5 and abs(fast.relativeCreated - made.relativeCreated) < 5000
+    assert 0 <= fast.msecs < 1000 and fast.getMessage() == "a=x"
+
+
+async def test_a_custom_record_factory_still_makes_the_records(
+    krules_app: KRulesTestApp, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger=DEFAULT_LOGGER)
+    krules_app.middleware(LoggingMiddleware())
+
+    @krules_app.on("x")
+    async def handler(ctx: EventContext) -> None:
+        pass
+
+    default = logging.getLogRecordFactory()
+
+    def factory(*args: Any, **kwargs: Any) -> logging.LogRecord:
+        record = default(*args, **kwargs)
+        record.tenant = "acme"
+        return record
+
+    logging.setLogRecordFactory(factory)
+    try:
+        await krules_app.emit("x", "s")
+    finally:
+        logging.setLogRecordFactory(default)
+
+    (line,) = lines(caplog)
+    assert line.tenant == "acme"  # type: ignore[attr-defined]
