@@ -38,6 +38,7 @@ from storage.local_redis import LocalRedisServer
 pytestmark = [pytest.mark.slow, pytest.mark.redis_server]
 
 RULES = Path(__file__).with_name("counter_rules.py")
+FLAKY_RULES = Path(__file__).with_name("flaky_rules.py")
 REPO = Path(__file__).resolve().parents[2]
 
 EVENTS = 3000
@@ -81,14 +82,14 @@ def wait_until(condition: Callable[[], bool], timeout: float, what: str, details
 
 
 class Instance:
-    """``krules run counter_rules.py`` in a child process, its stderr in a log file."""
+    """``krules run counter_rules.py`` (or other ``rules``) in a child process, its stderr in a log file."""
 
-    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+    def __init__(self, env: dict[str, str], log_path: Path, rules: Path = RULES) -> None:
         self.env = env
         self.log_path = log_path
         self._log = log_path.open("wb")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "krules", "run", str(RULES)],
+            [sys.executable, "-m", "krules", "run", str(rules)],
             env=env,
             cwd=REPO,
             stdin=subprocess.DEVNULL,
@@ -141,12 +142,12 @@ class Instance:
 
 
 @pytest.fixture
-def start_instance(tmp_path: Path) -> Iterator[Callable[[dict[str, str]], Instance]]:
+def start_instance(tmp_path: Path) -> Iterator[Callable[..., Instance]]:
     """Start ``krules run`` instances; any still running at the end of the test is killed."""
     started: list[Instance] = []
 
-    def start(env: dict[str, str]) -> Instance:
-        instance = Instance(env, tmp_path / f"krules-{len(started)}-{env['KRULES_CONSUMER']}.log")
+    def start(env: dict[str, str], rules: Path = RULES) -> Instance:
+        instance = Instance(env, tmp_path / f"krules-{len(started)}-{env['KRULES_CONSUMER']}.log", rules)
         started.append(instance)
         return instance
 
@@ -535,3 +536,41 @@ def test_events_sent_again_with_the_same_ids_are_dropped_not_counted_twice(
     wait_finished(deployment, instance)
     deployment.assert_counts_exact()
     assert_clean_exit(instance)
+
+
+def test_a_retry_in_progress_when_the_instance_is_killed_is_not_lost_and_the_work_is_done_once(
+    redis_server: LocalRedisServer,
+    redis_key_prefix: str,
+    start_instance: Callable[..., Instance],
+    deployment_factory: Callable[..., Deployment],
+    tmp_path: Path,
+) -> None:
+    switch, attempts = tmp_path / "downstream-unavailable", tmp_path / "attempts.log"
+    switch.touch()
+    env = counter_env(
+        redis_server.url, redis_key_prefix, partitions=2, partition_id="all", consumer="crashed"
+    )
+    env.update(FLAKY_SWITCH=str(switch), FLAKY_ATTEMPTS=str(attempts), KRULES_RETRY_MAX_ATTEMPTS="100")
+    deployment = deployment_factory(redis_server.url, redis_key_prefix, 2)
+    first = start_instance(env, FLAKY_RULES)
+    first.wait_reading()
+    (event_id,) = asyncio.run(deployment._emit([{"type": "work.requested", "subject": "job-1"}]))
+
+    def attempts_by(instance: Instance) -> int:
+        lines = attempts.read_text().splitlines() if attempts.exists() else []
+        assert all(line.endswith(f" {event_id}") for line in lines), lines
+        return sum(line.startswith(f"{instance.process.pid} ") for line in lines)
+
+    wait_until(lambda: attempts_by(first) >= 2, START_TIMEOUT, "two failed attempts", first.describe)
+    first.kill()  # in the back-off between two attempts, or in an attempt
+
+    assert deployment.prop("job-1", "done") is None
+    assert deployment.unfinished(), "the event was acknowledged although it never succeeded"
+    switch.unlink()  # the downstream is back
+    second = start_instance({**env, "KRULES_CONSUMER": "rescuer"}, FLAKY_RULES)  # claims the dead one's entry
+    wait_finished(deployment, second)
+
+    assert deployment.prop("job-1", "done") == 1
+    assert attempts_by(second) == 1
+    assert deployment.dead_letters() == 0
+    assert_clean_exit(second)
