@@ -63,7 +63,7 @@ from fnmatch import fnmatchcase
 from typing import TYPE_CHECKING, Any, Final
 
 from krules.errors import DeadLetterError, EventFormatError, TurnEndedError
-from krules.events import REPLAY_EXTENSION, Event, event_from_dict
+from krules.events import DEAD_LETTER_EXTENSION, REPLAY_EXTENSION, Event, event_from_dict
 from krules.partitioning import partition_of
 from storage.base import DELETE, Change, SubjectChanges, encode
 
@@ -103,8 +103,6 @@ INDEX_SUBJECT: Final = "dlq-index"
 """The subject indexing the dead letters by time (one property per dead letter: its failed_at)."""
 HANDLER_FAILED: Final = "error.handler_failed"
 """The event the dead-letter middleware emits for each dead-lettered handler call."""
-DEAD_LETTER_EXTENSION: Final = "krulesdlq"
-"""CloudEvents extension of a replayed event: the name of the dead letter it replays."""
 
 ERROR: Final = "error"
 TIMEOUT: Final = "timeout"

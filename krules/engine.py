@@ -37,7 +37,7 @@ from krules.clock import Clock, SystemClock
 from krules.config import Settings
 from krules.context import EventContext, _current
 from krules.errors import CascadeDepthExceeded, EventFormatError, TurnEndedError, aborts_turn
-from krules.events import DEPTH_EXTENSION, REPLAY_EXTENSION, Event, IdGenerator
+from krules.events import DEAD_LETTER_EXTENSION, DEPTH_EXTENSION, REPLAY_EXTENSION, Event, IdGenerator
 from krules.partitioning import partition_of
 from krules.subject import Subject
 from krules.turn import HandlerFailure, Turn
@@ -66,6 +66,7 @@ _RESERVED_NAMES: Final = frozenset(
         "data",
         DEPTH_EXTENSION,
         REPLAY_EXTENSION,
+        DEAD_LETTER_EXTENSION,
     }
 )
 _BOUNCE_EVERY: Final = 16
@@ -398,6 +399,8 @@ class Engine:
                 pass
             except Exception as exc:
                 self._failed(ctx, exc, "handler")
+                if self.registry.failure_handlers:
+                    await self._on_failure(ctx, exc)
             finally:
                 _current.reset(single)
             return
@@ -459,8 +462,21 @@ class Engine:
             pass
         except Exception as exc:
             self._failed(ctx, exc, "handler")
+            if self.registry.failure_handlers:
+                await self._on_failure(ctx, exc)
         finally:
             _current.reset(token)
+
+    async def _on_failure(self, ctx: EventContext, exc: Exception) -> None:
+        """Hand a failed handler call to the middleware's ``on_failure`` (e.g. to dead-letter a bug
+        of an outer middleware, which no inner middleware saw); what they raise is logged."""
+        for handle in self.registry.failure_handlers:
+            try:
+                await handle(ctx, exc)
+            except Exception:
+                logger.exception(
+                    "on_failure of %r raised for %s (event %s)", handle, ctx.handler_name, ctx.event_id
+                )
 
     def _passes_sync(self, ctx: EventContext) -> bool:
         """Apply the leading sync filters of ``ctx.rule``; a raising filter is a recorded failure."""

@@ -27,6 +27,7 @@ from cloudevents.core.v1.event import CloudEvent
 from krules.errors import EventFormatError
 
 __all__ = [
+    "DEAD_LETTER_EXTENSION",
     "DEPTH_EXTENSION",
     "REPLAY_EXTENSION",
     "Event",
@@ -41,6 +42,9 @@ DEPTH_EXTENSION: Final = "krulesdepth"
 REPLAY_EXTENSION: Final = "krulesreplay"
 """CloudEvents extension attribute of a replayed event: the dotted name of the only handler to run
 (a dead letter replayed to the handler that failed on it)."""
+
+DEAD_LETTER_EXTENSION: Final = "krulesdlq"
+"""CloudEvents extension of a replayed event: the name of the dead letter it replays."""
 
 _MAX_ID_LENGTH: Final = 96
 _CORE_ATTRIBUTES: Final = frozenset(

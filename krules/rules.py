@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Final, TypeVar
 from zlib import crc32
 
 from krules.errors import RuleDefinitionError
-from middleware.base import Call, Middleware, build_chain
+from middleware.base import Call, FailureHandler, Middleware, build_chain
 
 if TYPE_CHECKING:
     from krules.context import EventContext
@@ -126,6 +126,8 @@ class RuleRegistry:
         self._exact: dict[str, list[Rule]] = {}
         self._globs: list[tuple[re.Pattern[str], Rule]] = []
         self._middleware: list[Middleware] = []
+        self.failure_handlers: tuple[FailureHandler, ...] = ()
+        """The ``on_failure`` methods of the middleware that have one, outermost first."""
         self._memo: dict[str, tuple[Rule, ...]] = {}
         self._frozen = False
 
@@ -227,6 +229,11 @@ class RuleRegistry:
             self._middleware.insert(self._position(after) + 1, mw)
         else:
             self._middleware.append(mw)
+        self.failure_handlers = tuple(
+            handler
+            for handler in (getattr(m, "on_failure", None) for m in self._middleware)
+            if handler is not None
+        )
         for rule in self._rules:
             rule.call = _chain_on_first_call(rule, self._middleware)
 

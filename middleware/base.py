@@ -16,6 +16,12 @@ a failure.  Raising :class:`DeadLetterEvent` fails it at once with a reason (a k
 open circuit): it is never retried.  Any other exception is a failure of the handler call and is
 reported by the engine.
 
+A middleware may also define ``async def on_failure(ctx, error)``: the engine calls it for every
+handler call whose exception reached the engine (after logging it), wherever in the chain the
+exception came from: an outer middleware's bug, too, which no inner middleware saw.  The
+dead-letter middleware uses it so that such a failure is still dead-lettered, never lost.  It is
+not called on the hot path (only for failures), and what it raises is logged.
+
 Middleware share what they learn about a call through ``ctx.set_metadata``/``ctx.get_metadata``
 under the keys named here (e.g. the retry middleware records :data:`ATTEMPTS`, which the metrics,
 logging and dead-letter middleware read).
@@ -36,6 +42,7 @@ __all__ = [
     "ATTEMPTS",
     "Call",
     "DeadLetterEvent",
+    "FailureHandler",
     "Middleware",
     "Next",
     "SkipEvent",
@@ -53,6 +60,9 @@ Next = Callable[[], Awaitable[None]]
 
 Call = Callable[["EventContext"], Awaitable[Any]]
 """A handler, or a handler already wrapped in middleware."""
+
+FailureHandler = Callable[["EventContext", Exception], Awaitable[None]]
+"""A middleware's ``on_failure(ctx, error)``, called for a handler call that failed."""
 
 
 class Middleware(Protocol):

@@ -20,6 +20,10 @@ circuit, ``rejected`` by default), ``timeout`` for a time-out (any :class:`Timeo
 :class:`~krules.errors.CascadeDepthExceeded`, else ``error``.  Attempts are the retry middleware's
 :data:`~middleware.base.ATTEMPTS` (1 without it).
 
+A failure raised *outside* this middleware (a bug of a middleware registered before it) never
+passes through it; the engine hands it to :meth:`DeadLetterMiddleware.on_failure`, which
+dead-letters it the same way (and logs that it came from outside).
+
 No loops, no lost events: a failure of a handler *of* ``error.handler_failed`` is dead-lettered
 but emits nothing more, and an event at the cascade depth limit cannot have a child, so its
 ``error.handler_failed`` is logged instead of emitted.  A failure of this middleware itself (the
@@ -65,6 +69,9 @@ logger = logging.getLogger(__name__)
 
 DeadLetterListener = Callable[[str, str], object]
 """Called as ``listener(handler, reason)`` for every dead-lettered handler call."""
+
+_DEAD_LETTERED: Final = "krules.dead_lettered"
+"""Metadata key: this handler call's failure is dead-lettered already."""
 
 _DEPTH_LIMITED: Final = (
     "error.handler_failed for %s on %s (event %s) not emitted: the event is at the cascade depth limit"
@@ -125,12 +132,28 @@ class DeadLetterMiddleware:
             raise
         except Exception as exc:
             if not aborts_turn(exc):  # the storage failing: the whole turn is taken again instead
+                ctx.set_metadata(_DEAD_LETTERED, True)
                 await self._dead_letter(ctx, exc)
             raise
         if ctx.raw_event.extensions is not None:  # a replay (only root events of replays carry one)
             target = replay_target(ctx)
             if target is not None:
                 await self._replayed(ctx, target[0])
+
+    async def on_failure(self, ctx: EventContext, error: Exception) -> None:
+        """Dead-letter a failure this middleware did not see: one raised outside it in the chain (a
+        bug of an outer middleware), so the event is not lost (the engine calls this)."""
+        if ctx.get_metadata(_DEAD_LETTERED) or aborts_turn(error) or isinstance(error, SkipEvent):
+            return
+        ctx.set_metadata(_DEAD_LETTERED, True)
+        logger.warning(
+            "the failure of %s on %s (event %s) was raised outside the dead-letter middleware (a bug in "
+            "an outer middleware?); it is dead-lettered all the same",
+            ctx.rule.name,
+            ctx.event_type,
+            ctx.event_id,
+        )
+        await self._dead_letter(ctx, error)
 
     async def _dead_letter(self, ctx: EventContext, error: Exception) -> None:
         reason = reason_of(error)

@@ -78,6 +78,7 @@ engine's own handler call costs 20-45k instructions, ~4-9 µs on a slow shared m
 
 from __future__ import annotations
 
+import logging
 import sys
 from collections.abc import Mapping
 from time import monotonic
@@ -103,6 +104,8 @@ if TYPE_CHECKING:
     from krules.events import Event
     from krules.rules import Rule
     from middleware.spans import SpanRecorder
+
+_log = logging.getLogger(__name__)
 
 __all__ = ["DEFAULT_SERVICE_NAME", "EXPORTERS", "TracingMiddleware", "configure_tracing"]
 
@@ -211,32 +214,43 @@ class TracingMiddleware:
         if tracer is None:
             await self._pass_through(ctx, next)
             return
-        event = ctx.raw_event
-        extensions = event.extensions
-        if extensions is None or _TRACEPARENT not in extensions:
-            parent = self._receive(tracer, event, extensions)
-        else:
-            parent = self._parent(extensions)
-        attributes = _event_attributes(event)
-        attributes["krules.handler"] = ctx.rule.name
-        name = f"{event.type} {_handler_label(ctx.rule)}"
-        recorder = self._recorder
-        if recorder is not None:
-            span = recorder.start(name, parent, attributes)
-        else:  # exceptions are recorded below, where SkipEvent and DeadLetterEvent are told apart
-            span = tracer.start_span(
-                name,
-                None if parent is None else trace.set_span_in_context(trace.NonRecordingSpan(parent)),
-                SpanKind.CONSUMER,
-                attributes,
-                record_exception=False,
-                set_status_on_exception=False,
+        # A failure of the tracing itself (e.g. a span processor's bug) must not fail the call:
+        # it is logged and the call runs untraced.
+        try:
+            event = ctx.raw_event
+            extensions = event.extensions
+            if extensions is None or _TRACEPARENT not in extensions:
+                parent = self._receive(tracer, event, extensions)
+            else:
+                parent = self._parent(extensions)
+            attributes = _event_attributes(event)
+            attributes["krules.handler"] = ctx.rule.name
+            name = f"{event.type} {_handler_label(ctx.rule)}"
+            recorder = self._recorder
+            if recorder is not None:
+                span = recorder.start(name, parent, attributes)
+            else:  # exceptions are recorded below, where SkipEvent and DeadLetterEvent are told apart
+                span = tracer.start_span(
+                    name,
+                    None if parent is None else trace.set_span_in_context(trace.NonRecordingSpan(parent)),
+                    SpanKind.CONSUMER,
+                    attributes,
+                    record_exception=False,
+                    set_status_on_exception=False,
+                )
+            recording = span.is_recording()
+            # attach/detach is what trace.use_span does, without its generator-based context manager.
+            span_context = trace.set_span_in_context(span)
+            own = span.get_span_context()
+            carrier = _carrier(own)
+        except Exception:
+            _log.exception(
+                "could not start the span of %s (event %s); the call runs untraced",
+                ctx.rule.name,
+                ctx.event_id,
             )
-        recording = span.is_recording()
-        # attach/detach is what trace.use_span does, without its generator-based context manager.
-        span_context = trace.set_span_in_context(span)
-        own = span.get_span_context()
-        carrier = _carrier(own)
+            await self._pass_through(ctx, next)
+            return
         previous = ctx.emit_extensions
         key: tuple[str, str | None] | None = None
         if carrier is not None:
@@ -272,12 +286,15 @@ class TracingMiddleware:
             ctx.emit_extensions = previous
             if key is not None:
                 self._live.pop(key, None)
-            if recording:
-                span.set_attribute("krules.outcome", outcome)
-                attempts = ctx.get_metadata(ATTEMPTS)
-                if attempts is not None:
-                    span.set_attribute("krules.attempts", attempts)
-            span.end()
+            try:
+                if recording:
+                    span.set_attribute("krules.outcome", outcome)
+                    attempts = ctx.get_metadata(ATTEMPTS)
+                    if attempts is not None:
+                        span.set_attribute("krules.attempts", attempts)
+                span.end()
+            except Exception:
+                _log.exception("could not end the span of %s (event %s)", ctx.rule.name, ctx.event_id)
 
     def _parent(self, extensions: dict[str, Any]) -> trace.SpanContext:
         """The span the event's ``traceparent``/``tracestate`` name: a live local span's, or parsed."""
@@ -367,8 +384,11 @@ _trace_hex: tuple[int, str] = (0, "")
 
 
 def _record_failure(span: trace.Span, exc: BaseException) -> None:
-    span.record_exception(exc)
-    span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
+    try:
+        span.record_exception(exc)
+        span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
+    except Exception:  # the handler's own error is what propagates, never one of the tracing
+        _log.exception("could not record the failure %r on its span", exc)
 
 
 # -- configuration from the environment ----------------------------------------------------------

@@ -389,3 +389,8 @@ async def test_settle_waits_for_turns_started_elsewhere(krules_app: KRulesTestAp
     await krules_app.settle()
     assert done == [1]
     await task
+
+
+async def test_the_dead_letter_extension_is_reserved_for_replays(krules_app: KRulesTestApp) -> None:
+    with pytest.raises(EventFormatError, match="krulesdlq"):
+        await krules_app.engine.emit("x", "s", {}, krulesdlq="dlq-1")

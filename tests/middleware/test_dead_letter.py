@@ -395,3 +395,58 @@ def test_an_async_listener_is_refused() -> None:
 
     with pytest.raises(ConfigurationError, match="not async"):
         DeadLetterMiddleware(on_dead_letter=listener)
+
+
+class BuggyMiddleware:
+    """A middleware with a bug, before or after the rest of the chain."""
+
+    def __init__(self, when: str) -> None:
+        self.when = when
+
+    async def __call__(self, ctx: EventContext, next: Any) -> None:
+        if self.when == "before":
+            raise KeyError("bug before next()")
+        await next()
+        raise KeyError("bug after next()")
+
+
+@pytest.mark.parametrize("when", ["before", "after"])
+async def test_a_bug_in_a_middleware_outside_the_dead_letter_one_is_logged_and_the_event_dead_lettered(
+    krules_app: KRulesTestApp, caplog: pytest.LogCaptureFixture, when: str
+) -> None:
+    krules_app.middleware(BuggyMiddleware(when))  # outermost: the dead-letter middleware never sees its error
+    install(krules_app)
+    calls: list[str] = []
+
+    @krules_app.on("order.submitted")
+    async def charge(ctx: EventContext) -> None:
+        calls.append(ctx.event_id)
+
+    with caplog.at_level(logging.WARNING):
+        await krules_app.emit("order.submitted", "order-1", {"total": 30})
+
+    (failure,) = krules_app.recorder.failures
+    assert isinstance(failure.error, KeyError)
+    (engine_line,) = [r for r in caplog.records if r.name == "krules.engine" and r.levelno == logging.ERROR]
+    assert engine_line.exc_info is not None and f"bug {when} next()" in str(engine_line.exc_info[1])
+    (record,) = await stored(krules_app)
+    assert record.event["data"] == {"total": 30} and record.reason == "error"
+    assert record.error == {"type": "KeyError", "message": f"'bug {when} next()'"}
+    (announced,) = krules_app.recorder.of_type("error.handler_failed")
+    assert announced.data["dlq"] == record.name
+    assert len(calls) == (0 if when == "before" else 1)
+
+
+async def test_a_failure_the_dead_letter_middleware_saw_is_dead_lettered_once(
+    krules_app: KRulesTestApp,
+) -> None:
+    install(krules_app)
+
+    @krules_app.on("order.submitted")
+    async def charge(ctx: EventContext) -> None:
+        raise ValueError("card declined")
+
+    await krules_app.emit("order.submitted", "order-1")
+
+    assert len(await stored(krules_app)) == 1
+    assert len(krules_app.recorder.of_type("error.handler_failed")) == 1

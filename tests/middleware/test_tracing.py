@@ -595,3 +595,25 @@ def test_the_otlp_exporter_posts_to_the_endpoint_from_the_environment(
     assert resource["service.name"] == "orders"
     assert resource["deployment.environment"] == "test" and resource["team"] == "ops team"
     assert [s.name for s in resource_spans.scope_spans[0].spans] == ["order.submitted validate"]
+
+
+async def test_a_broken_span_processor_is_logged_and_the_handler_still_runs(
+    krules_app: KRulesTestApp, caplog: pytest.LogCaptureFixture
+) -> None:
+    class Broken(SimpleSpanProcessor):
+        def on_start(self, span: Any, parent_context: Any = None) -> None:
+            raise RuntimeError("processor bug")
+
+    provider = TracerProvider(shutdown_on_exit=False)
+    provider.add_span_processor(Broken(InMemorySpanExporter()))
+    krules_app.middleware(TracingMiddleware(tracer_provider=provider))
+    ran: list[str] = []
+
+    @krules_app.on("order.submitted")
+    async def validate(ctx: EventContext) -> None:
+        ran.append(ctx.event_id)
+
+    await krules_app.emit("order.submitted", "order-1")
+
+    assert len(ran) == 1 and krules_app.recorder.failures == []
+    assert any("runs untraced" in r.getMessage() for r in caplog.records if r.name == "middleware.tracing")
