@@ -12,21 +12,35 @@ Same rules as ``bench.order_cascade`` (3 handler calls per order), memory storag
 
 Prints orders/s of each, the ratio default/bare of the time per order, and the added cost per
 handler call; the variants alternate round by round so machine noise hits them alike.
+
+``python -m bench.default_chain --instructions`` counts instead the machine instructions per order
+of each variant under valgrind's callgrind (deterministic, where the wall clock of a shared machine
+drifts by tens of percent); there the spans go through a ``SimpleSpanProcessor`` to the exporter
+that does nothing, so no background thread blurs the count.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import shutil
+import sys
 import time
 from collections.abc import Sequence
 from typing import Any
 
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+from opentelemetry.sdk.trace.export import (
+    BatchSpanProcessor,
+    SimpleSpanProcessor,
+    SpanExporter,
+    SpanExportResult,
+)
 
 from bench import order_cascade
 from bench._common import report, scale
+from bench.instructions import per_order
 from krules import KRulesContainer
 from krules.config import Settings
 from middleware.defaults import build_default_chain
@@ -64,14 +78,60 @@ async def seconds_per_order(variant: str, orders: int, provider: TracerProvider)
     return (time.perf_counter() - started) / orders
 
 
-async def main() -> None:
-    orders = max(100, int(ORDERS * scale()))
+def quiet_handler_lines() -> None:
+    """Handler-call lines at INFO to a handler that drops them (the issue's measuring condition)."""
     handlers = logging.getLogger("krules.handlers")
     handlers.addHandler(logging.NullHandler())
     handlers.setLevel(logging.INFO)
     handlers.propagate = False
+
+
+def no_export_provider(*, batch: bool = True) -> TracerProvider:
+    """An SDK provider whose exporter does nothing, behind a batch (or a simple) span processor."""
     provider = TracerProvider()
-    provider.add_span_processor(BatchSpanProcessor(_NoExport()))
+    provider.add_span_processor(
+        BatchSpanProcessor(_NoExport()) if batch else SimpleSpanProcessor(_NoExport())
+    )
+    return provider
+
+
+_COUNTED = """
+import asyncio, sys
+from bench.default_chain import build, no_export_provider, quiet_handler_lines
+quiet_handler_lines()
+provider = no_export_provider(batch=False)
+async def main(n):
+    emit = build(VARIANT, provider).emit
+    for i in range({warm}): await emit("order.submitted", f"w-{{i}}", {{"total": 10}})
+    for i in range(n): await emit("order.submitted", f"order-{{i}}", {{"total": 10}})
+asyncio.run(main(int(sys.argv[1])))
+"""
+
+
+def count_instructions() -> None:
+    """Instructions per order of each variant (callgrind), and their ratios to the bare cascade."""
+    os.environ["PYTHONPATH"] = os.getcwd()
+    counts = {
+        variant: per_order(sys.executable, _COUNTED.replace("VARIANT", repr(variant)))
+        for variant in ("bare", "default", "untraced", "disabled")
+    }
+    report(
+        "default_chain_instructions",
+        **{f"{variant}_per_order": round(count) for variant, count in counts.items()},
+        default_over_bare=round(counts["default"] / counts["bare"], 2),
+        untraced_over_bare=round(counts["untraced"] / counts["bare"], 2),
+        disabled_over_bare=round(counts["disabled"] / counts["bare"], 3),
+        added_per_handler_call=round((counts["default"] - counts["bare"]) / HANDLER_CALLS_PER_ORDER),
+        untraced_added_per_handler_call=round(
+            (counts["untraced"] - counts["bare"]) / HANDLER_CALLS_PER_ORDER
+        ),
+    )
+
+
+async def main() -> None:
+    orders = max(100, int(ORDERS * scale()))
+    quiet_handler_lines()
+    provider = no_export_provider()
     times: dict[str, list[float]] = {"bare": [], "default": [], "untraced": [], "disabled": []}
     for _ in range(ROUNDS):
         for variant in times:
@@ -96,4 +156,9 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    if "--instructions" in sys.argv[1:]:
+        if shutil.which("valgrind") is None:
+            raise SystemExit("valgrind is not installed (Debian package valgrind)")
+        count_instructions()
+    else:
+        asyncio.run(main())

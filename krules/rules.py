@@ -43,8 +43,10 @@ def _name_of(obj: Any) -> str:
 def _is_async_callable(fn: Any) -> bool:
     if inspect.iscoroutinefunction(fn):
         return True
-    # a callable object counts by its class's __call__ (an ``async def`` method)
-    method = type(fn).__dict__.get("__call__") if not inspect.isclass(fn) else None
+    # a callable object counts by its class's __call__ (an ``async def`` method, maybe inherited)
+    if inspect.isclass(fn):
+        return False
+    method = next((c.__dict__["__call__"] for c in type(fn).__mro__ if "__call__" in c.__dict__), None)
     return inspect.iscoroutinefunction(method)
 
 

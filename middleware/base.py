@@ -22,6 +22,15 @@ exception came from: an outer middleware's bug, too, which no inner middleware s
 dead-letter middleware uses it so that such a failure is still dead-lettered, never lost.  It is
 not called on the hot path (only for failures), and what it raises is logged.
 
+**Observers.**  Most built-in middleware only look at a call: something before it, something after
+it, and they never call the rest of the chain twice or decide not to call it (except by raising).
+Such a middleware subclasses :class:`Observer` and implements ``enter(ctx) -> state`` and
+``exit(ctx, state, error)`` instead of ``__call__`` (which :class:`Observer` provides, so it still
+works as an ordinary middleware).  Consecutive observers in a chain are then run in **one** layer,
+one coroutine for all of them, exactly as if they were nested: ``enter`` outermost first, the rest
+of the chain, then ``exit`` innermost first, each seeing the error the inner part raised (or None)
+and the error an inner ``exit`` raised replacing it.
+
 Middleware share what they learn about a call through ``ctx.set_metadata``/``ctx.get_metadata``
 under the keys named here (e.g. the retry middleware records :data:`ATTEMPTS`, which the metrics,
 logging and dead-letter middleware read).
@@ -45,6 +54,7 @@ __all__ = [
     "FailureHandler",
     "Middleware",
     "Next",
+    "Observer",
     "SkipEvent",
     "applies",
     "build_chain",
@@ -87,6 +97,97 @@ class DeadLetterEvent(Exception):
         self.reason = reason
 
 
+class Observer:
+    """A middleware that acts before and after a call without wrapping it (see the module docstring).
+
+    ``enter(ctx)`` runs before the rest of the chain and returns a state for ``exit`` (it may raise,
+    e.g. :class:`DeadLetterEvent`, to stop the call: ``exit`` is then not called for it).
+    ``exit(ctx, state, error)`` runs after it, with the exception the rest of the chain raised (any
+    :class:`BaseException`, cancellation included) or None; it returns None, or an awaitable to
+    await (e.g. to store something when the call failed).  What ``exit`` raises replaces ``error``;
+    if it raises nothing, ``error`` goes on unchanged.
+    """
+
+    __slots__ = ()
+
+    def enter(self, ctx: EventContext) -> Any:
+        """Before the call: return the state ``exit`` gets."""
+        return None
+
+    def exit(self, ctx: EventContext, state: Any, error: BaseException | None) -> Awaitable[None] | None:
+        """After the call (``error``: what it raised, or None)."""
+        return None
+
+    async def __call__(self, ctx: EventContext, next: Next) -> None:
+        """As an ordinary middleware: ``enter``, the rest of the chain, ``exit``."""
+        state = self.enter(ctx)
+        try:
+            await next()
+        except BaseException as error:
+            pending = self.exit(ctx, state, error)
+            if pending is not None:
+                await pending
+            raise
+        pending = self.exit(ctx, state, None)
+        if pending is not None:
+            await pending
+
+
+def _observed(observers: Sequence[Observer], inner: Call) -> Call:
+    # One coroutine for several consecutive observers, with the semantics of nesting them.  The
+    # success path is kept short: it is every call's.  An enter left as Observer's is not called.
+    enters = tuple(None if type(o).enter is Observer.enter else o.enter for o in observers)
+    exits = tuple(o.exit for o in reversed(observers))
+
+    async def call(ctx: EventContext) -> None:
+        states: list[Any] = []
+        try:
+            for enter in enters:
+                states.append(None if enter is None else enter(ctx))
+            await inner(ctx)
+        except BaseException as error:
+            await _unwind(exits, states, ctx, error)
+            raise  # _unwind raises what replaced the error, if anything did
+        index = len(states)
+        for position, exit in enumerate(exits):
+            index -= 1
+            try:
+                pending = exit(ctx, states[index], None)
+                if pending is not None:
+                    await pending
+            except BaseException as error:  # a bug of this exit: the outer ones see it
+                await _unwind(exits[position + 1 :], states[:index], ctx, error)
+                raise
+
+    call.__qualname__ = "+".join(type(o).__name__ for o in observers) + ">"
+    return call
+
+
+async def _unwind(
+    exits: Sequence[Callable[..., Awaitable[None] | None]],
+    states: list[Any],
+    ctx: EventContext,
+    error: BaseException,
+) -> None:
+    """Call the ``exits`` (innermost first) of the observers whose state is in ``states`` with
+    ``error``; raise what one of them raises instead of it (the caller re-raises ``error``)."""
+    skipped = len(exits) - len(states)  # innermost observers whose enter did not run, or raised
+    current = error
+    for position, exit in enumerate(exits):
+        if position < skipped:
+            continue
+        try:
+            pending = exit(ctx, states[len(exits) - 1 - position], current)
+            if pending is not None:
+                await pending
+        except BaseException as replaced:
+            if replaced is not current and replaced.__context__ is None:
+                replaced.__context__ = current
+            current = replaced
+    if current is not error:
+        raise current
+
+
 def _layer(mw: Middleware, inner: Call) -> Call:
     # A plain function returning the middleware's awaitable: one coroutine per layer, not two.
     def call(ctx: EventContext) -> Awaitable[None]:
@@ -115,9 +216,19 @@ def build_chain(middlewares: Sequence[Middleware], handler: Call, rule: Rule | N
         middlewares = [mw for mw in middlewares if applies(mw, rule)]
     if not middlewares:
         return handler
-    call = _attempt(handler)
+    # Observers never run the rest of the chain twice; any other middleware may (a retry).
+    call = handler if all(isinstance(mw, Observer) for mw in middlewares) else _attempt(handler)
+    run: list[Observer] = []  # consecutive observers, innermost first
     for mw in reversed(middlewares):
+        if isinstance(mw, Observer):
+            run.append(mw)
+            continue
+        if run:
+            call = _observed(run[::-1], call)
+            run = []
         call = _layer(mw, call)
+    if run:
+        call = _observed(run[::-1], call)
     return call
 
 

@@ -38,7 +38,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Final, Literal, Protocol
 
 from krules.errors import ConfigurationError, KRulesError, aborts_turn
-from middleware.base import DeadLetterEvent, Next, SkipEvent, check_listeners
+from middleware.base import DeadLetterEvent, Observer, SkipEvent, check_listeners
 
 if TYPE_CHECKING:
     from krules.context import EventContext
@@ -139,7 +139,7 @@ def _listeners(value: object) -> list[StateListener]:
     )
 
 
-class CircuitBreakerMiddleware:
+class CircuitBreakerMiddleware(Observer):
     """Middleware: a closed/open/half-open circuit per key; open circuits dead-letter their events.
 
     Options (keyword-only): ``failure_threshold`` consecutive failures open a circuit;
@@ -208,28 +208,14 @@ class CircuitBreakerMiddleware:
         self._listeners.extend(_listeners(listener))
 
     # -- the middleware ----------------------------------------------------------------------
-    async def __call__(self, ctx: EventContext, next: Next) -> None:
-        """Call the handler unless its circuit is open; count its failures and successes."""
+    def enter(self, ctx: EventContext) -> tuple[str, _Circuit | None, int] | None:
+        """Refuse the call (CircuitOpenError) while its circuit is open or its probes are all out."""
+        if not self._circuits:  # every circuit closed without failures: nothing to look up
+            return None
         key = self._key(ctx)
         circuit = self._circuits.get(key)
-        if circuit is not None and circuit.state != CLOSED:
-            await self._guarded(ctx, next, key, circuit)
-            return
-        try:
-            await next()
-        except _NEUTRAL:
-            raise
-        except Exception as exc:
-            if aborts_turn(exc):  # the storage failing, not the handler: the turn is taken again
-                raise
-            self._failed(ctx, key)
-            raise
-        if self._circuits:  # a success ends a run of failures (the closed circuit is forgotten)
-            circuit = self._circuits.get(key)
-            if circuit is not None and circuit.state == CLOSED:
-                del self._circuits[key]
-
-    async def _guarded(self, ctx: EventContext, next: Next, key: str, circuit: _Circuit) -> None:
+        if circuit is None or circuit.state == CLOSED:
+            return key, None, 0
         if circuit.state == OPEN:
             remaining = circuit.opened_at + self._open_seconds - self._now(ctx)
             if remaining > 0:
@@ -239,25 +225,47 @@ class CircuitBreakerMiddleware:
         if circuit.probes >= self._probes:
             raise CircuitOpenError(key, HALF_OPEN, 0.0)
         circuit.probes += 1
-        trip = circuit.trips
-        try:
-            await next()
-        except _NEUTRAL:
-            raise
-        except Exception as exc:
-            if aborts_turn(exc):  # the storage failing, not the handler: the turn is taken again
-                raise
-            if self._current(key, circuit, trip):
-                circuit.failures += 1
-                self._open(ctx, key, circuit)
-            raise
-        else:
-            if self._current(key, circuit, trip):
+        return key, circuit, circuit.trips
+
+    def exit(
+        self, ctx: EventContext, state: tuple[str, _Circuit | None, int] | None, error: BaseException | None
+    ) -> None:
+        """Count the call's failure or success on its circuit (neutral outcomes count as neither)."""
+        if state is None:  # no circuit was remembered when the call began
+            if error is not None and isinstance(error, Exception):
+                if not isinstance(error, _NEUTRAL) and not aborts_turn(error):
+                    self._failed(ctx, self._key(ctx))
+            elif error is None and self._circuits:  # failures of other calls meanwhile: maybe this key's
+                circuit = self._circuits.get(self._key(ctx))
+                if circuit is not None and circuit.state == CLOSED:
+                    del self._circuits[self._key(ctx)]
+            return
+        key, probing, trip = state
+        # A failure of the handler: not SkipEvent/DeadLetterEvent, not a cancellation, and not the
+        # storage failing (then the turn is taken again, the handler is not at fault).
+        failed = (
+            error is not None
+            and isinstance(error, Exception)
+            and not isinstance(error, _NEUTRAL)
+            and not aborts_turn(error)
+        )
+        if probing is None:  # the circuit was closed
+            if failed:
+                self._failed(ctx, key)
+            elif error is None and self._circuits:  # a success ends a run of failures
+                circuit = self._circuits.get(key)
+                if circuit is not None and circuit.state == CLOSED:
+                    del self._circuits[key]
+            return
+        if self._current(key, probing, trip):
+            if failed:
+                probing.failures += 1
+                self._open(ctx, key, probing)
+            elif error is None:
                 del self._circuits[key]
-                self._change(key, circuit, CLOSED)
-        finally:
-            if circuit.trips == trip and circuit.state == HALF_OPEN:
-                circuit.probes -= 1  # a probe that ended neutrally (skipped, cancelled) frees its slot
+                self._change(key, probing, CLOSED)
+        if probing.trips == trip and probing.state == HALF_OPEN:
+            probing.probes -= 1  # a probe that ended neutrally (skipped, cancelled) frees its slot
 
     # -- state changes -----------------------------------------------------------------------
     def _now(self, ctx: EventContext) -> float:

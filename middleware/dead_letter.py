@@ -43,7 +43,7 @@ sees only what finally failed::
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Final
 
 from krules.dead_letters import (
@@ -58,7 +58,8 @@ from krules.dead_letters import (
     write_dead_letter,
 )
 from krules.errors import CascadeDepthExceeded, ConfigurationError, aborts_turn
-from middleware.base import ATTEMPTS, DeadLetterEvent, Next, SkipEvent, check_listeners
+from krules.events import REPLAY_EXTENSION
+from middleware.base import ATTEMPTS, DeadLetterEvent, Observer, SkipEvent, check_listeners
 
 if TYPE_CHECKING:
     from krules.context import EventContext
@@ -98,7 +99,7 @@ def _listeners(value: object) -> list[DeadLetterListener]:
     )
 
 
-class DeadLetterMiddleware:
+class DeadLetterMiddleware(Observer):
     """Middleware: store what finally fails as a dead letter, announce it, and let it fail.
 
     ``emit_event`` (default True) emits ``error.handler_failed`` for each dead letter;
@@ -124,21 +125,20 @@ class DeadLetterMiddleware:
         """Also call ``listener(handler, reason)`` for every dead letter."""
         self._listeners.extend(_listeners(listener))
 
-    async def __call__(self, ctx: EventContext, next: Next) -> None:
-        """Run the rest of the chain; dead-letter what it raises (but SkipEvent), then re-raise it."""
-        try:
-            await next()
-        except SkipEvent:
-            raise
-        except Exception as exc:
-            if not aborts_turn(exc):  # the storage failing: the whole turn is taken again instead
-                ctx.set_metadata(_DEAD_LETTERED, True)
-                await self._dead_letter(ctx, exc)
-            raise
-        if ctx.raw_event.extensions is not None:  # a replay (only root events of replays carry one)
-            target = replay_target(ctx)
-            if target is not None:
-                await self._replayed(ctx, target[0])
+    def exit(self, ctx: EventContext, state: None, error: BaseException | None) -> Awaitable[None] | None:
+        """Dead-letter what the rest of the chain raised (but SkipEvent, a cancellation or a storage
+        failure); after a replay's success, delete its dead letter.  The error goes on unchanged."""
+        if error is None:
+            extensions = ctx.raw_event.extensions
+            if extensions is not None and REPLAY_EXTENSION in extensions:  # only a replay's root event
+                target = replay_target(ctx)
+                if target is not None:
+                    return self._replayed(ctx, target[0])
+            return None
+        if not isinstance(error, Exception) or isinstance(error, SkipEvent) or aborts_turn(error):
+            return None  # aborts_turn: the storage failing, the whole turn is taken again instead
+        ctx.set_metadata(_DEAD_LETTERED, True)
+        return self._dead_letter(ctx, error)
 
     async def on_failure(self, ctx: EventContext, error: Exception) -> None:
         """Dead-letter a failure this middleware did not see: one raised outside it in the chain (a

@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from krules.errors import ConfigurationError
 from krules.partitioning import partition_of
-from middleware.base import ATTEMPTS, DeadLetterEvent, Next, SkipEvent
+from middleware.base import ATTEMPTS, DeadLetterEvent, Observer, SkipEvent
 
 if TYPE_CHECKING:
     from krules.context import EventContext
@@ -92,6 +92,7 @@ _START: Final = _probe.created - _probe.relativeCreated / 1000.0  # logging's ow
 _TASK_NAMES: Final = "taskName" in _probe.__dict__  # Python 3.12+
 del _probe
 _process: tuple[int, str | None] | None = None
+"""(process id, process name) of this process, once looked up."""
 
 
 def _forget_process() -> None:
@@ -102,33 +103,28 @@ def _forget_process() -> None:
 os.register_at_fork(after_in_child=_forget_process)
 
 
-def _process_fields() -> tuple[int | None, str | None]:
-    # (process, processName) as LogRecord sets them, looked up once per process.
+def _look_up_process() -> tuple[int, str | None]:
+    # (process id, process name) as LogRecord finds them, looked up once per process.
     global _process
-    if _process is None:
-        name: str | None = "MainProcess"
-        mp = sys.modules.get("multiprocessing")
-        if mp is not None:
-            with contextlib.suppress(Exception):  # as logging does: a broken name is no name
-                name = mp.current_process().name
-        _process = (os.getpid(), name)
-    return (_process[0] if logging.logProcesses else None), (
-        _process[1] if logging.logMultiprocessing else None
-    )
+    name: str | None = "MainProcess"
+    mp = sys.modules.get("multiprocessing")
+    if mp is not None:
+        with contextlib.suppress(Exception):  # as logging does: a broken name is no name
+            name = mp.current_process().name
+    _process = (os.getpid(), name)
+    return _process
 
 
-def _fast_records(logger: logging.Logger) -> bool:
-    return (
-        logging.getLogRecordFactory() is logging.LogRecord
-        and type(logger).makeRecord is logging.Logger.makeRecord
-    )
+_LogRecord: Final = logging.LogRecord
+_make_record: Final = logging.Logger.makeRecord
+_new: Final = object.__new__
 
 
 def _record(
     name: str, level: int, msg: str, args: tuple[Any, ...], extra: dict[str, Any] | None
 ) -> logging.LogRecord:
     """The ``logging.LogRecord`` that ``Logger.makeRecord`` would make for a line of this module."""
-    record = logging.LogRecord.__new__(logging.LogRecord)
+    record = _new(_LogRecord)
     fields = record.__dict__
     fields.update(_FIXED)
     now = time_ns()
@@ -146,7 +142,9 @@ def _record(
         fields["threadName"] = threading.current_thread().name
     else:
         fields["thread"] = fields["threadName"] = None
-    fields["process"], fields["processName"] = _process_fields()
+    process = _process if _process is not None else _look_up_process()
+    fields["process"] = process[0] if logging.logProcesses else None
+    fields["processName"] = process[1] if logging.logMultiprocessing else None
     if _TASK_NAMES:
         fields["taskName"] = _task_name()
     if extra:
@@ -205,7 +203,7 @@ def _check_partitions(partitions: Any) -> int:
     return partitions
 
 
-class LoggingMiddleware:
+class LoggingMiddleware(Observer):
     """Log one structured line per handler call: event, handler, partition, outcome and duration."""
 
     __slots__ = ("json", "level", "logger", "partitions")
@@ -227,24 +225,22 @@ class LoggingMiddleware:
         self.partitions: int = _check_partitions(partitions)
         """How many partitions the subjects are spread over."""
 
-    async def __call__(self, ctx: EventContext, next: Next) -> None:
-        """Run the rest of the chain and log its outcome (exceptions propagate unchanged)."""
-        if not self.logger.isEnabledFor(self.level):
-            await next()
+    def enter(self, ctx: EventContext) -> float | None:
+        """The start time, or None when the logger is off for ``level`` (then nothing is logged)."""
+        return perf_counter() if self.logger.isEnabledFor(self.level) else None
+
+    def exit(self, ctx: EventContext, start: float | None, error: BaseException | None) -> None:
+        """Log the outcome (a cancelled call is not logged; exceptions go on unchanged)."""
+        if start is None:
             return
-        start = perf_counter()
-        try:
-            await next()
-        except SkipEvent:
+        if error is None:
+            self._write(ctx, "ok", start, None)
+        elif isinstance(error, SkipEvent):
             self._write(ctx, "skipped", start, None)
-            raise
-        except DeadLetterEvent as exc:
-            self._write(ctx, "dead_lettered", start, exc)
-            raise
-        except Exception as exc:
-            self._write(ctx, "failed", start, exc)
-            raise
-        self._write(ctx, "ok", start, None)
+        elif isinstance(error, DeadLetterEvent):
+            self._write(ctx, "dead_lettered", start, error)
+        elif isinstance(error, Exception):
+            self._write(ctx, "failed", start, error)
 
     def _write(self, ctx: EventContext, outcome: str, start: float, error: Exception | None) -> None:
         # A logging bug must not turn a handler's success into a failure (nor hide its error).
@@ -286,7 +282,7 @@ class LoggingMiddleware:
             logger = self.logger
             # Building the record + handle is Logger.log without its stack walk for the caller (which
             # would only ever name this method) and the per-record work described at _record.
-            if _fast_records(logger):
+            if logging.getLogRecordFactory() is _LogRecord and type(logger).makeRecord is _make_record:
                 record = _record(logger.name, level, line_format, args, extra)
             else:
                 record = logger.makeRecord(

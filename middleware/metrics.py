@@ -49,7 +49,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from krules.errors import ConfigurationError
-from middleware.base import ATTEMPTS, DeadLetterEvent, Next, SkipEvent
+from middleware.base import ATTEMPTS, DeadLetterEvent, Observer, SkipEvent
 
 if TYPE_CHECKING:
     from krules.context import EventContext
@@ -138,7 +138,7 @@ class _HotCollector(Collector):
         )
 
 
-class MetricsMiddleware:
+class MetricsMiddleware(Observer):
     """Count and time every handler call in Prometheus metrics of its own registry."""
 
     def __init__(self, *, registry: CollectorRegistry | None = None) -> None:
@@ -187,33 +187,27 @@ class MetricsMiddleware:
                 "give each MetricsMiddleware its own registry."
             ) from None
 
-    async def __call__(self, ctx: EventContext, next: Next) -> None:
-        """Run the rest of the chain, then count its outcome, duration and retries."""
+    def enter(self, ctx: EventContext) -> float:
+        """The start time."""
+        return perf_counter()
+
+    def exit(self, ctx: EventContext, start: float, error: BaseException | None) -> None:
+        """Count the outcome, duration and retries (a cancelled call is not counted)."""
         handlers = self._hot.handlers
         name = ctx.rule.name
         tally = handlers.get(name)
         if tally is None:
             tally = handlers[name] = _HandlerTally()
-        start = perf_counter()
-        try:
-            await next()
-        except SkipEvent:
+        if error is None:
+            tally.ok += 1
+        elif isinstance(error, SkipEvent):
             tally.skipped += 1
-            self._observe(ctx, tally, start)
-            raise
-        except DeadLetterEvent:
+        elif isinstance(error, DeadLetterEvent):
             tally.dead_lettered += 1
-            self._observe(ctx, tally, start)
-            raise
-        except Exception:
+        elif isinstance(error, Exception):
             tally.failed += 1
-            self._observe(ctx, tally, start)
-            raise
-        tally.ok += 1
-        self._observe(ctx, tally, start)
-
-    @staticmethod
-    def _observe(ctx: EventContext, tally: _HandlerTally, start: float) -> None:
+        else:
+            return
         seconds = perf_counter() - start
         tally.duration_sum += seconds
         tally.buckets[bisect_left(DURATION_BUCKETS, seconds)] += 1

@@ -92,7 +92,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 
 from krules import __version__ as _KRULES_VERSION
 from krules.errors import ConfigurationError
-from middleware.base import ATTEMPTS, DeadLetterEvent, Next, SkipEvent
+from middleware.base import ATTEMPTS, DeadLetterEvent, Observer, SkipEvent
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.resources import Resource
@@ -136,7 +136,7 @@ def _handler_label(rule: Rule) -> str:
     return str(getattr(handler, "__name__", None) or type(handler).__name__)
 
 
-class TracingMiddleware:
+class TracingMiddleware(Observer):
     """``async def mw(ctx, next)`` recording an OpenTelemetry span around each handler call.
 
     ``tracer_provider`` is where spans go (default: the global provider; one set with
@@ -203,8 +203,8 @@ class TracingMiddleware:
             self._recorder = SpanRecorder.for_tracer(self._tracer, self.service_name, _KRULES_VERSION)
         return self._tracer
 
-    async def __call__(self, ctx: EventContext, next: Next) -> None:
-        """Run the rest of the chain inside a span that is current and stamped on emitted events."""
+    def enter(self, ctx: EventContext) -> tuple[Any, ...] | None:
+        """Start the call's span, make it current and stamp it on the events the call emits."""
         tracer = self._tracer
         if self._polling:
             now = monotonic()
@@ -212,8 +212,7 @@ class TracingMiddleware:
                 self._next_poll = now + _GLOBAL_POLL_SECONDS
                 tracer = self._resolve(trace.get_tracer_provider())
         if tracer is None:
-            await self._pass_through(ctx, next)
-            return
+            return self._carry(ctx)
         # A failure of the tracing itself (e.g. a span processor's bug) must not fail the call:
         # it is logged and the call runs untraced.
         try:
@@ -229,7 +228,7 @@ class TracingMiddleware:
             recorder = self._recorder
             if recorder is not None:
                 span = recorder.start(name, parent, attributes)
-            else:  # exceptions are recorded below, where SkipEvent and DeadLetterEvent are told apart
+            else:  # exceptions are recorded in exit, where SkipEvent and DeadLetterEvent are told apart
                 span = tracer.start_span(
                     name,
                     None if parent is None else trace.set_span_in_context(trace.NonRecordingSpan(parent)),
@@ -238,7 +237,6 @@ class TracingMiddleware:
                     record_exception=False,
                     set_status_on_exception=False,
                 )
-            recording = span.is_recording()
             # attach/detach is what trace.use_span does, without its generator-based context manager.
             span_context = trace.set_span_in_context(span)
             own = span.get_span_context()
@@ -249,8 +247,7 @@ class TracingMiddleware:
                 ctx.rule.name,
                 ctx.event_id,
             )
-            await self._pass_through(ctx, next)
-            return
+            return self._carry(ctx)
         previous = ctx.emit_extensions
         key: tuple[str, str | None] | None = None
         if carrier is not None:
@@ -258,43 +255,46 @@ class TracingMiddleware:
             self._live[key] = own
             # A new dict each time: the engine may hand emit_extensions itself to an emitted event.
             ctx.emit_extensions = {**previous, **carrier} if previous else carrier
-        token = otel_context.attach(span_context)
-        outcome = "ok"
+        return span, span.is_recording(), otel_context.attach(span_context), previous, key
+
+    def exit(self, ctx: EventContext, state: tuple[Any, ...] | None, error: BaseException | None) -> None:
+        """Record the outcome on the span, end it, and restore the context and emit extensions."""
+        if state is None:
+            return
+        if len(state) == 1:  # untraced, the incoming trace context passed on
+            ctx.emit_extensions = state[0]
+            return
+        span, recording, token, previous, key = state
+        otel_context.detach(token)
+        ctx.emit_extensions = previous
+        if key is not None:
+            self._live.pop(key, None)
         try:
-            await next()
-        except SkipEvent:
-            outcome = "skipped"
-            raise
-        except DeadLetterEvent as exc:
-            outcome = "dead_lettered"
-            if recording:
-                span.set_attribute("krules.dead_letter_reason", exc.reason)
-                _record_failure(span, exc)
-            raise
-        except Exception as exc:
-            outcome = "failed"
-            if recording:
-                _record_failure(span, exc)
-            raise
-        except BaseException:  # cancelled (shutdown, timeout): not the handler's fault, still not ok
-            outcome = "cancelled"
-            if recording:
-                span.set_status(Status(StatusCode.ERROR, "cancelled"))
-            raise
-        finally:
-            otel_context.detach(token)
-            ctx.emit_extensions = previous
-            if key is not None:
-                self._live.pop(key, None)
-            try:
+            if error is None:
+                outcome = "ok"
+            elif isinstance(error, SkipEvent):
+                outcome = "skipped"
+            elif isinstance(error, DeadLetterEvent):
+                outcome = "dead_lettered"
                 if recording:
-                    span.set_attribute("krules.outcome", outcome)
-                    attempts = ctx.get_metadata(ATTEMPTS)
-                    if attempts is not None:
-                        span.set_attribute("krules.attempts", attempts)
-                span.end()
-            except Exception:
-                _log.exception("could not end the span of %s (event %s)", ctx.rule.name, ctx.event_id)
+                    span.set_attribute("krules.dead_letter_reason", error.reason)
+                    _record_failure(span, error)
+            elif isinstance(error, Exception):
+                outcome = "failed"
+                if recording:
+                    _record_failure(span, error)
+            else:  # cancelled (shutdown, timeout): not the handler's fault, still not ok
+                outcome = "cancelled"
+                if recording:
+                    span.set_status(Status(StatusCode.ERROR, "cancelled"))
+            if recording:
+                span.set_attribute("krules.outcome", outcome)
+                attempts = ctx.get_metadata(ATTEMPTS)
+                if attempts is not None:
+                    span.set_attribute("krules.attempts", attempts)
+            span.end()
+        except Exception:
+            _log.exception("could not end the span of %s (event %s)", ctx.rule.name, ctx.event_id)
 
     def _parent(self, extensions: dict[str, Any]) -> trace.SpanContext:
         """The span the event's ``traceparent``/``tracestate`` name: a live local span's, or parsed."""
@@ -333,23 +333,19 @@ class TracingMiddleware:
         return span_context
 
     @staticmethod
-    async def _pass_through(ctx: EventContext, next: Next) -> None:
+    def _carry(ctx: EventContext) -> tuple[Any, ...] | None:
         # Without an SDK nothing is recorded, but the incoming trace context goes on, verbatim, to
         # the events the handler emits, so a traced service downstream still sees one trace.
         extensions = ctx.raw_event.extensions
         if extensions is None or _TRACEPARENT not in extensions:
-            await next()
-            return
+            return None
         carried = {_TRACEPARENT: extensions[_TRACEPARENT]}
         tracestate = extensions.get(_TRACESTATE)
         if tracestate is not None:
             carried[_TRACESTATE] = tracestate
         previous = ctx.emit_extensions
         ctx.emit_extensions = {**previous, **carried} if previous else carried
-        try:
-            await next()
-        finally:
-            ctx.emit_extensions = previous
+        return (previous,)
 
     def __repr__(self) -> str:
         return f"TracingMiddleware(service_name={self.service_name!r})"
