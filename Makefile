@@ -43,6 +43,7 @@ bench: $(STAMP) redis-server
 bench-compare: $(STAMP) .venv-krules/bin/python
 	$(BIN)/python -m bench.compare
 	@command -v valgrind >/dev/null 2>&1 && $(BIN)/python -m bench.instructions || echo "valgrind missing: instruction counts skipped"
+	@command -v valgrind >/dev/null 2>&1 && $(BIN)/python -m bench.default_chain --instructions || true
 
 lint: $(STAMP)
 	$(BIN)/ruff check krules storage middleware rulesets tests bench

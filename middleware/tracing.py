@@ -63,17 +63,17 @@ The exporter's other settings (timeout, compression, certificates) and the batch
     if provider is not None:
         provider.shutdown()                        # at exit: flush the spans still batched
 
-**Cost** (per handler call, measured with callgrind, which a busy machine cannot blur; the
-engine's own handler call costs 20-45k instructions, ~4-9 µs on a slow shared machine):
+**Cost** (measured with callgrind, which a busy machine cannot blur; the engine's own handler
+call on the order cascade costs ~40k instructions):
 
-* no SDK (global provider unset, or a no-op provider): +4-10k instructions (+~1 µs), of which
-  3-4k is any middleware layer's; an event carrying a ``traceparent`` costs the most (the dict
-  that passes it on).
-* a recording SDK provider (BatchSpanProcessor, an exporter that does nothing): +240k instructions
-  (~70 µs) for an inline cascade step, +270k for an event from outside with a ``traceparent``,
-  +410k for one without (two spans: ``receive`` and the handler's).  The SDK's own span start and
-  end with these attributes is ~190k of that.  A call whose trace is sampled out
-  (``OTEL_TRACES_SAMPLER``) still costs +95k: the SDK decides, and makes ids, per span.
+* no SDK (global provider unset, or a no-op provider): a few thousand instructions per call; an
+  event carrying a ``traceparent`` costs the most (the dict that passes it on).
+* an SDK provider recording every span: ~+80k instructions per handler call on the order cascade
+  (its share of the root event's ``receive`` span included), plus what the span processor does
+  (a ``BatchSpanProcessor`` queues the span; its thread exports).  Spans of the SDK's own
+  ``Tracer`` are made by :class:`middleware.spans.SpanRecorder`, which does what the tracer's
+  ``start_span``/``end`` do for a sixth of their cost; the rest is the span's place in the
+  context, the ``traceparent`` of the events the handler emits, and the attributes.
 """
 
 from __future__ import annotations
