@@ -41,7 +41,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
-from typing import TYPE_CHECKING, Any, Final, Protocol
+from typing import TYPE_CHECKING, Any, Final, Protocol, TypeGuard
 
 if TYPE_CHECKING:
     from krules.context import EventContext
@@ -146,18 +146,26 @@ def _observed(observers: Sequence[Observer], inner: Call) -> Call:
                 states.append(None if enter is None else enter(ctx))
             await inner(ctx)
         except BaseException as error:
-            await _unwind(exits, states, ctx, error)
-            raise  # _unwind raises what replaced the error, if anything did
-        index = len(states)
-        for position, exit in enumerate(exits):
-            index -= 1
-            try:
-                pending = exit(ctx, states[index], None)
-                if pending is not None:
-                    await pending
-            except BaseException as error:  # a bug of this exit: the outer ones see it
-                await _unwind(exits[position + 1 :], states[:index], ctx, error)
+            replaced = await _unwind(exits, states, ctx, error)
+            if replaced is None:
                 raise
+        else:
+            index = len(states)
+            for position, exit in enumerate(exits):
+                index -= 1
+                try:
+                    pending = exit(ctx, states[index], None)
+                    if pending is not None:
+                        await pending
+                except BaseException as error:  # a bug of this exit: the outer ones see it
+                    replaced = await _unwind(exits[position + 1 :], states[:index], ctx, error)
+                    if replaced is None:
+                        raise
+                    break
+            else:
+                return
+        # Raised here, outside the except blocks, so its __context__ chain stays as _unwind built it.
+        raise replaced
 
     call.__qualname__ = "+".join(type(o).__name__ for o in observers) + ">"
     return call
@@ -168,9 +176,10 @@ async def _unwind(
     states: list[Any],
     ctx: EventContext,
     error: BaseException,
-) -> None:
+) -> BaseException | None:
     """Call the ``exits`` (innermost first) of the observers whose state is in ``states`` with
-    ``error``; raise what one of them raises instead of it (the caller re-raises ``error``)."""
+    ``error``; return the exception one of them raised instead of it, chained to what it replaced
+    (None: ``error`` goes on)."""
     skipped = len(exits) - len(states)  # innermost observers whose enter did not run, or raised
     current = error
     for position, exit in enumerate(exits):
@@ -180,12 +189,11 @@ async def _unwind(
             pending = exit(ctx, states[len(exits) - 1 - position], current)
             if pending is not None:
                 await pending
-        except BaseException as replaced:
-            if replaced is not current and replaced.__context__ is None:
-                replaced.__context__ = current
-            current = replaced
-    if current is not error:
-        raise current
+        except BaseException as replacing:
+            if replacing is not current:
+                replacing.__context__ = current
+            current = replacing
+    return None if current is error else current
 
 
 def _layer(mw: Middleware, inner: Call) -> Call:
@@ -217,10 +225,10 @@ def build_chain(middlewares: Sequence[Middleware], handler: Call, rule: Rule | N
     if not middlewares:
         return handler
     # Observers never run the rest of the chain twice; any other middleware may (a retry).
-    call = handler if all(isinstance(mw, Observer) for mw in middlewares) else _attempt(handler)
+    call = handler if all(_fusable(mw) for mw in middlewares) else _attempt(handler)
     run: list[Observer] = []  # consecutive observers, innermost first
     for mw in reversed(middlewares):
-        if isinstance(mw, Observer):
+        if _fusable(mw):
             run.append(mw)
             continue
         if run:
@@ -230,6 +238,11 @@ def build_chain(middlewares: Sequence[Middleware], handler: Call, rule: Rule | N
     if run:
         call = _observed(run[::-1], call)
     return call
+
+
+def _fusable(mw: Middleware) -> TypeGuard[Observer]:
+    # An observer that kept Observer's __call__ (one overriding it is used as ordinary middleware).
+    return isinstance(mw, Observer) and type(mw).__call__ is Observer.__call__
 
 
 def applies(mw: Middleware, rule: Rule) -> bool:

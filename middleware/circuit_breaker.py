@@ -17,6 +17,10 @@ Time is read from ``clock.now()`` (default: the engine's clock, ``ctx.clock``, s
 
     CircuitBreakerMiddleware(key=lambda ctx: f"{ctx.handler_name}:{ctx.subject.name}")
 
+The key should depend on the event and the handler only (as these do): while no circuit is
+remembered it is taken after the call, when the call's outcome needs counting (a key function
+that raises then leaves that call uncounted, logged).
+
 Memory stays bounded whatever the number of keys: a circuit that is closed with no failures is not
 stored at all, and at most ``max_circuits`` others are kept; past that the least recently failed one
 is forgotten (an open one is then reported as closed).
@@ -231,14 +235,25 @@ class CircuitBreakerMiddleware(Observer):
         self, ctx: EventContext, state: tuple[str, _Circuit | None, int] | None, error: BaseException | None
     ) -> None:
         """Count the call's failure or success on its circuit (neutral outcomes count as neither)."""
-        if state is None:  # no circuit was remembered when the call began
+        if state is None:  # no circuit was remembered when the call began: its key is taken now
+            counts = error is None and bool(self._circuits)  # other calls failed meanwhile: maybe this key
             if error is not None and isinstance(error, Exception):
-                if not isinstance(error, _NEUTRAL) and not aborts_turn(error):
-                    self._failed(ctx, self._key(ctx))
-            elif error is None and self._circuits:  # failures of other calls meanwhile: maybe this key's
-                circuit = self._circuits.get(self._key(ctx))
+                counts = not isinstance(error, _NEUTRAL) and not aborts_turn(error)
+            if not counts:
+                return
+            try:
+                key = self._key(ctx)
+            except Exception:  # a broken key function must not replace the handler's outcome
+                logger.exception(
+                    "the circuit key function raised for %s; the call is not counted", ctx.handler_name
+                )
+                return
+            if error is not None:
+                self._failed(ctx, key)
+            else:
+                circuit = self._circuits.get(key)
                 if circuit is not None and circuit.state == CLOSED:
-                    del self._circuits[self._key(ctx)]
+                    del self._circuits[key]
             return
         key, probing, trip = state
         # A failure of the handler: not SkipEvent/DeadLetterEvent, not a cancellation, and not the

@@ -22,7 +22,9 @@ circuit, ``rejected`` by default), ``timeout`` for a time-out (any :class:`Timeo
 
 A failure raised *outside* this middleware (a bug of a middleware registered before it) never
 passes through it; the engine hands it to :meth:`DeadLetterMiddleware.on_failure`, which
-dead-letters it the same way (and logs that it came from outside).
+dead-letters it the same way (and logs that it came from outside).  Such a failure may come after
+the handler itself succeeded (an outer middleware failing on the way out): replaying it runs the
+handler again.
 
 No loops, no lost events: a failure of a handler *of* ``error.handler_failed`` is dead-lettered
 but emits nothing more, and an event at the cascade depth limit cannot have a child, so its
@@ -147,8 +149,8 @@ class DeadLetterMiddleware(Observer):
             return
         ctx.set_metadata(_DEAD_LETTERED, True)
         logger.warning(
-            "the failure of %s on %s (event %s) was raised outside the dead-letter middleware (a bug in "
-            "an outer middleware?); it is dead-lettered all the same",
+            "the failure of %s on %s (event %s) was raised by middleware outside the dead-letter "
+            "middleware; it is dead-lettered all the same",
             ctx.rule.name,
             ctx.event_type,
             ctx.event_id,

@@ -92,7 +92,8 @@ _START: Final = _probe.created - _probe.relativeCreated / 1000.0  # logging's ow
 _TASK_NAMES: Final = "taskName" in _probe.__dict__  # Python 3.12+
 del _probe
 _process: tuple[int, str | None] | None = None
-"""(process id, process name) of this process, once looked up."""
+"""(process id, process name) of this process, looked up at its first line (and again after a fork;
+a process renamed later keeps its first name in these lines)."""
 
 
 def _forget_process() -> None:
@@ -135,7 +136,10 @@ def _record(
     fields["levelname"] = logging.getLevelName(level)
     fields["levelno"] = level
     fields["created"] = created
-    fields["msecs"] = (now % 1_000_000_000) // 1_000_000 + 0.0
+    msecs = (now % 1_000_000_000) // 1_000_000 + 0.0
+    if msecs == 999.0 and int(created) != now // 1_000_000_000:
+        msecs = 0.0  # the float seconds rounded up to the next second (as Python 3.13's logging does)
+    fields["msecs"] = msecs
     fields["relativeCreated"] = (created - _START) * 1000.0
     if logging.logThreads:
         fields["thread"] = threading.get_ident()

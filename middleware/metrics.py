@@ -37,10 +37,11 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from itertools import accumulate
-from time import perf_counter
+from time import perf_counter, time
 from typing import TYPE_CHECKING, Final
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client import metrics as prometheus_metrics
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
@@ -90,9 +91,10 @@ CIRCUIT_STATES: Final = {"closed": 0, "half-open": 1, "half_open": 1, "open": 2}
 class _HandlerTally:
     """One handler's call counts and duration histogram, as plain numbers (see :class:`_HotCollector`)."""
 
-    __slots__ = ("buckets", "dead_lettered", "duration_sum", "failed", "ok", "retries", "skipped")
+    __slots__ = ("buckets", "created", "dead_lettered", "duration_sum", "failed", "ok", "retries", "skipped")
 
     def __init__(self) -> None:
+        self.created = time()  # the series' creation time (Prometheus' _created)
         self.ok = self.skipped = self.failed = self.dead_lettered = self.retries = 0
         self.duration_sum = 0.0
         self.buckets = [0] * (len(DURATION_BUCKETS) + 1)  # per bucket (not cumulative), +Inf last
@@ -108,6 +110,7 @@ class _HotCollector(Collector):
 
     def __init__(self) -> None:
         self.events: dict[str, int] = {}
+        self.events_created: dict[str, float] = {}
         self.handlers: dict[str, _HandlerTally] = {}
 
     def describe(self) -> list[Metric]:
@@ -116,14 +119,21 @@ class _HotCollector(Collector):
 
     def collect(self) -> list[Metric]:
         events, calls, duration, retries = self._families()
+        # The _created series, as prometheus_client's own metrics have them (unless switched off
+        # with prometheus_client.disable_created_metrics()).
+        with_created = getattr(prometheus_metrics, "_use_created", True)
+        created = self.events_created if with_created else {}
         for event_type, count in list(self.events.items()):
-            events.add_metric([event_type], count)
+            events.add_metric([event_type], count, created.get(event_type))
         for handler, tally in list(self.handlers.items()):
+            since = tally.created if with_created else None
             for outcome in _OUTCOMES:  # every outcome from the first call on, zeros included
-                calls.add_metric([handler, outcome], getattr(tally, outcome))
-            cumulative = accumulate(tally.buckets)
-            duration.add_metric([handler], list(zip(_BOUNDS, cumulative, strict=True)), tally.duration_sum)
-            retries.add_metric([handler], tally.retries)
+                calls.add_metric([handler, outcome], getattr(tally, outcome), since)
+            cumulative = list(zip(_BOUNDS, accumulate(tally.buckets), strict=True))
+            duration.add_metric([handler], cumulative, tally.duration_sum)
+            if since is not None:
+                duration.add_sample("krules_handler_duration_seconds_created", {"handler": handler}, since)
+            retries.add_metric([handler], tally.retries, since)
         return [events, calls, duration, retries]
 
     @staticmethod
@@ -218,7 +228,11 @@ class MetricsMiddleware(Observer):
     def observe_event(self, event: Event) -> None:
         """Count a dispatched event by type: append this to ``engine.event_observers``."""
         events = self._hot.events
-        events[event.type] = events.get(event.type, 0) + 1
+        try:
+            events[event.type] += 1
+        except KeyError:
+            events[event.type] = 1
+            self._hot.events_created[event.type] = time()
 
     def record_dead_letter(self, handler: str, reason: str) -> None:
         """Count an event dead-lettered for ``handler`` with ``reason`` (e.g. ``circuit_open``)."""

@@ -18,10 +18,12 @@ with only what a handler call needs:
 
 A :class:`RecordingSpan` is both the API's ``Span`` (so it can be current, and user code can
 annotate it) and the SDK's ``ReadableSpan`` (so processors and exporters read it as they read
-theirs).  Like the spans of a handler call it belongs to the handler's task: it is not locked.
-What it does not do: the tracer configurator's per-tracer switch-off (experimental in the SDK)
-and the SDK's own span metrics.  Any tracer that is not the SDK's is used through its
-``start_span`` (:meth:`SpanRecorder.for_tracer` returns None for it).
+theirs).  Like the spans of a handler call it belongs to the handler's task: it is not locked
+(annotate it from that task, or from a thread the task awaits, not from several threads at once).
+What it does not do: the tracer configurator's per-tracer switch-off and the processors'
+``_on_ending`` hook (both experimental in the SDK), and the SDK's own span metrics.  Any tracer
+that is not the SDK's is used through its ``start_span`` (:meth:`SpanRecorder.for_tracer` returns
+None for it).
 """
 
 from __future__ import annotations
@@ -61,25 +63,33 @@ class SpanRecorder:
     __slots__ = (
         "_fast_sampling",
         "_ids",
+        "_info",
         "_limits",
+        "_plain_limit",
         "_processor",
         "_random_flag",
-        "_resource",
         "_sampler",
         "_scope",
+        "_tracer",
     )
 
     def __init__(self, tracer: SDKTracer, name: str, version: str | None) -> None:
         self._sampler = tracer.sampler
         self._fast_sampling = tracer.sampler is DEFAULT_ON or tracer.sampler is ALWAYS_ON
         self._processor = tracer.span_processor
-        self._resource = tracer.resource
+        self._tracer = tracer  # its resource is read per span: the SDK renews it in a forked child
         self._ids = tracer.id_generator
         self._scope = InstrumentationScope(name, version)
+        self._info = tracer.instrumentation_info  # deprecated, still read by some exporters
         # The provider's limits (span_limits=, else the OTEL_SPAN_*/OTEL_ATTRIBUTE_* variables); the
         # tracer keeps them in a private attribute, hence the fallback to the variables.
         limits = getattr(tracer, "_span_limits", None)
         self._limits = limits if isinstance(limits, SpanLimits) else SpanLimits()
+        # How many attributes a span may start with in a plain dict (None: the limits need the SDK's
+        # bounded container from the start, as they cut string values).
+        self._plain_limit = (
+            None if self._limits.max_span_attribute_length is not None else self._limits.max_span_attributes
+        )
         is_random = getattr(self._ids, "is_trace_id_random", None)
         self._random_flag = _RANDOM_TRACE_ID if is_random is not None and is_random() else 0
 
@@ -145,12 +155,22 @@ class RecordingSpan(ReadableSpan, trace.Span):
         parent: SpanContext | None,
         attributes: dict[str, Any],
     ) -> None:
+        limit = recorder._plain_limit
+        bounded: dict[str, Any] | BoundedAttributes = attributes
+        if limit is None or len(attributes) > limit:  # the limits apply from the first attribute
+            bounded = BoundedAttributes(
+                recorder._limits.max_span_attributes,
+                attributes,
+                immutable=False,
+                max_value_len=recorder._limits.max_span_attribute_length,
+            )
         super().__init__(
             name=name,
             context=context,
             parent=parent,
-            resource=recorder._resource,
-            attributes=attributes,
+            resource=recorder._tracer.resource,
+            attributes=bounded,
+            instrumentation_info=recorder._info,
             kind=SpanKind.CONSUMER,
             status=_UNSET,
             start_time=time_ns(),
@@ -222,7 +242,9 @@ class RecordingSpan(ReadableSpan, trace.Span):
         events.append(Event(name, bounded, timestamp))
 
     def add_link(self, context: SpanContext, attributes: types.Attributes = None) -> None:
-        if self._ended("add_link") or not (context.is_valid or attributes or context.trace_state):
+        if context is None or self._ended("add_link"):
+            return
+        if not (context.is_valid or attributes or context.trace_state):
             return  # the SDK's rule: a link to an invalid context needs attributes or a trace state
         limits = self._recorder._limits
         links = self._links

@@ -80,6 +80,8 @@ def observers(log: list[str], **failing: dict[str, bool]) -> list[Recording]:
         ({"inner": {"fail_exit": True}}, None),
         ({"inner": {"fail_exit": True}}, ValueError("handler failed")),
         ({"outer": {"fail_exit": True}, "inner": {"fail_enter": True}}, None),
+        ({"outer": {"fail_exit": True}, "inner": {"fail_exit": True}}, ValueError("handler failed")),
+        ({"outer": {"fail_exit": True}, "async": {"fail_exit": True}, "inner": {"fail_exit": True}}, None),
     ],
 )
 async def test_fused_observers_behave_exactly_like_the_same_observers_nested(
@@ -92,9 +94,28 @@ async def test_fused_observers_behave_exactly_like_the_same_observers_nested(
     nested_error = await run([Plain(o) for o in observers(nested_log, **failing)], handler_error)
 
     assert fused_log == nested_log
-    assert repr(fused_error) == repr(nested_error)
-    if fused_error is not None and nested_error is not None:
-        assert repr(fused_error.__context__) == repr(nested_error.__context__)
+    assert chain_of(fused_error) == chain_of(nested_error)
+
+
+def chain_of(error: BaseException | None) -> list[str]:
+    """The error and what it replaced (its ``__context__``s), as reprs."""
+    chain = []
+    while error is not None:
+        chain.append(repr(error))
+        error = error.__context__
+    return chain
+
+
+async def test_an_observer_that_overrides_call_is_run_as_ordinary_middleware() -> None:
+    log: list[str] = []
+
+    class Skipping(Recording):
+        async def __call__(self, ctx: EventContext, next: Next) -> None:
+            log.append("own __call__")
+
+    await run([Recording("outer", log), Skipping("inner", log)])
+
+    assert log == ["enter outer", "own __call__", "exit outer state of outer None"]
 
 
 async def test_enter_runs_outermost_first_and_exit_innermost_first_with_awaited_exits() -> None:

@@ -268,3 +268,23 @@ async def test_the_route_serves_a_bare_registry_too() -> None:
 
     assert response.status_code == 200
     assert 'krules_partition_pending{partition="2"} 9.0' in response.text
+
+
+async def test_the_per_call_series_have_their_created_timestamps(krules_app: KRulesTestApp) -> None:
+    metrics = with_metrics(krules_app)
+
+    @krules_app.on("x")
+    async def handler(ctx: EventContext) -> None:
+        pass
+
+    await krules_app.emit("x", "s")
+
+    name = rule_name(krules_app, "handler")
+    for series, labels in [
+        ("krules_events_received_created", {"type": "x"}),
+        ("krules_handler_calls_created", {"handler": name, "outcome": "ok"}),
+        ("krules_handler_duration_seconds_created", {"handler": name}),
+        ("krules_handler_retries_created", {"handler": name}),
+    ]:
+        created = metrics.registry.get_sample_value(series, labels)
+        assert created is not None and created > 1.7e9, series

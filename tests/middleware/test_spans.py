@@ -161,3 +161,17 @@ def test_ending_twice_exports_once() -> None:
     span.end()
 
     assert len(exporter.get_finished_spans()) == 1
+
+
+def test_the_attributes_a_span_starts_with_are_bounded_as_the_sdk_bounds_them() -> None:
+    exporter = InMemorySpanExporter()
+    provider = provider_with(
+        exporter, span_limits=SpanLimits(max_span_attributes=2, max_span_attribute_length=4)
+    )
+    attributes = {"a": "order-123456", "b": 1, "c": "xy", "d": 0}
+    provider.get_tracer("krules", "1.0").start_span("x", attributes=dict(attributes)).end()
+    recorder_for(provider).start("x", None, dict(attributes)).end()
+
+    theirs, ours = exporter.get_finished_spans()
+    assert dict(ours.attributes or {}) == dict(theirs.attributes or {})
+    assert ours.dropped_attributes == theirs.dropped_attributes == 2
