@@ -65,6 +65,14 @@ class IdGenerator:
         return f"{self._prefix}-{next(self._counter)}"
 
 
+def _child_id(parent_id: str, key: str, seq: int) -> str:
+    """The id of the ``seq``-th event emitted by handler ``key`` while handling ``parent_id``."""
+    event_id = f"{parent_id}.{key}-{seq}" if key else f"{parent_id}.{seq}"
+    if len(event_id) > _MAX_ID_LENGTH:
+        event_id = hashlib.blake2b(event_id.encode(), digest_size=16).hexdigest()
+    return event_id
+
+
 class Event:
     """One event: CloudEvents attributes, a JSON-object payload, and its place in a cascade."""
 
@@ -114,6 +122,10 @@ class Event:
         event_id = self._id
         if event_id is not None:
             return event_id
+        parent = self.parent
+        if parent is not None and parent._id is not None:  # the usual case: one step down
+            event_id = self._id = _child_id(parent._id, self._key, self._seq)
+            return event_id
         # Walk up to the nearest ancestor with an id, then derive downwards: no recursion, however
         # deep the cascade.
         pending: list[Event] = []
@@ -123,14 +135,10 @@ class Event:
             event = event.parent
         if event is None:
             raise RuntimeError("an event without an id must descend from one with an id")
-        event_id = event._id
+        derived: str = event._id  # type: ignore[assignment]  # the loop stopped at an event with an id
         for event in reversed(pending):
-            key = event._key
-            event_id = f"{event_id}.{key}-{event._seq}" if key else f"{event_id}.{event._seq}"
-            if len(event_id) > _MAX_ID_LENGTH:
-                event_id = hashlib.blake2b(event_id.encode(), digest_size=16).hexdigest()
-            event._id = event_id
-        return event_id  # type: ignore[return-value]
+            derived = event._id = _child_id(derived, event._key, event._seq)
+        return derived
 
     def child(
         self,

@@ -117,7 +117,6 @@ def _look_up_process() -> tuple[int, str | None]:
 
 
 _LogRecord: Final = logging.LogRecord
-_make_record: Final = logging.Logger.makeRecord
 _new: Final = object.__new__
 
 
@@ -286,13 +285,16 @@ class LoggingMiddleware(Observer):
             logger = self.logger
             # Building the record + handle is Logger.log without its stack walk for the caller (which
             # would only ever name this method) and the per-record work described at _record.
-            if logging.getLogRecordFactory() is _LogRecord and type(logger).makeRecord is _make_record:
+            if type(logger) is logging.Logger and logging.getLogRecordFactory() is _LogRecord:
                 record = _record(logger.name, level, line_format, args, extra)
-            else:
-                record = logger.makeRecord(
-                    logger.name, level, __file__, 0, line_format, args, None, None, extra
+                if logger.filters or logger.disabled:
+                    logger.handle(record)
+                else:  # what handle() does when the logger has no filter to ask
+                    logger.callHandlers(record)
+            else:  # a Logger subclass or a record factory of the application's: as logging does it
+                logger.handle(
+                    logger.makeRecord(logger.name, level, __file__, 0, line_format, args, None, None, extra)
                 )
-            logger.handle(record)
         except Exception:
             _log.exception("LoggingMiddleware could not log a call of %s", ctx.rule.name)
 

@@ -318,11 +318,12 @@ async def test_a_broken_log_handler_does_not_fail_the_handler_call(
 ) -> None:
     caplog.set_level(logging.INFO, logger="tests.middleware.broken")
 
-    def broken_handle(record: logging.LogRecord) -> None:
-        raise RuntimeError("the log pipeline is broken")
+    class Broken(logging.Handler):
+        def handle(self, record: logging.LogRecord) -> bool:
+            raise RuntimeError("the log pipeline is broken")
 
     logger = logging.getLogger("tests.middleware.broken")
-    monkeypatch.setattr(logger, "handle", broken_handle)
+    monkeypatch.setattr(logger, "handlers", [Broken()])  # restored after the test
     krules_app.middleware(LoggingMiddleware(logger=logger))
 
     @krules_app.on("x")
