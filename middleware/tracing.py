@@ -366,17 +366,18 @@ def _carrier(span_context: trace.SpanContext) -> dict[str, str] | None:
     the TraceContext propagator writes them; None for an invalid context (nothing to propagate)."""
     if not span_context.is_valid:
         return None
-    global _trace_hex
-    trace_id = span_context.trace_id
-    if _trace_hex[0] != trace_id:  # the spans of a cascade share their trace id
-        _trace_hex = (trace_id, f"{trace_id:032x}")
-    carrier = {_TRACEPARENT: f"00-{_trace_hex[1]}-{span_context.span_id:016x}-{span_context.trace_flags:02x}"}
-    if span_context.trace_state:
-        carrier[_TRACESTATE] = span_context.trace_state.to_header()
+    # %-formatting: about half the cost of the same f-string format specs, per span.
+    carrier = {
+        _TRACEPARENT: _TRACEPARENT_FORMAT
+        % (span_context.trace_id, span_context.span_id, span_context.trace_flags)
+    }
+    trace_state = span_context.trace_state
+    if trace_state:
+        carrier[_TRACESTATE] = trace_state.to_header()
     return carrier
 
 
-_trace_hex: tuple[int, str] = (0, "")
+_TRACEPARENT_FORMAT: Final = "00-%032x-%016x-%02x"
 
 
 def _record_failure(span: trace.Span, exc: BaseException) -> None:
