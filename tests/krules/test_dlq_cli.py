@@ -7,6 +7,7 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
@@ -16,6 +17,7 @@ from krules.context import EventContext
 from krules.dead_letters import INDEX_SUBJECT, DeadLetter, DeadLetters, dead_letter_name, store_changes
 from krules.testing import RedisModeApp, wait_until
 from middleware.dead_letter import DeadLetterMiddleware
+from storage.keys import CONSUMER_GROUP, KeySchema
 from storage.local_redis import LocalRedisServer
 
 pytestmark = [pytest.mark.slow, pytest.mark.redis_server]
@@ -226,3 +228,38 @@ async def test_the_commands_need_redis_mode_and_known_ids(
         "krules: error: 'krules dlq list' reads a Redis-mode deployment; set KRULES_REDIS_URL"
     )
     assert len(err.splitlines()) == 1
+
+
+async def test_a_bug_in_an_outer_middleware_is_dead_lettered_and_acknowledged_in_redis_mode(
+    instance: Instance, raw: aioredis.Redis, env: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    async def buggy(ctx: EventContext, next: Any) -> None:  # outermost: the dead-letter one never sees it
+        raise KeyError("bug in an outer middleware")
+
+    instance.middleware(buggy)
+    instance.middleware(DeadLetterMiddleware())
+    charged: list[str] = []
+
+    @instance.on("order.submitted")
+    async def charge(ctx: EventContext) -> None:
+        charged.append(ctx.event_id)
+
+    await instance.start()
+    await instance.emit("order.submitted", "order-1", {"total": 30})
+
+    async def one_dead_letter() -> bool:
+        return len(await dead_letters(instance).list()) == 1
+
+    await eventually(one_dead_letter)
+    (record,) = await dead_letters(instance).list()
+    assert charged == [] and record.reason == "error"
+    assert record.error_line == "KeyError: 'bug in an outer middleware'"
+    keys = KeySchema(instance.settings.key_prefix, instance.settings.partitions)
+
+    async def acknowledged() -> bool:
+        pending = [await raw.xpending(keys.stream(p), CONSUMER_GROUP) for p in range(keys.partitions)]
+        return all(summary["pending"] == 0 for summary in pending)
+
+    await eventually(acknowledged)  # committed with its dead letter, not left to be taken again
+    code, out, _ = await krules(capsys, "dlq", "show", record.id)
+    assert code == 0 and json.loads(out)["event"]["data"] == {"total": 30}
