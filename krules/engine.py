@@ -398,9 +398,7 @@ class Engine:
             except SkipEvent:
                 pass
             except Exception as exc:
-                self._failed(ctx, exc, "handler")
-                if self.registry.failure_handlers:
-                    await self._on_failure(ctx, exc)
+                await self._handler_failed(ctx, exc)
             finally:
                 _current.reset(single)
             return
@@ -461,15 +459,15 @@ class Engine:
         except SkipEvent:
             pass
         except Exception as exc:
-            self._failed(ctx, exc, "handler")
-            if self.registry.failure_handlers:
-                await self._on_failure(ctx, exc)
+            await self._handler_failed(ctx, exc)
         finally:
             _current.reset(token)
 
-    async def _on_failure(self, ctx: EventContext, exc: Exception) -> None:
-        """Hand a failed handler call to the middleware's ``on_failure`` (e.g. to dead-letter a bug
-        of an outer middleware, which no inner middleware saw); what they raise is logged."""
+    async def _handler_failed(self, ctx: EventContext, exc: Exception) -> None:
+        """Record and log a failed handler call, then hand it to the middleware's ``on_failure``
+        (e.g. to dead-letter a bug of an outer middleware, which no inner middleware saw); what
+        they raise is logged."""
+        self._failed(ctx, exc, "handler")
         for handle in self.registry.failure_handlers:
             try:
                 await handle(ctx, exc)

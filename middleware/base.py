@@ -41,7 +41,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
-from typing import TYPE_CHECKING, Any, Final, Protocol, TypeGuard
+from typing import TYPE_CHECKING, Any, Final, Protocol, TypeGuard, TypeVar
 
 if TYPE_CHECKING:
     from krules.context import EventContext
@@ -60,7 +60,10 @@ __all__ = [
     "build_chain",
     "check_listeners",
     "default_middleware",
+    "mark_handler",
 ]
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 ATTEMPTS: Final = "krules.attempts"
 """Metadata key: how many times the handler was called for this event (set by the retry middleware)."""
@@ -249,6 +252,22 @@ def applies(mw: Middleware, rule: Rule) -> bool:
     """Whether ``mw`` acts on calls of ``rule`` (its ``applies_to``; a middleware without one: yes)."""
     applies_to = getattr(mw, "applies_to", None)
     return applies_to is None or bool(applies_to(rule))
+
+
+def mark_handler(handler: F, attribute: str, value: object, decorator: str) -> F:
+    """Set ``attribute`` on ``handler`` (a bound method's function) for a middleware to read, as the
+    decorator ``@decorator`` does; RuleDefinitionError when the object takes no attributes."""
+    target = getattr(handler, "__func__", handler)  # a bound method keeps its marks on the function
+    try:
+        setattr(target, attribute, value)
+    except (AttributeError, TypeError):
+        from krules.errors import RuleDefinitionError  # the core imports this module
+
+        raise RuleDefinitionError(
+            f"@{decorator} cannot mark {handler!r}, which takes no attributes; decorate the 'async def' "
+            "handler function itself."
+        ) from None
+    return handler
 
 
 def check_listeners(value: object, *, owner: str, option: str, shape: str) -> list[Callable[..., Any]]:

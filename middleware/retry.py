@@ -42,7 +42,7 @@ from random import Random
 from typing import TYPE_CHECKING, Any, Final, Literal, TypeVar
 
 from krules.errors import ConfigurationError, RuleDefinitionError
-from middleware.base import ATTEMPTS, DeadLetterEvent, Next, SkipEvent
+from middleware.base import ATTEMPTS, DeadLetterEvent, Next, SkipEvent, mark_handler
 
 if TYPE_CHECKING:
     from krules.context import EventContext
@@ -148,15 +148,7 @@ def retry(
     )
 
     def decorator(handler: F) -> F:
-        target = getattr(handler, "__func__", handler)  # a bound method keeps its marks on the function
-        try:
-            setattr(target, RETRY_POLICY, policy)
-        except (AttributeError, TypeError):
-            raise RuleDefinitionError(
-                f"@retry cannot mark {handler!r}, which takes no attributes; decorate the 'async def' "
-                "handler function itself."
-            ) from None
-        return handler
+        return mark_handler(handler, RETRY_POLICY, policy, "retry")
 
     return decorator
 

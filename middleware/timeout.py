@@ -27,7 +27,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 from krules.errors import ConfigurationError, KRulesError, RuleDefinitionError
-from middleware.base import Next
+from middleware.base import Next, mark_handler
 
 if TYPE_CHECKING:
     from krules.context import EventContext
@@ -79,15 +79,7 @@ def timeout(seconds: float) -> Callable[[F], F]:
     limit = float(seconds)
 
     def decorator(handler: F) -> F:
-        target = getattr(handler, "__func__", handler)  # a bound method keeps its marks on the function
-        try:
-            setattr(target, TIME_LIMIT, limit)
-        except (AttributeError, TypeError):
-            raise RuleDefinitionError(
-                f"@timeout cannot mark {handler!r}, which takes no attributes; decorate the 'async def' "
-                "handler function itself."
-            ) from None
-        return handler
+        return mark_handler(handler, TIME_LIMIT, limit, "timeout")
 
     return decorator
 
