@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from krules.errors import KRulesError
-from storage.local_redis import LocalRedisServer
+from krules.testing.redis_server import LocalRedisServer
 
 
 @contextlib.contextmanager

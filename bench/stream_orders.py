@@ -1,7 +1,7 @@
 """Redis mode end to end: 5,000 orders queued by the stream client, processed by one instance.
 
 A client process appends ``order.submitted`` events to the partition streams with
-:class:`krules.client.AsyncStreamClient` (batches of 100, as fast as it can) while one instance
+:class:`krules.http.client.AsyncStreamClient` (batches of 100, as fast as it can) while one instance
 (this process: engine + partition worker, the order cascade of ``bench.order_cascade``) reads them
 in batches and commits each turn (writes + processed id + XACK in one script).  Reported:
 
@@ -28,12 +28,12 @@ from bench import order_cascade
 from bench._common import redis_commands, report, scale
 from bench._redis import redis_url
 from krules import KRulesContainer
-from krules.client import AsyncStreamClient
 from krules.config import Settings
 from krules.events import Event
-from storage.redis import create_redis_storage
-from storage.redis_connection import _Link
-from storage.redis_streams import stream_worker
+from krules.http.client import AsyncStreamClient
+from krules.transport.redis_streams import stream_worker
+from storage.redis._resp_connection import _Link
+from storage.redis.store import create_redis_storage
 
 ORDERS = 5_000
 BATCH = 100

@@ -45,7 +45,7 @@ from middleware.base import SkipEvent
 
 if TYPE_CHECKING:
     from krules.rules import RuleRegistry
-    from krules.transport import EventTransport
+    from krules.transport.base import EventTransport
     from storage.base import Receipt, SubjectStorage
 
 __all__ = ["Engine"]

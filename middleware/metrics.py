@@ -30,7 +30,7 @@ Options (keyword-only): ``registry``, the :class:`~prometheus_client.CollectorRe
 the metrics in (default: a new one); anything else raises :class:`~krules.errors.ConfigurationError`.
 
 :func:`metrics_route` serves a registry in the Prometheus text format as a Starlette route, to pass
-to ``krules.server.serve_in_background(engine, routes=[...])`` or ``krules.server.run``.
+to ``krules.http.server.serve_in_background(engine, routes=[...])`` or ``krules.http.server.run``.
 """
 
 from __future__ import annotations

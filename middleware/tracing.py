@@ -71,7 +71,7 @@ call on the order cascade costs ~40k instructions):
 * an SDK provider recording every span: ~+80k instructions per handler call on the order cascade
   (its share of the root event's ``receive`` span included), plus what the span processor does
   (a ``BatchSpanProcessor`` queues the span; its thread exports).  Spans of the SDK's own
-  ``Tracer`` are made by :class:`middleware.spans.SpanRecorder`, which does what the tracer's
+  ``Tracer`` are made by :class:`middleware._span_recorder.SpanRecorder`, which does what the tracer's
   ``start_span``/``end`` do for a sixth of their cost; the rest is the span's place in the
   context, the ``traceparent`` of the events the handler emits, and the attributes.
 """
@@ -103,7 +103,7 @@ if TYPE_CHECKING:
     from krules.context import EventContext
     from krules.events import Event
     from krules.rules import Rule
-    from middleware.spans import SpanRecorder
+    from middleware._span_recorder import SpanRecorder
 
 _log = logging.getLogger(__name__)
 
@@ -198,7 +198,7 @@ class TracingMiddleware(Observer):
             self._tracer = provider.get_tracer(self.service_name, _KRULES_VERSION)
         self._recorder = None
         if self._tracer is not None:
-            from middleware.spans import SpanRecorder  # loads the SDK, which only tracing needs
+            from middleware._span_recorder import SpanRecorder  # loads the SDK, which only tracing needs
 
             self._recorder = SpanRecorder.for_tracer(self._tracer, self.service_name, _KRULES_VERSION)
         return self._tracer

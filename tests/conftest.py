@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from storage.local_redis import LocalRedisServer, find_redis_server
+from krules.testing.redis_server import LocalRedisServer, find_redis_server
 
 # -- real redis-server -------------------------------------------------------------------------
 # Integration tests run against a real redis-server that the session starts on a free loopback

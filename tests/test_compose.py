@@ -28,9 +28,9 @@ import pytest
 import redis
 import yaml
 
-from krules.client import KRulesClient
-from storage.keys import KeySchema
-from storage.local_redis import LocalRedisServer, free_port
+from krules.http.client import KRulesClient
+from krules.testing.redis_server import LocalRedisServer, free_port
+from storage.redis.keys import KeySchema
 
 pytestmark = [pytest.mark.slow, pytest.mark.redis_server]
 

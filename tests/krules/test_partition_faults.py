@@ -30,10 +30,10 @@ from typing import Any
 import pytest
 import redis
 
-from krules.client import AsyncStreamClient
+from krules.http.client import AsyncStreamClient
 from krules.partitioning import partition_of
-from storage.keys import CONSUMER_GROUP, KeySchema
-from storage.local_redis import LocalRedisServer
+from krules.testing.redis_server import LocalRedisServer
+from storage.redis.keys import CONSUMER_GROUP, KeySchema
 
 pytestmark = [pytest.mark.slow, pytest.mark.redis_server]
 

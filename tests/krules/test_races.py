@@ -10,8 +10,8 @@ import pytest
 
 from krules.context import EventContext
 from krules.testing import KRulesTestApp
+from krules.testing.redis_server import LocalRedisServer
 from storage.base import SubjectChanges
-from storage.local_redis import LocalRedisServer
 from storage.memory import MemoryStorage
 from storage.redis import create_redis_storage
 

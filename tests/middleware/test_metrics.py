@@ -12,7 +12,7 @@ from starlette.applications import Starlette
 
 from krules.context import EventContext
 from krules.errors import ConfigurationError
-from krules.server import serve_in_background
+from krules.http.server import serve_in_background
 from krules.testing import KRulesTestApp
 from middleware.base import ATTEMPTS, DeadLetterEvent, Next, SkipEvent
 from middleware.metrics import DURATION_BUCKETS, MetricsMiddleware, metrics_route

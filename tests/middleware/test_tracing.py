@@ -18,11 +18,11 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
-from krules.client import AsyncKRulesClient
 from krules.context import EventContext
 from krules.errors import ConfigurationError
 from krules.event_types import SUBJECT_PROPERTY_CHANGED
-from krules.server import serve_in_background
+from krules.http.client import AsyncKRulesClient
+from krules.http.server import serve_in_background
 from krules.testing import KRulesTestApp
 from middleware import tracing
 from middleware.base import DeadLetterEvent, Next, SkipEvent

@@ -12,8 +12,8 @@ import pytest
 
 from krules.errors import ValueNotSerializableError
 from krules.partitioning import partition_of
+from krules.testing.redis_server import LocalRedisServer
 from storage.base import DELETE, SubjectChanges, SubjectStorage, Update, encode
-from storage.local_redis import LocalRedisServer
 from storage.memory import create_memory_storage
 from storage.redis import create_redis_storage
 

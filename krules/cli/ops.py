@@ -1,0 +1,350 @@
+"""The operators' commands of the ``krules`` command line: ``krules partitions`` and ``krules dlq``.
+
+They read a Redis-mode deployment straight from Redis (``KRULES_REDIS_URL``, ``KRULES_KEY_PREFIX``),
+so they work whether or not an instance runs.  ``krules dlq`` lists, shows, replays and purges the
+dead letters (:mod:`krules.dead_letters`); times are taken as ISO 8601 (``2026-01-31T12:00:00Z``, UTC
+when no zone is given) or as a duration ago (``90s``, ``15m``, ``2h``, ``7d``, ``1w``, ``1h30m``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import re
+import sys
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, Final, TypeVar
+
+from krules.config import Settings
+from krules.dead_letters import DeadLetter, DeadLetters
+from krules.errors import ConfigurationError, DeadLetterError, KRulesError
+
+if TYPE_CHECKING:
+    from krules.transport.redis_streams import PartitionStatus, RedisStreams
+
+__all__ = [
+    "add_dlq_commands",
+    "command_dlq",
+    "command_partitions",
+    "format_table",
+    "parse_duration",
+    "parse_time",
+]
+
+_T = TypeVar("_T")
+
+_STALE_AFTER_MS = 60_000  # an instance not seen for this long is marked as gone
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """Left-aligned columns separated by two spaces (no trailing blanks)."""
+    cells = [[str(h) for h in headers], *[[str(c) for c in row] for row in rows]]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells
+    )
+
+
+def _ago(ms: float | None, now_ms: float) -> str:
+    if ms is None:
+        return "?"
+    seconds = max(0.0, (now_ms - ms) / 1000)
+    return f"{seconds:.0f}s" if seconds < 120 else f"{seconds / 60:.0f}m"
+
+
+def _require_redis(settings: Settings, command: str) -> str:
+    if not settings.redis_url:
+        raise ConfigurationError(
+            f"'krules {command}' reads a Redis-mode deployment; set KRULES_REDIS_URL "
+            "(e.g. redis://127.0.0.1:6379/0) and KRULES_KEY_PREFIX if it is not 'krules:'."
+        )
+    return settings.redis_url
+
+
+async def _partition_status(settings: Settings) -> tuple[str, list[PartitionStatus]]:
+    from krules.cli.main import redis_storage
+    from krules.transport.redis_streams import RedisStreams
+
+    storage = redis_storage(settings, retries=2)
+    try:
+        url: str = storage.url
+        return url, await RedisStreams(storage).status()
+    finally:
+        await storage.close()
+
+
+def command_partitions(args: argparse.Namespace) -> int:
+    """``krules partitions``: the partition count, owners, stream lengths, pending entries and lag."""
+    from krules.cli.main import configure_quiet_logging
+
+    settings = Settings.from_env()
+    configure_quiet_logging(settings)
+    _require_redis(settings, "partitions")
+    url, partitions = asyncio.run(_partition_status(settings))
+    if args.json:
+        print(json.dumps({"key_prefix": settings.key_prefix, "partitions": partitions}, indent=2))
+        return 0
+    if not partitions:
+        raise KRulesError(
+            f"No krules instance has started on {url} under key prefix {settings.key_prefix!r} "
+            "(no partition count is recorded)."
+        )
+    now_ms = time.time() * 1000
+    print(f"{len(partitions)} partition(s) under key prefix {settings.key_prefix!r} on {url}")
+    rows = []
+    for p in partitions:
+        owners = ", ".join(
+            f"{o['consumer']} ({'gone' if now_ms - (o['seen'] or 0) > _STALE_AFTER_MS else 'seen'} "
+            f"{_ago(o['seen'], now_ms)} ago)"
+            for o in p["owners"]
+        )
+        consumers = ", ".join(
+            f"{c.get('name')} ({c.get('pending', 0)} pending, idle {int(c.get('idle', 0)) / 1000:.0f}s)"
+            for c in p["consumers"]
+        )
+        lag = "?" if p["lag"] is None else p["lag"]
+        rows.append([p["partition"], p["length"], p["pending"], lag, owners or "-", consumers or "-"])
+    print(format_table(["PARTITION", "LENGTH", "PENDING", "LAG", "OWNED BY", "CONSUMERS"], rows))
+    return 0
+
+
+# -- krules dlq ------------------------------------------------------------------------------------
+_DURATION: Final = re.compile(r"(\d+(?:\.\d+)?)([smhdw]?)")
+_UNIT_SECONDS: Final = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86_400, "w": 604_800}
+_ERROR_WIDTH: Final = 72
+
+
+def _usage(message: str) -> Exception:
+    from krules.cli.main import UsageError
+
+    return UsageError(message)
+
+
+def parse_duration(raw: str, option: str) -> float:
+    """Seconds in ``raw`` (``90``, ``90s``, ``15m``, ``2h``, ``7d``, ``1w``, ``1h30m``); a one-sentence
+    usage error naming ``option`` otherwise."""
+    text = raw.strip().lower().replace(" ", "")
+    parts = _DURATION.findall(text)
+    if not text or "".join(number + unit for number, unit in parts) != text:
+        raise _usage(f"{option} {raw!r} is not a duration; use e.g. 90s, 15m, 2h, 7d or 1h30m.")
+    return sum(float(number) * _UNIT_SECONDS[unit] for number, unit in parts)
+
+
+def parse_time(raw: str, option: str, now: float) -> float:
+    """Epoch seconds of ``raw``: an ISO 8601 time (UTC when no zone is given) or a duration ago."""
+    text = raw.strip()
+    if text[:1].isdigit() and ("-" in text or "T" in text.upper()):
+        try:
+            parsed = datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
+        except ValueError:
+            raise _usage(
+                f"{option} {raw!r} is not a time; give an ISO 8601 time such as 2026-01-31T12:00:00Z, "
+                "or a duration ago such as 2h."
+            ) from None
+        return (parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)).timestamp()
+    return now - parse_duration(raw, option)
+
+
+def _when(epoch: float | None) -> str:
+    if epoch is None:
+        return "-"
+    return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _clip(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+async def _on_dead_letters(
+    settings: Settings, work: Callable[[DeadLetters, RedisStreams], Awaitable[_T]]
+) -> _T:
+    """Run ``work`` on the deployment's dead letters and streams (the partition count read from Redis)."""
+    from krules.cli.main import redis_storage
+    from krules.transport.redis_streams import connect_streams
+
+    storage = redis_storage(settings, retries=2)
+    try:
+        streams = await connect_streams(storage)
+        return await work(DeadLetters(streams.storage), streams)
+    finally:
+        await storage.close()
+
+
+def _dlq_list(args: argparse.Namespace, settings: Settings) -> int:
+    now = time.time()
+    since = None if args.since is None else parse_time(args.since, "--since", now)
+    until = None if args.until is None else parse_time(args.until, "--until", now)
+
+    async def work(dead: DeadLetters, streams: RedisStreams) -> Sequence[DeadLetter]:
+        return await dead.list(
+            handler=args.only_handler, event_type=args.type, reason=args.reason, since=since, until=until
+        )
+
+    records = asyncio.run(_on_dead_letters(settings, work))
+    if args.json:
+        print(json.dumps([r.to_dict() for r in records], indent=2, ensure_ascii=False))
+        return 0
+    filtered = any(v is not None for v in (args.only_handler, args.type, args.reason, since, until))
+    where = f"under key prefix {settings.key_prefix!r}"
+    if not records:
+        print(f"No dead letters{' match' if filtered else ''} {where}.")
+        return 0
+    print(f"{len(records)} dead letter(s) {where}{' matching' if filtered else ''}, oldest first")
+    rows = [
+        [
+            r.id,
+            _when(r.failed_at),
+            r.reason,
+            r.handler or "-",
+            r.event_type or "-",
+            r.subject or "-",
+            r.attempts,
+            r.replays,
+            _clip(r.error_line, _ERROR_WIDTH) or "-",
+        ]
+        for r in records
+    ]
+    headers = ["ID", "FAILED AT (UTC)", "REASON", "HANDLER", "EVENT TYPE", "SUBJECT", "ATTEMPTS", "REPLAYS"]
+    print(format_table([*headers, "ERROR"], rows))
+    return 0
+
+
+def _dlq_show(args: argparse.Namespace, settings: Settings) -> int:
+    async def work(dead: DeadLetters, streams: RedisStreams) -> DeadLetter:
+        return await dead.find(args.id)
+
+    record = asyncio.run(_on_dead_letters(settings, work))
+    print(json.dumps(record.to_dict(), indent=2, ensure_ascii=False))
+    return 0
+
+
+def _dlq_replay(args: argparse.Namespace, settings: Settings) -> int:
+    if bool(args.id) == bool(args.all):
+        raise _usage("Give either one dead letter ID or --all to 'krules dlq replay'.")
+    if args.only_handler is not None and not args.all:
+        raise _usage("--handler selects among all dead letters; use it with --all, not with an ID.")
+    refused: list[str] = []
+
+    async def work(dead: DeadLetters, streams: RedisStreams) -> int:
+        idents = [args.id] if args.id else [r.name for r in await dead.list(handler=args.only_handler)]
+        replayed = 0
+        for ident in idents:
+            try:
+                record, event = await dead.replay(ident, streams.send)
+            except DeadLetterError as exc:
+                if args.id:
+                    raise
+                refused.append(str(exc))
+                continue
+            replayed += 1
+            target = f"handler {record.handler}" if record.handler else "every handler"
+            print(
+                f"replayed {record.id}: {record.event_type} for subject {record.subject!r} to {target} "
+                f"as event {event.id}"
+            )
+        return replayed
+
+    replayed = asyncio.run(_on_dead_letters(settings, work))
+    for reason in refused:
+        print(f"krules: skipped: {reason}", file=sys.stderr)
+    if args.all and not replayed and not refused:
+        print(f"No dead letters to replay under key prefix {settings.key_prefix!r}.")
+    return 1 if refused else 0
+
+
+def _dlq_purge(args: argparse.Namespace, settings: Settings) -> int:
+    older_than = None if args.older_than is None else parse_duration(args.older_than, "--older-than")
+    age = "" if older_than is None else f" that failed more than {args.older_than} ago"
+
+    async def count(dead: DeadLetters, streams: RedisStreams) -> int:
+        index = await dead.index()
+        cutoff = None if older_than is None else time.time() - older_than
+        return sum(1 for at in index.values() if cutoff is None or at < cutoff)
+
+    if not args.yes:
+        n = asyncio.run(_on_dead_letters(settings, count))
+        if not n:
+            print(f"No dead letters{age} under key prefix {settings.key_prefix!r}.")
+            return 0
+        what = f"{n} dead letter(s){age} under key prefix {settings.key_prefix!r}"
+        if not sys.stdin.isatty():
+            raise _usage(f"This would delete {what}; add --yes to delete them.")
+        if input(f"Delete {what}? [y/N] ").strip().lower() not in {"y", "yes"}:
+            print("Nothing deleted.")
+            return 0
+
+    async def purge(dead: DeadLetters, streams: RedisStreams) -> list[str]:
+        return await dead.purge(older_than)
+
+    deleted = asyncio.run(_on_dead_letters(settings, purge))
+    print(f"Deleted {len(deleted)} dead letter(s){age}.")
+    return 0
+
+
+_DLQ_COMMANDS: Final[dict[str, Callable[[argparse.Namespace, Settings], int]]] = {
+    "list": _dlq_list,
+    "show": _dlq_show,
+    "replay": _dlq_replay,
+    "purge": _dlq_purge,
+}
+
+
+def command_dlq(args: argparse.Namespace) -> int:
+    """``krules dlq list|show|replay|purge``: the dead letters of a Redis-mode deployment."""
+    from krules.cli.main import configure_quiet_logging
+
+    settings = Settings.from_env()
+    configure_quiet_logging(settings)
+    _require_redis(settings, f"dlq {args.dlq_command}")
+    return _DLQ_COMMANDS[args.dlq_command](args, settings)
+
+
+def add_dlq_commands(commands: Any) -> None:
+    """Register ``krules dlq`` and its subcommands on the ``krules`` subparsers ``commands``."""
+    dlq = commands.add_parser(
+        "dlq",
+        help="list, show, replay and purge dead letters",
+        description="The dead letters of a Redis-mode deployment (KRULES_REDIS_URL, KRULES_KEY_PREFIX): "
+        "handler calls and stream entries that finally failed, stored as subjects dlq-<id>.",
+    )
+    sub = dlq.add_subparsers(dest="dlq_command", metavar="COMMAND")
+    when = "ISO 8601 time (UTC unless zoned) or a duration ago, e.g. 2h"
+    listing = sub.add_parser(
+        "list", help="list dead letters, oldest first", description="List dead letters, oldest first."
+    )
+    # dest "handler" is taken: main() calls args.handler
+    listing.add_argument(
+        "--handler", dest="only_handler", metavar="H", help="only this handler (name or glob)"
+    )
+    listing.add_argument("--type", metavar="T", help="only this event type (or glob)")
+    listing.add_argument("--reason", metavar="R", help="only this reason, e.g. error, timeout, circuit_open")
+    listing.add_argument("--since", metavar="WHEN", help=f"failed at or after WHEN: {when}")
+    listing.add_argument("--until", metavar="WHEN", help=f"failed before WHEN: {when}")
+    listing.add_argument("--json", action="store_true", help="print JSON (every field) instead of a table")
+    show = sub.add_parser(
+        "show",
+        help="print one dead letter as JSON",
+        description="Print one dead letter as JSON: the original event, error, traceback and the rest.",
+    )
+    show.add_argument("id", metavar="ID", help="its id (or an unambiguous start of it)")
+    replay = sub.add_parser(
+        "replay",
+        help="send dead letters' events again, to the handler that failed",
+        description="Append each dead letter's original event to its partition's stream again, with a "
+        "new id, for the handler that failed only; the dead letter is deleted once that handler succeeds.",
+    )
+    replay.add_argument("id", metavar="ID", nargs="?", help="the dead letter to replay")
+    replay.add_argument("--all", action="store_true", help="replay every dead letter (see --handler)")
+    replay.add_argument(
+        "--handler", dest="only_handler", metavar="H", help="with --all: only this handler's (name or glob)"
+    )
+    purge = sub.add_parser(
+        "purge", help="delete dead letters", description="Delete dead letters (all, or the old ones)."
+    )
+    purge.add_argument("--older-than", metavar="DURATION", help="only those older than this, e.g. 7d")
+    purge.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    for parser, handler in ((listing, "list"), (show, "show"), (replay, "replay"), (purge, "purge")):
+        parser.set_defaults(handler=command_dlq, dlq_command=handler)

@@ -1,0 +1,373 @@
+"""Python clients of krules: over an instance's HTTP ingress, or straight into the partition streams.
+
+:class:`KRulesClient` / :class:`AsyncKRulesClient` post events built with the ``cloudevents`` SDK in
+structured mode (one event) or batch mode (a list).  Every failure is an
+:class:`~krules.errors.IngressError` with one sentence: the instance's own reason for a refused
+request (with ``status`` set), or why it could not be reached (``status`` None)::
+
+    with KRulesClient("http://127.0.0.1:8080", token="...") as client:
+        event_id = client.emit("order.submitted", "order-1", {"total": 30})
+
+:class:`StreamClient` / :class:`AsyncStreamClient` append events to a Redis-mode deployment's
+partition streams directly (the format is :mod:`krules.transport.base`'s), reading the partition count
+the instances recorded; failures are :class:`~krules.errors.StorageError` or
+:class:`~krules.errors.ConfigurationError`::
+
+    async with AsyncStreamClient("redis://127.0.0.1:6379/0") as client:
+        event_id = await client.emit("order.submitted", "order-1", {"total": 30})
+
+An emitted event's id is returned once it is queued; sending the same event (same id) again is
+harmless, its partition drops ids it has processed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable, Mapping
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Final
+from urllib.parse import quote
+
+import httpx
+from cloudevents.core.bindings.http import to_structured
+from cloudevents.core.exceptions import BaseCloudEventException
+from cloudevents.core.formats.json import JSONFormat
+from cloudevents.core.v1.event import CloudEvent
+
+from krules.errors import EventFormatError, IngressError
+from krules.events import Event, event_from_cloudevent
+from krules.http.ingress import BATCH_CONTENT_TYPE
+
+if TYPE_CHECKING:
+    from krules.transport.redis_streams import RedisStreams
+
+__all__ = [
+    "AsyncKRulesClient",
+    "AsyncStreamClient",
+    "KRulesClient",
+    "StreamClient",
+    "build_event",
+    "default_url",
+]
+
+CLIENT_SOURCE: Final = "krules-client"
+DEFAULT_URL: Final = "http://127.0.0.1:8080"
+DEFAULT_TIMEOUT: Final = 30.0
+
+_FORMAT: Final = JSONFormat()
+
+
+def default_url(host: str = "127.0.0.1", port: int = 8080) -> str:
+    """The URL of an instance listening on ``host:port`` (a wildcard host is reached on loopback)."""
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def build_event(
+    event_type: str, subject: str, data: Mapping[str, Any] | None = None, **extensions: Any
+) -> CloudEvent:
+    """A CloudEvents 1.0 event for ``subject`` with a JSON-object payload (EventFormatError if invalid)."""
+    if not isinstance(event_type, str) or not event_type:
+        raise EventFormatError(f"An event type must be a non-empty string, not {event_type!r}.")
+    if not isinstance(subject, str) or not subject:
+        raise EventFormatError(f"An event's subject must be a non-empty string, not {subject!r}.")
+    if data is not None and not isinstance(data, Mapping):
+        raise EventFormatError(
+            f"An event payload must be a JSON object (a dict), not {type(data).__name__}: {data!r}."
+        )
+    attributes: dict[str, Any] = {
+        "type": event_type,
+        "source": CLIENT_SOURCE,
+        "subject": subject,
+        "datacontenttype": "application/json",
+        **extensions,
+    }
+    try:
+        # the SDK fills in specversion, time and a uuid4 id (fine at this boundary: one per send)
+        return CloudEvent(attributes, dict(data) if data is not None else {})
+    except BaseCloudEventException as exc:
+        detail = str(exc).splitlines()[0].rstrip(".")
+        raise EventFormatError(f"Cannot build a CloudEvent of type {event_type!r}: {detail}.") from None
+
+
+def _not_serialisable(event: CloudEvent, exc: Exception) -> EventFormatError:
+    return EventFormatError(
+        f"The payload of the {event.get_type()!r} event for {event.get_subject()!r} is not "
+        f"JSON-serialisable ({exc}); send strings, numbers, booleans, None, lists or dicts."
+    )
+
+
+def _encode(event: CloudEvent) -> bytes:
+    try:
+        return _FORMAT.write(event)
+    except (TypeError, ValueError) as exc:
+        raise _not_serialisable(event, exc) from None
+
+
+def _single(
+    event_type: str, subject: str, data: Mapping[str, Any] | None, extensions: dict[str, Any]
+) -> tuple[bytes, str]:
+    event = build_event(event_type, subject, data, **extensions)
+    try:
+        message = to_structured(event, _FORMAT)
+    except (TypeError, ValueError) as exc:
+        raise _not_serialisable(event, exc) from None
+    return message.body, message.headers["content-type"]
+
+
+def _batch_cloudevents(events: Iterable[Mapping[str, Any]]) -> list[CloudEvent]:
+    """The CloudEvents of a batch: mappings with ``type``, ``subject``, optional ``data`` and extensions."""
+    built = []
+    for spec in events:
+        fields = dict(spec)
+        try:
+            event_type = fields.pop("type")
+            subject = fields.pop("subject")
+        except KeyError as exc:
+            raise EventFormatError(f"A batch entry needs a {exc.args[0]!r} key: {spec!r}.") from None
+        data = fields.pop("data", None)
+        built.append(build_event(event_type, subject, data, **fields))
+    if not built:
+        raise EventFormatError("The batch is empty; give emit_batch at least one event.")
+    return built
+
+
+def _batch(events: Iterable[Mapping[str, Any]]) -> bytes:
+    return b"[" + b",".join(_encode(event) for event in _batch_cloudevents(events)) + b"]"
+
+
+def _headers(token: str | None, content_type: str | None = None) -> dict[str, str]:
+    headers = {"accept": "application/json"}
+    if content_type is not None:
+        headers["content-type"] = content_type
+    if token:
+        headers["authorization"] = f"Bearer {token}"
+    return headers
+
+
+def _reason(response: httpx.Response) -> str:
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    if isinstance(body, dict) and isinstance(body.get("error"), str):
+        return str(body["error"])
+    text = response.text.strip().splitlines()[0][:200] if response.text.strip() else response.reason_phrase
+    return f"HTTP {response.status_code} {text}".rstrip(".") + "."
+
+
+def _checked(url: str, response: httpx.Response) -> Any:
+    if not 200 <= response.status_code < 300:
+        raise IngressError(
+            f"The krules instance at {url} answered {response.status_code}: {_reason(response)}",
+            status=response.status_code,
+        )
+    try:
+        return response.json()
+    except ValueError:
+        raise IngressError(
+            f"The server at {url} did not answer with JSON; is it a krules instance?", response.status_code
+        ) from None
+
+
+def _unreachable(url: str, exc: httpx.TransportError) -> IngressError:
+    detail = str(exc) or type(exc).__name__
+    if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout):
+        return IngressError(f"Cannot reach the krules instance at {url}: {detail.rstrip('.')}.")
+    return IngressError(f"The request to the krules instance at {url} failed: {detail.rstrip('.')}.")
+
+
+def _accepted_ids(url: str, answer: Any) -> list[str]:
+    ids = answer.get("ids") if isinstance(answer, dict) else None
+    if not isinstance(ids, list):
+        raise IngressError(
+            f"The server at {url} answered without accepted ids; is it a krules instance?", 200
+        )
+    return [str(i) for i in ids]
+
+
+class KRulesClient:
+    """Sends events to a krules instance and reads its subjects (blocking)."""
+
+    def __init__(
+        self, url: str = DEFAULT_URL, token: str | None = None, *, timeout: float = DEFAULT_TIMEOUT
+    ) -> None:
+        self.url = url.rstrip("/")
+        self.token = token
+        self._http = httpx.Client(base_url=self.url, timeout=timeout)
+
+    def emit(self, type: str, subject: str, data: Mapping[str, Any] | None = None, **extensions: Any) -> str:
+        """Send one event; return its id once the instance has processed it (queued it, in Redis mode)."""
+        body, content_type = _single(type, subject, data, extensions)
+        answer = self._post(body, content_type)
+        return _accepted_ids(self.url, answer)[0]
+
+    def emit_batch(self, events: Iterable[Mapping[str, Any]]) -> list[str]:
+        """Send several events (mappings with ``type``, ``subject``, optional ``data`` and extensions)."""
+        return _accepted_ids(self.url, self._post(_batch(events), BATCH_CONTENT_TYPE))
+
+    def subject(self, name: str) -> dict[str, Any]:
+        """``{"name", "properties", "ext"}`` of a stored subject (IngressError 404 when unknown)."""
+        try:
+            response = self._http.get(f"/subjects/{quote(name, safe='')}", headers=_headers(self.token))
+        except httpx.TransportError as exc:
+            raise _unreachable(self.url, exc) from None
+        answer: dict[str, Any] = _checked(self.url, response)
+        return answer
+
+    def _post(self, body: bytes, content_type: str) -> Any:
+        try:
+            response = self._http.post("/events", content=body, headers=_headers(self.token, content_type))
+        except httpx.TransportError as exc:
+            raise _unreachable(self.url, exc) from None
+        return _checked(self.url, response)
+
+    def close(self) -> None:
+        """Close the connection pool."""
+        self._http.close()
+
+    def __enter__(self) -> KRulesClient:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+class AsyncKRulesClient:
+    """Sends events to a krules instance and reads its subjects (asyncio)."""
+
+    def __init__(
+        self, url: str = DEFAULT_URL, token: str | None = None, *, timeout: float = DEFAULT_TIMEOUT
+    ) -> None:
+        self.url = url.rstrip("/")
+        self.token = token
+        self._http = httpx.AsyncClient(base_url=self.url, timeout=timeout)
+
+    async def emit(
+        self, type: str, subject: str, data: Mapping[str, Any] | None = None, **extensions: Any
+    ) -> str:
+        """Send one event; return its id once the instance has processed it (queued it, in Redis mode)."""
+        body, content_type = _single(type, subject, data, extensions)
+        answer = await self._post(body, content_type)
+        return _accepted_ids(self.url, answer)[0]
+
+    async def emit_batch(self, events: Iterable[Mapping[str, Any]]) -> list[str]:
+        """Send several events (mappings with ``type``, ``subject``, optional ``data`` and extensions)."""
+        return _accepted_ids(self.url, await self._post(_batch(events), BATCH_CONTENT_TYPE))
+
+    async def subject(self, name: str) -> dict[str, Any]:
+        """``{"name", "properties", "ext"}`` of a stored subject (IngressError 404 when unknown)."""
+        try:
+            response = await self._http.get(f"/subjects/{quote(name, safe='')}", headers=_headers(self.token))
+        except httpx.TransportError as exc:
+            raise _unreachable(self.url, exc) from None
+        answer: dict[str, Any] = _checked(self.url, response)
+        return answer
+
+    async def _post(self, body: bytes, content_type: str) -> Any:
+        try:
+            response = await self._http.post(
+                "/events", content=body, headers=_headers(self.token, content_type)
+            )
+        except httpx.TransportError as exc:
+            raise _unreachable(self.url, exc) from None
+        return _checked(self.url, response)
+
+    async def aclose(self) -> None:
+        """Close the connection pool."""
+        await self._http.aclose()
+
+    async def __aenter__(self) -> AsyncKRulesClient:
+        return self
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+
+def _batch_events(events: Iterable[Mapping[str, Any]]) -> list[Event]:
+    return [event_from_cloudevent(event) for event in _batch_cloudevents(events)]
+
+
+class AsyncStreamClient:
+    """Appends events to the partition streams of a Redis-mode krules deployment (asyncio)."""
+
+    def __init__(self, redis_url: str, key_prefix: str = "krules:") -> None:
+        from storage.redis.store import (
+            create_redis_storage,  # the Redis backend only when this client is used
+        )
+
+        self._storage = create_redis_storage(redis_url, key_prefix)
+        self._streams: RedisStreams | None = None
+
+    async def _connected(self) -> RedisStreams:
+        if self._streams is None:
+            from krules.transport.redis_streams import connect_streams
+
+            self._streams = await connect_streams(self._storage)
+        return self._streams
+
+    async def emit(
+        self, type: str, subject: str, data: Mapping[str, Any] | None = None, **extensions: Any
+    ) -> str:
+        """Queue one event on its partition's stream; return its id."""
+        event = event_from_cloudevent(build_event(type, subject, data, **extensions))
+        await (await self._connected()).send([event])
+        return event.id
+
+    async def emit_batch(self, events: Iterable[Mapping[str, Any]]) -> list[str]:
+        """Queue several events (mappings with ``type``, ``subject``, optional ``data`` and extensions)
+        in one round trip; return their ids."""
+        built = _batch_events(events)
+        await (await self._connected()).send(built)
+        return [event.id for event in built]
+
+    async def send(self, events: list[Event]) -> list[str]:
+        """Queue events built elsewhere (their ids are kept); return the stream entry ids."""
+        return await (await self._connected()).send(events)
+
+    async def aclose(self) -> None:
+        """Close the Redis connection."""
+        await self._storage.close()
+
+    async def __aenter__(self) -> AsyncStreamClient:
+        return self
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+
+class StreamClient:
+    """Appends events to the partition streams of a Redis-mode krules deployment (blocking)."""
+
+    def __init__(self, redis_url: str, key_prefix: str = "krules:") -> None:
+        self._loop = asyncio.new_event_loop()
+        self._client = AsyncStreamClient(redis_url, key_prefix)
+
+    def emit(self, type: str, subject: str, data: Mapping[str, Any] | None = None, **extensions: Any) -> str:
+        """Queue one event on its partition's stream; return its id."""
+        return self._loop.run_until_complete(self._client.emit(type, subject, data, **extensions))
+
+    def emit_batch(self, events: Iterable[Mapping[str, Any]]) -> list[str]:
+        """Queue several events in one round trip; return their ids."""
+        return self._loop.run_until_complete(self._client.emit_batch(events))
+
+    def close(self) -> None:
+        """Close the Redis connection and the client's event loop."""
+        try:
+            self._loop.run_until_complete(self._client.aclose())
+        finally:
+            self._loop.close()
+
+    def __enter__(self) -> StreamClient:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()

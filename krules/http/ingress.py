@@ -1,0 +1,387 @@
+"""The HTTP ingress: CloudEvents in (binary, structured and batch modes), turns run, JSON out.
+
+Routes of :func:`create_ingress_app`:
+
+* ``POST /`` and ``POST /events``: one CloudEvent in binary mode (``ce-*`` headers, the body is the
+  data) or structured mode (``application/cloudevents+json``), or a batch
+  (``application/cloudevents-batch+json``, a JSON array).  The whole request is validated before
+  any event is processed, so a malformed request (400) processes nothing.  Embedded mode: each
+  event runs as a turn (a batch's events concurrently; the engine keeps one subject's events in
+  order) and the answer, ``200 {"accepted": n, "ids": [...]}``, is sent once the turns are over.
+  Redis mode (the engine has a transport): the events are appended to their partitions' streams,
+  whichever instance owns them, and the answer is ``202 {"accepted": n, "ids": [...],
+  "queued": true}`` once they are.  A handler failure is the rule's business (dead-lettered,
+  logged), not the sender's; a storage failure is 503, because nothing was stored or queued and
+  the sender must retry (the same ids: a partition drops an event it committed before).
+* ``GET /subjects/{name}``: ``{"name", "properties", "ext"}`` of a stored subject (404 when unknown).
+* ``GET /healthz``: liveness, never behind the token.
+
+When ``KRULES_INGRESS_TOKEN`` is set, every route but ``/healthz`` needs ``Authorization: Bearer
+<token>``.  Bodies over ``KRULES_INGRESS_MAX_BYTES`` are refused with 413, by ``Content-Length``
+and again while the body streams in.  Every error is ``{"error": "<one sentence>"}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+from collections.abc import Awaitable, Sequence
+from typing import Any, Final
+
+from cloudevents.core.bindings.http import HTTPMessage, from_binary
+from cloudevents.core.exceptions import BaseCloudEventException
+from cloudevents.core.formats.json import JSONFormat
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import BaseRoute, Route
+
+from krules.engine import Engine
+from krules.errors import EventFormatError, StorageError
+from krules.events import Event, event_from_cloudevent, event_from_dict
+from krules.turn import Turn
+
+__all__ = ["BATCH_CONTENT_TYPE", "STRUCTURED_CONTENT_TYPE", "create_ingress_app"]
+
+logger = logging.getLogger("krules.ingress")  # its name before the re-layout, kept for logging configs
+
+STRUCTURED_CONTENT_TYPE: Final = "application/cloudevents+json"
+BATCH_CONTENT_TYPE: Final = "application/cloudevents-batch+json"
+
+_JSON_FORMAT: Final = JSONFormat()
+_BINARY_REQUIRED: Final = ("specversion", "id", "source", "type", "subject")
+
+
+class _Rejected(Exception):
+    """A request the ingress refuses: an HTTP status and a one-sentence reason."""
+
+    def __init__(self, status: int, reason: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+        self.headers = headers
+
+
+def _media_type(request: Request) -> str:
+    return request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+
+
+def _lower_first(sentence: str) -> str:
+    """Lower-case the first letter so a sentence reads as a clause ("The event" but not "CloudEvents")."""
+    if len(sentence) > 1 and sentence[0].isupper() and sentence[1].islower():
+        return sentence[0].lower() + sentence[1:]
+    return sentence
+
+
+def _clause(text: str) -> str:
+    return text.strip().rstrip(".")
+
+
+class _Ingress:
+    """The request handlers, bound to one engine and its settings."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        settings = engine.settings
+        self.max_bytes = settings.ingress_max_bytes
+        self.token = settings.ingress_token.encode() if settings.ingress_token else None
+        # Turns run in their own tasks, shielded from a cancelled request (client gone, forced
+        # shutdown), so a turn is never cut in the middle of its cascade or its commit.
+        self._turns: set[asyncio.Future[Any]] = set()
+
+    # -- request checks --------------------------------------------------------------------------
+    def authorize(self, request: Request) -> None:
+        if self.token is None:
+            return
+        header = request.headers.get("authorization")
+        challenge = {"WWW-Authenticate": 'Bearer realm="krules"'}
+        if header is None:
+            raise _Rejected(
+                401,
+                "This krules instance requires an 'Authorization: Bearer <token>' header with its ingress "
+                "token (KRULES_INGRESS_TOKEN).",
+                challenge,
+            )
+        scheme, _, supplied = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(supplied.strip().encode(), self.token):
+            raise _Rejected(
+                401,
+                "The bearer token in the Authorization header is not this instance's ingress token.",
+                challenge,
+            )
+
+    async def read_body(self, request: Request) -> bytes:
+        declared = request.headers.get("content-length")
+        if declared is not None:
+            try:
+                length = int(declared)
+            except ValueError:
+                raise _Rejected(400, f"The Content-Length header {declared!r} is not a number.") from None
+            if length > self.max_bytes:
+                raise self.too_large()
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > self.max_bytes:
+                raise self.too_large()
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def too_large(self) -> _Rejected:
+        return _Rejected(
+            413,
+            f"The request body is larger than {self.max_bytes} bytes (KRULES_INGRESS_MAX_BYTES); "
+            "send smaller batches or raise the limit.",
+        )
+
+    # -- decoding --------------------------------------------------------------------------------
+    async def decode(self, request: Request) -> list[Event]:
+        """Every event of the request, all validated, or a 400 naming the first problem."""
+        media_type = _media_type(request)
+        body = await self.read_body(request)
+        if media_type == STRUCTURED_CONTENT_TYPE:
+            return [self.structured(_parse_json(body))]
+        if media_type == BATCH_CONTENT_TYPE:
+            return self.batch(_parse_json(body))
+        if any(name.startswith("ce-") for name in request.headers):
+            return [self.binary(request, body)]
+        shown = request.headers.get("content-type")
+        raise _Rejected(
+            400,
+            f"The request is not a CloudEvent (content type {shown!r}); send binary mode with ce-* headers, "
+            f"{STRUCTURED_CONTENT_TYPE!r} or {BATCH_CONTENT_TYPE!r}.",
+        )
+
+    @staticmethod
+    def structured(obj: Any) -> Event:
+        try:
+            return event_from_dict(obj)
+        except EventFormatError as exc:
+            raise _Rejected(400, str(exc)) from None
+
+    @staticmethod
+    def batch(items: Any) -> list[Event]:
+        if not isinstance(items, list):
+            raise _Rejected(400, f"A batch must be a JSON array of CloudEvents, not {type(items).__name__}.")
+        if not items:
+            raise _Rejected(400, "The batch is empty; send at least one CloudEvent.")
+        events = []
+        for index, item in enumerate(items):
+            try:
+                events.append(event_from_dict(item))
+            except EventFormatError as exc:
+                raise _Rejected(
+                    400, f"Event {index} of the batch (counting from 0) is invalid: {_lower_first(str(exc))}"
+                ) from None
+        return events
+
+    @staticmethod
+    def binary(request: Request, body: bytes) -> Event:
+        for attribute in _BINARY_REQUIRED:
+            if f"ce-{attribute}" not in request.headers:
+                why = (
+                    "krules routes every event to a subject"
+                    if attribute == "subject"
+                    else "CloudEvents 1.0 requires it"
+                )
+                raise _Rejected(400, f"The binary-mode request has no 'ce-{attribute}' header; {why}.")
+        specversion = request.headers["ce-specversion"]
+        if specversion != "1.0":
+            raise _Rejected(
+                400, f"The event's specversion is {specversion!r}; krules accepts CloudEvents '1.0'."
+            )
+        message = HTTPMessage(headers=dict(request.headers), body=body)
+        try:
+            return event_from_cloudevent(from_binary(message, _JSON_FORMAT))
+        except EventFormatError as exc:
+            raise _Rejected(400, str(exc)) from None
+        except BaseCloudEventException as exc:
+            detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise _Rejected(400, f"The request is not a valid CloudEvent: {_clause(detail)}.") from None
+        except (ValueError, OverflowError) as exc:  # e.g. an unparseable ce-time
+            raise _Rejected(
+                400, f"The request's ce-* headers are not a valid CloudEvent: {_clause(str(exc))}."
+            ) from None
+
+    # -- processing ------------------------------------------------------------------------------
+    async def process(self, events: list[Event]) -> list[Turn | BaseException]:
+        """Run every event as a turn (concurrently) and wait for all of them, even if cancelled."""
+        runs: list[Awaitable[Turn]] = [self.engine.process(event) for event in events]
+        task: asyncio.Future[list[Turn | BaseException]] = asyncio.gather(*runs, return_exceptions=True)
+        self._turns.add(task)
+        task.add_done_callback(self._turns.discard)
+        return await asyncio.shield(task)
+
+    # -- endpoints -------------------------------------------------------------------------------
+    async def receive(self, request: Request) -> Response:
+        try:
+            self.authorize(request)
+            events = await self.decode(request)
+        except _Rejected as rejected:
+            return _reject(request, rejected)
+        except ClientDisconnect:
+            logger.warning("ingress: client %s disconnected before sending the whole body", _peer(request))
+            return Response(status_code=400)
+        if self.engine.transport is not None:
+            return await self.enqueue(request, events)
+        outcomes = await self.process(events)
+        accepted: list[str] = []
+        storage_failures: list[tuple[Event, StorageError]] = []
+        other_failures: list[tuple[Event, BaseException]] = []
+        for event, outcome in zip(events, outcomes, strict=True):
+            if isinstance(outcome, Turn):
+                accepted.append(event.id)
+            elif isinstance(outcome, StorageError):
+                storage_failures.append((event, outcome))
+            else:
+                other_failures.append((event, outcome))
+        for event, error in other_failures:
+            logger.error(
+                "ingress: event %s (%s for %r) stopped with an unexpected error",
+                event.id,
+                event.type,
+                event.subject,
+                exc_info=error,
+            )
+        if other_failures:
+            event, _ = other_failures[0]
+            return _reject(
+                request,
+                _Rejected(
+                    500,
+                    f"An internal error stopped event {event.id!r} (see this instance's log); "
+                    "it may be partly processed.",
+                ),
+                {"ids": accepted, "failed": [e.id for e, _ in [*other_failures, *storage_failures]]},
+            )
+        if storage_failures:
+            event, error = storage_failures[0]
+            failed = [e.id for e, _ in storage_failures]
+            if len(events) == 1:
+                reason = (
+                    f"Event {event.id!r} was not accepted because the subject storage failed "
+                    f"({_clause(str(error))}); nothing of it was stored and it is not lost: "
+                    "retry the request."
+                )
+            else:
+                reason = (
+                    f"The subject storage failed for {len(failed)} of {len(events)} events "
+                    f"({_clause(str(error))}); nothing of them was stored and they are not lost: "
+                    "retry the events listed in 'failed'."
+                )
+            return _reject(
+                request, _Rejected(503, reason, {"Retry-After": "1"}), {"ids": accepted, "failed": failed}
+            )
+        logger.debug("ingress: accepted %d event(s) from %s", len(accepted), _peer(request))
+        return JSONResponse({"accepted": len(accepted), "ids": accepted})
+
+    async def enqueue(self, request: Request, events: list[Event]) -> Response:
+        """Redis mode: append the events to their partitions' streams (shielded from a cancelled request)."""
+        transport = self.engine.transport
+        if transport is None:
+            raise RuntimeError("enqueue needs an engine with a transport")
+        task = asyncio.ensure_future(transport.send(events))
+        self._turns.add(task)
+        task.add_done_callback(self._turns.discard)
+        try:
+            await asyncio.shield(task)
+        except StorageError as exc:
+            ids = [event.id for event in events]
+            return _reject(
+                request,
+                _Rejected(
+                    503,
+                    f"The event(s) could not be queued ({_clause(str(exc))}); nothing was queued for sure, "
+                    "so retry the same request (a partition drops an event id it has processed).",
+                    {"Retry-After": "1"},
+                ),
+                {"ids": [], "failed": ids},
+            )
+        logger.debug("ingress: queued %d event(s) from %s", len(events), _peer(request))
+        return JSONResponse({"accepted": len(events), "ids": [e.id for e in events], "queued": True}, 202)
+
+    async def subject(self, request: Request) -> Response:
+        try:
+            self.authorize(request)
+        except _Rejected as rejected:
+            return _reject(request, rejected)
+        name: str = request.path_params["name"]
+        try:
+            props, ext = await self.engine.storage.load(name)
+        except StorageError as exc:
+            return _reject(
+                request,
+                _Rejected(503, f"Cannot read subject {name!r}: {_clause(str(exc))}.", {"Retry-After": "1"}),
+            )
+        if not props and not ext:
+            return JSONResponse({"error": f"Subject {name!r} is not stored on this krules instance."}, 404)
+        return JSONResponse({"name": name, "properties": props, "ext": ext})
+
+    @staticmethod
+    async def healthz(request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+
+def _parse_json(body: bytes) -> Any:
+    try:
+        return json.loads(body)
+    except UnicodeDecodeError:
+        raise _Rejected(400, "The request body is not UTF-8 encoded JSON.") from None
+    except json.JSONDecodeError as exc:
+        raise _Rejected(
+            400, f"The request body is not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})."
+        ) from None
+
+
+def _peer(request: Request) -> str:
+    client = request.client
+    return f"{client.host}:{client.port}" if client is not None else "?"
+
+
+def _reject(request: Request, rejected: _Rejected, extra: dict[str, Any] | None = None) -> Response:
+    logger.warning(
+        "ingress: rejected %s %s from %s with %d: %s",
+        request.method,
+        request.url.path,
+        _peer(request),
+        rejected.status,
+        rejected.reason,
+        extra={"status": rejected.status, "reason": rejected.reason},
+    )
+    content: dict[str, Any] = {"error": rejected.reason}
+    if extra:
+        content.update(extra)
+    return JSONResponse(content, rejected.status, headers=rejected.headers)
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    status = exc.status_code if isinstance(exc, HTTPException) else 500
+    if status == 404:
+        reason = f"There is no {request.url.path!r} on this krules instance; events go to POST /events."
+    elif status == 405:
+        reason = f"The path {request.url.path!r} does not accept {request.method} requests."
+    else:
+        reason = f"The request failed with HTTP status {status}."
+    headers = exc.headers if isinstance(exc, HTTPException) else None
+    return _reject(request, _Rejected(status, reason, dict(headers) if headers else None))
+
+
+def create_ingress_app(engine: Engine, *, routes: Sequence[BaseRoute] = ()) -> Starlette:
+    """The Starlette app that feeds ``engine`` from HTTP; ``routes`` are added after the built-in ones."""
+    ingress = _Ingress(engine)
+    app = Starlette(
+        routes=[
+            Route("/", ingress.receive, methods=["POST"]),
+            Route("/events", ingress.receive, methods=["POST"]),
+            Route("/healthz", ingress.healthz, methods=["GET"]),
+            Route("/subjects/{name:path}", ingress.subject, methods=["GET"]),
+            *routes,
+        ],
+        exception_handlers={HTTPException: _http_error},
+    )
+    app.state.engine = engine
+    return app

@@ -1,0 +1,330 @@
+"""Serving the ingress with uvicorn: start the engine, serve, shut down gracefully, close the engine.
+
+:class:`KRulesServer` binds its socket itself (so a busy port is one clear :class:`ServerError`, and
+port 0 picks a free port whose number is known before serving), checks the storage with
+``engine.start()``, serves until told to stop, then lets in-flight requests finish and closes the
+engine (which waits for running turns).  :func:`run` is the blocking entry point of ``krules run``:
+SIGTERM and SIGINT stop it gracefully and it returns normally, so the process exits 0.
+
+For tests and embedding there are two helpers: :func:`serve_in_background` (an async context
+manager running the server as a task of the current loop) and :class:`ServerThread` (a server on
+its own thread and loop, for synchronous code).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import signal
+import socket
+import threading
+from collections.abc import AsyncIterator, Callable, Sequence
+from types import FrameType, TracebackType
+from typing import Any, Final
+
+import uvicorn
+from starlette.routing import BaseRoute
+
+from krules.engine import Engine
+from krules.errors import ServerError
+from krules.http.client import default_url
+from krules.http.ingress import create_ingress_app
+
+__all__ = ["KRulesServer", "ServerThread", "bind_socket", "run", "serve_in_background"]
+
+logger = logging.getLogger("krules.server")  # its name before the re-layout, kept for logging configs
+
+GRACEFUL_SHUTDOWN_SECONDS: Final = 30
+"""How long in-flight requests may take once a shutdown is asked for (then they are cancelled)."""
+
+_POLL_SECONDS: Final = 0.01
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on ``host:port`` (0 picks a free port), or a ServerError saying why not."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise ServerError(
+            f"Cannot listen on host {host!r} ({exc.strerror}); check KRULES_HTTP_HOST."
+        ) from None
+    family, kind, proto, _, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise ServerError(
+                f"Cannot listen on {host}:{port} because the address is already in use; stop the other "
+                "process or choose another KRULES_HTTP_PORT."
+            ) from None
+        raise ServerError(f"Cannot listen on {host}:{port}: {exc.strerror or exc}.") from None
+    sock.setblocking(False)
+    return sock
+
+
+class KRulesServer:
+    """The ingress of one engine served by uvicorn on ``host:port`` (defaults from the engine's settings)."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        host: str | None = None,
+        port: int | None = None,
+        *,
+        routes: Sequence[BaseRoute] = (),
+        graceful_timeout: int = GRACEFUL_SHUTDOWN_SECONDS,
+        access_log: bool = False,
+    ) -> None:
+        self.engine = engine
+        self.host = host if host is not None else engine.settings.http_host
+        self.port = port if port is not None else engine.settings.http_port
+        self.app = create_ingress_app(engine, routes=routes)
+        self._config = uvicorn.Config(
+            self.app,
+            log_config=None,  # the process's logging configuration applies (see krules.cli)
+            lifespan="off",  # the engine's lifecycle is ours, so its errors are ours to report
+            access_log=access_log,
+            server_header=False,
+            timeout_graceful_shutdown=graceful_timeout,
+        )
+        self._uvicorn = uvicorn.Server(self._config)
+        self._stop_requested = False
+        self._companion_error: Exception | None = None
+
+    @property
+    def url(self) -> str:
+        """Where clients reach the server (a wildcard host is reached on loopback)."""
+        return default_url(self.host, self.port)
+
+    @property
+    def started(self) -> bool:
+        """True once uvicorn serves requests."""
+        return self._uvicorn.started
+
+    def bind(self) -> socket.socket:
+        """Bind the listening socket now; with port 0, ``self.port`` becomes the port picked."""
+        sock = bind_socket(self.host, self.port)
+        self.port = sock.getsockname()[1]
+        return sock
+
+    async def serve(
+        self, sock: socket.socket | None = None, on_started: Callable[[], Any] | None = None
+    ) -> None:
+        """Start the engine, serve until :meth:`stop` (or a signal uvicorn catches), then close the engine.
+
+        Raises ServerError when the address cannot be bound and StorageError when the storage is
+        unreachable.  ``on_started()`` is called once requests are being served; if it returns a
+        coroutine, that runs alongside the server and is cancelled when serving ends, before the
+        engine closes (so the engine's last turns are not joined by new ones).  If that coroutine
+        fails (e.g. the partition worker cannot go on), the server stops and its error is raised.
+        """
+        if sock is None:
+            sock = self.bind()
+        try:
+            await self.engine.start()
+        except BaseException:
+            sock.close()
+            raise
+        companions: list[asyncio.Future[Any]] = []
+        try:
+            if self._stop_requested:
+                self._uvicorn.should_exit = True
+            if on_started is not None:
+                companions.append(asyncio.ensure_future(self._notify_started(on_started, companions)))
+            logger.debug("krules ingress starting on %s", self.url)
+            await self._uvicorn.serve(sockets=[sock])
+        finally:
+            for task in companions:
+                task.cancel()
+            await asyncio.gather(*companions, return_exceptions=True)
+            sock.close()
+            await self.engine.close()
+            logger.info("krules ingress on %s stopped", self.url)
+        if self._companion_error is not None:
+            raise self._companion_error
+
+    async def _notify_started(
+        self, on_started: Callable[[], Any], companions: list[asyncio.Future[Any]]
+    ) -> None:
+        # uvicorn has no start-up hook without a lifespan, so watch its flag (the socket already
+        # listens, so connections made meanwhile just wait in the backlog).
+        while not self._uvicorn.started:
+            await asyncio.sleep(_POLL_SECONDS)
+        result = on_started()
+        if asyncio.iscoroutine(result):
+            task = asyncio.ensure_future(result)
+            task.add_done_callback(self._companion_done)
+            companions.append(task)
+
+    def _companion_done(self, task: asyncio.Future[Any]) -> None:
+        if task.cancelled() or task.exception() is None:
+            return
+        error = task.exception()
+        logger.error("a task started with the server failed; stopping", exc_info=error)
+        if isinstance(error, Exception) and self._companion_error is None:
+            self._companion_error = error
+        self.stop()
+
+    def stop(self) -> None:
+        """Ask the server to stop: no new connections, in-flight requests finish (any thread may call it)."""
+        self._stop_requested = True
+        self._uvicorn.should_exit = True
+
+
+class _SignalsRecorded:
+    """Replace SIGTERM/SIGINT handlers with recorders for the duration of serving.
+
+    uvicorn installs its own handlers while it serves and, once done, re-raises each signal it
+    caught against the handlers it found.  With Python's defaults that would kill the process
+    (SIGTERM) or raise KeyboardInterrupt (SIGINT) after a clean shutdown; with these recorders the
+    re-raised signal is just noted and the process exits 0.  A signal arriving before uvicorn
+    serves stops the server as soon as it starts.
+    """
+
+    _SIGNALS: Final = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self, server: KRulesServer) -> None:
+        self.server = server
+        self.received: list[int] = []
+        self._previous: dict[int, Any] = {}
+
+    def _record(self, signum: int, frame: FrameType | None) -> None:
+        self.received.append(signum)
+        self.server.stop()
+
+    def __enter__(self) -> _SignalsRecorded:
+        if threading.current_thread() is threading.main_thread():
+            for signum in self._SIGNALS:
+                self._previous[signum] = signal.signal(signum, self._record)
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+
+def run(
+    engine: Engine,
+    host: str | None = None,
+    port: int | None = None,
+    *,
+    on_started: Callable[[KRulesServer], Any] | None = None,
+    routes: Sequence[BaseRoute] = (),
+) -> None:
+    """Serve ``engine`` until SIGTERM/SIGINT, then shut down gracefully and return (blocking).
+
+    ``on_started(server)`` runs on the event loop once requests are served; a coroutine it
+    returns runs alongside until shutdown (see :meth:`KRulesServer.serve`).  ``routes`` are served
+    next to the ingress's own (e.g. ``/metrics``).
+    """
+    server = KRulesServer(engine, host, port, routes=routes)
+    sock = server.bind()
+
+    def started() -> Any:
+        logger.info("krules ready on %s (SIGTERM or Ctrl+C to stop)", server.url)
+        return on_started(server) if on_started is not None else None
+
+    with _SignalsRecorded(server) as signals:
+        try:
+            asyncio.run(server.serve(sock, on_started=started))
+        finally:
+            sock.close()
+    if signals.received:
+        logger.info("krules stopped by %s", signal.Signals(signals.received[0]).name)
+
+
+@contextlib.asynccontextmanager
+async def serve_in_background(
+    engine: Engine, host: str = "127.0.0.1", port: int = 0, *, routes: Sequence[BaseRoute] = ()
+) -> AsyncIterator[KRulesServer]:
+    """Serve ``engine`` as a task of the running loop for the block; yields once requests are served.
+
+    The engine is started before and closed after, as by :func:`run`.
+    """
+    server = KRulesServer(engine, host, port, routes=routes)
+    sock = server.bind()
+    ready = asyncio.Event()
+    task = asyncio.ensure_future(server.serve(sock, on_started=ready.set))
+    ready_wait = asyncio.ensure_future(ready.wait())
+    try:
+        await asyncio.wait({task, ready_wait}, return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            task.result()  # start-up failed: raise its error
+            raise ServerError(f"The krules server on {server.url} stopped before it served a request.")
+        yield server
+    finally:
+        ready_wait.cancel()
+        server.stop()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+class ServerThread:
+    """Serve an engine on a thread with its own event loop (for synchronous code and tests).
+
+    ``with ServerThread(engine) as server: KRulesClient(server.url).emit(...)``; the engine must
+    then be used only through the server (its turns run on the thread's loop).
+    """
+
+    def __init__(
+        self, engine: Engine, host: str = "127.0.0.1", port: int = 0, *, start_timeout: float = 10.0
+    ) -> None:
+        self.server = KRulesServer(engine, host, port)
+        self._start_timeout = start_timeout
+        self._ready = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+    def start(self) -> ServerThread:
+        """Bind, start the thread and return once requests are served (raises the start-up error)."""
+        sock = self.server.bind()
+        self._thread = threading.Thread(target=self._main, args=(sock,), name="krules-server", daemon=True)
+        self._thread.start()
+        if not self._ready.wait(self._start_timeout):
+            self.stop()
+            raise ServerError(
+                f"The krules server on {self.url} did not start within {self._start_timeout} seconds."
+            )
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+        return self
+
+    def _main(self, sock: socket.socket) -> None:
+        try:
+            asyncio.run(self.server.serve(sock, on_started=self._ready.set))
+        except BaseException as exc:
+            self._error = exc
+        finally:
+            self._ready.set()
+
+    def stop(self, timeout: float = GRACEFUL_SHUTDOWN_SECONDS + 5.0) -> None:
+        """Stop serving gracefully and wait for the thread; re-raise an error it ended with."""
+        self.server.stop()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    def __enter__(self) -> ServerThread:
+        return self.start()
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()

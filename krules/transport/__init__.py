@@ -1,0 +1,6 @@
+"""How events reach an instance and leave it: the entry format, deliveries, and the drivers.
+
+:mod:`krules.transport.base` holds what every transport shares; each driver is a module of its own
+(:mod:`krules.transport.redis_streams`), and :mod:`krules.transport.worker` runs turns from any
+:class:`~krules.transport.base.PartitionSource`.
+"""

@@ -1,0 +1,140 @@
+"""How events travel between instances: the partition-stream entry format and the transport protocols.
+
+In Redis mode every partition ``p`` has a stream (key ``<prefix>{p<p>}:stream``, see
+:mod:`storage.redis.keys`) read by one consumer group, and every event is one entry of the stream of its
+subject's partition.  The entry format is deliberately small, so any service can append events::
+
+    XADD <prefix>{p<P>}:stream * event <the CloudEvent, structured-mode JSON>
+
+    P = crc32(utf8(subject)) % N       (krules.partitioning; N = GET <prefix>partitions)
+
+The ``event`` field holds one CloudEvents 1.0 event in JSON format (``specversion``, ``id``,
+``source``, ``type``, ``subject``, optional ``time`` (RFC 3339 with a zone) and
+``datacontenttype``, ``data`` a JSON object, extensions as top-level attributes).  The ``id`` must
+be unique per event and stable across retries of the same send: a partition drops an event whose id
+it committed before (within the dedupe window).  krules adds a ``hops`` field (``1``) to an entry
+it forwards to the right partition; an entry in the wrong stream with ``hops`` set is
+dead-lettered instead of forwarded again (an entry that is not a valid event is dead-lettered too:
+dead letters are subjects, see :mod:`krules.dead_letters`).
+
+:class:`EventTransport` appends events to their partitions' streams; :class:`PartitionSource` is
+what :class:`krules.transport.worker.PartitionWorker` reads them from.  The Redis implementation is
+:class:`krules.transport.redis_streams.RedisStreams`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Final, Protocol
+
+from krules.errors import EventFormatError
+from krules.events import Event, event_from_dict
+
+__all__ = [
+    "ENTRY_FIELD",
+    "HOPS_FIELD",
+    "Delivery",
+    "EventTransport",
+    "PartitionSource",
+    "decode_entry",
+    "encode_entry",
+]
+
+ENTRY_FIELD: Final = "event"
+"""The stream entry field holding the CloudEvent JSON."""
+
+HOPS_FIELD: Final = "hops"
+"""The stream entry field krules sets on an entry it forwarded to its subject's partition."""
+
+
+def encode_entry(event: Event) -> dict[str, str]:
+    """The stream entry fields of ``event``."""
+    return {ENTRY_FIELD: json.dumps(event.to_dict(), ensure_ascii=False, separators=(",", ":"))}
+
+
+def decode_entry(fields: Mapping[str, str]) -> Event:
+    """The event of a stream entry; EventFormatError (one sentence) when it is not a valid one."""
+    raw = fields.get(ENTRY_FIELD)
+    if raw is None:
+        names = ", ".join(sorted(fields)) or "none"
+        raise EventFormatError(
+            f"The stream entry has no {ENTRY_FIELD!r} field (its fields: {names}); "
+            "an entry holds one CloudEvent as JSON in that field."
+        )
+    try:
+        obj: Any = json.loads(raw)
+    except ValueError as exc:
+        raise EventFormatError(
+            f"The stream entry's {ENTRY_FIELD!r} field is not valid JSON ({exc})."
+        ) from None
+    return event_from_dict(obj)
+
+
+@dataclass(slots=True)
+class Delivery:
+    """One stream entry handed to this instance: the event, or why it is not one."""
+
+    partition: int
+    """The partition whose stream holds the entry."""
+    entry_id: str
+    """The entry's stream id (what the commit acknowledges)."""
+    fields: dict[str, str]
+    """The entry as stored (kept for dead-lettering and forwarding)."""
+    event: Event | None
+    """The decoded event, or None when the entry is not a valid event (see ``problem``)."""
+    problem: str | None = None
+    """Why the entry is not a valid event."""
+    deliveries: int = 1
+    """How many times the entry has been delivered, this time included."""
+
+
+class EventTransport(Protocol):
+    """Appends events to the streams of their subjects' partitions."""
+
+    async def check(self) -> None:
+        """Verify the streams can be used (e.g. the partition count matches); raise a KRulesError."""
+        ...
+
+    async def send(self, events: Sequence[Event]) -> list[str]:
+        """Append ``events`` (each to its partition's stream); return the entry ids.
+
+        Raises a StorageError when they could not all be appended (appending is retried inside);
+        sending the same events again is safe, since receivers drop ids they committed.
+        """
+        ...
+
+
+class PartitionSource(Protocol):
+    """The partitions an instance owns, as a source of deliveries (Redis Streams in practice)."""
+
+    partitions: tuple[int, ...]
+    """The partitions read."""
+
+    async def open(self) -> None:
+        """Check the deployment (partition count), create what is missing, register this consumer."""
+        ...
+
+    async def read(self, count: int, block_ms: int) -> list[Delivery]:
+        """The next deliveries: this consumer's own pending entries first, then new ones (waiting
+        up to ``block_ms`` for them).  Entries whose event was committed before are acknowledged
+        and left out."""
+        ...
+
+    async def reclaim(self) -> list[Delivery]:
+        """Entries another consumer (or this one, before a restart) took and left idle too long."""
+        ...
+
+    async def forward(self, delivery: Delivery, partition: int) -> None:
+        """Append the entry to ``partition``'s stream (marked as forwarded), then acknowledge it."""
+        ...
+
+    async def maintain(self) -> dict[int, tuple[int | None, int]]:
+        """Periodic upkeep: refresh this consumer's registration, trim what every consumer has read;
+        return each owned partition's ``(lag, pending)`` (lag None when unknown)."""
+        ...
+
+    async def close(self) -> None:
+        """Unregister this consumer and release what :meth:`open` opened."""
+        ...

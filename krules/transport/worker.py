@@ -1,0 +1,263 @@
+"""The partition worker: reads the streams of the partitions an instance owns and runs their turns.
+
+One reading loop takes entries in batches (``KRULES_STREAM_BATCH``) and starts a turn for each,
+in stream order: the engine keeps one subject's turns in that order and runs different subjects
+concurrently up to ``KRULES_MAX_CONCURRENT_TURNS``; the loop reads ahead at most that many entries.
+Each turn ends in a commit that stores its writes, marks its event processed and acknowledges its
+entry at once (see :class:`krules.turn.Turn`), so a crash at any point leaves the entry pending and
+nothing of it stored, or everything stored and the entry gone.
+
+Before a turn, an entry is checked: one that is not a valid event is dead-lettered
+(``invalid_event``); one delivered more than ``KRULES_MAX_DELIVERIES`` times is dead-lettered
+(``max_deliveries``) instead of looping; one whose subject belongs to another partition is
+forwarded there once (``misrouted`` if it was forwarded already).  A turn that cannot be stored
+(Redis away past the storage's retries, in a handler's read or in the commit) is not stored at all
+and is run again by the worker, which still owns its entry: for as long as Redis is unreachable,
+up to ``KRULES_MAX_DELIVERIES`` times for other storage failures (then the entry stays pending and
+is reclaimed later, counting as a delivery).
+
+The worker's dead letters are dead-letter subjects like the handlers' (:mod:`krules.dead_letters`,
+listed by ``krules dlq``), with handler "".  Each is committed like a turn, with the receipt
+``entry:<partition>:<entry id>``: the entry's ack, that id marked processed and the dead letter's
+writes of the entry's partition in one script; its writes to other partitions (the ``dlq-<id>``
+subject and the index usually live elsewhere) are stored just before and are idempotent, so a crash
+in between only means the entry is taken again and the same dead letter rewritten.
+
+A maintenance task reclaims entries other consumers left idle longer than ``KRULES_CLAIM_IDLE_MS``
+(they died) and keeps the streams trimmed.  :meth:`PartitionWorker.stop` (or cancelling
+:meth:`PartitionWorker.run`) stops reading; the turns under way finish and commit, and
+:meth:`krules.engine.Engine.close` waits for them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Final
+
+from krules.dead_letters import INVALID_EVENT, MAX_DELIVERIES, MISROUTED, entry_dead_letter, store_changes
+from krules.errors import KRulesError, StorageError, StorageUnavailableError
+from krules.partitioning import partition_of
+from krules.transport.base import HOPS_FIELD
+from storage.base import Receipt
+
+if TYPE_CHECKING:
+    from krules.engine import Engine
+    from krules.transport.base import Delivery, PartitionSource
+
+__all__ = ["PartitionWorker"]
+
+logger = logging.getLogger("krules.worker")  # its name before the re-layout, kept for logging configs
+
+_READ_BACKOFF: Final = 0.1
+_READ_BACKOFF_CAP: Final = 5.0
+_RETRY_BACKOFF: Final = 0.1
+_RETRY_CAP: Final = 5.0
+
+
+class PartitionWorker:
+    """Feeds an engine from the partitions of a :class:`~krules.transport.base.PartitionSource`."""
+
+    def __init__(self, engine: Engine, source: PartitionSource) -> None:
+        settings = engine.settings
+        self.engine = engine
+        self.source = source
+        self.batch = settings.stream_batch
+        self.block_ms = settings.stream_block_ms
+        self.max_deliveries = settings.max_deliveries
+        self.maintain_every = max(0.05, settings.claim_idle_ms / 2000)
+        self.max_inflight = max(settings.max_concurrent_turns, settings.stream_batch)
+        self._partitions = settings.partitions
+        # (partition, entry id): entry ids are only unique within one stream
+        self._inflight: dict[tuple[int, str], asyncio.Future[None]] = {}
+        self._room = asyncio.Event()
+        self._stopping = False
+        self._reading: asyncio.Task[list[Delivery]] | None = None
+        self.processed = 0
+        """Entries handled by this worker (turns committed, duplicates dropped, dead letters)."""
+        self.partition_observers: list[Callable[[int, int | None, int], None]] = []
+        """Called with ``(partition, lag, pending)`` at each upkeep (e.g. to export metrics)."""
+        self.dead_letter_observers: list[Callable[[str, str], object]] = []
+        """Called with ``("", reason)`` for each entry dead-lettered (the handler is "": none ran),
+        e.g. ``MetricsMiddleware.record_dead_letter``."""
+
+    async def run(self) -> None:
+        """Open the source and process until :meth:`stop` or cancellation (turns under way go on)."""
+        await self.source.open()
+        logger.info(
+            "reading partition(s) %s as consumer %r",
+            ",".join(map(str, self.source.partitions)),
+            getattr(self.source, "consumer", "?"),
+        )
+        upkeep = asyncio.ensure_future(self._maintain())
+        try:
+            await self._read_loop()
+        finally:
+            upkeep.cancel()
+            await asyncio.gather(upkeep, return_exceptions=True)
+            await self.drain()
+            await self.source.close()
+
+    def stop(self) -> None:
+        """Stop reading (an entry being read stays pending, for the next run); turns under way go on."""
+        self._stopping = True
+        if self._reading is not None:
+            self._reading.cancel()
+        self._room.set()
+
+    async def drain(self) -> None:
+        """Wait until the turns started by this worker are over."""
+        while self._inflight:
+            await asyncio.gather(*list(self._inflight.values()), return_exceptions=True)
+
+    # -- reading -----------------------------------------------------------------------------
+    async def _read_loop(self) -> None:
+        failures = 0
+        while not self._stopping:
+            room = self.max_inflight - len(self._inflight)
+            if room <= 0:
+                self._room.clear()
+                await self._room.wait()
+                continue
+            self._reading = asyncio.ensure_future(self.source.read(min(self.batch, room), self.block_ms))
+            try:
+                deliveries = await self._reading
+            except asyncio.CancelledError:
+                if self._stopping:
+                    return
+                raise
+            except KRulesError as exc:
+                failures += 1
+                delay = min(_READ_BACKOFF_CAP, _READ_BACKOFF * 2 ** min(failures, 10)) * (
+                    0.5 + random.random() / 2
+                )
+                logger.error("reading the partition streams failed (%s); trying again in %.1f s", exc, delay)
+                await asyncio.sleep(delay)
+                continue
+            finally:
+                self._reading = None
+            failures = 0
+            self._start(deliveries)
+
+    def _start(self, deliveries: list[Delivery]) -> None:
+        for delivery in deliveries:
+            key = (delivery.partition, delivery.entry_id)
+            if key in self._inflight:
+                continue  # re-read or reclaimed while its turn is still running here
+            self._inflight[key] = asyncio.ensure_future(self._handle(delivery))
+
+    async def _maintain(self) -> None:
+        while True:
+            await asyncio.sleep(self.maintain_every)
+            try:
+                figures = await self.source.maintain()
+                reclaimed = await self.source.reclaim()
+            except KRulesError as exc:
+                logger.warning("stream upkeep failed (%s); trying again later", exc)
+                continue
+            for partition, (lag, pending) in figures.items():
+                for observe in self.partition_observers:
+                    try:
+                        observe(partition, lag, pending)
+                    except Exception:
+                        logger.exception("a partition observer failed")
+            if reclaimed and not self._stopping:
+                self._start(reclaimed)
+
+    # -- one entry ---------------------------------------------------------------------------
+    async def _handle(self, delivery: Delivery) -> None:
+        try:
+            failures = 0
+            while True:
+                try:
+                    await self._decide(delivery)
+                    self.processed += 1
+                    return
+                except StorageError as exc:
+                    # Nothing of the turn was stored.  Try it again here, still owning the entry
+                    # (a re-read would count as another delivery): forever while Redis is away,
+                    # up to KRULES_MAX_DELIVERIES times for other storage failures.
+                    failures += 1
+                    gone = isinstance(exc, StorageUnavailableError)
+                    if self._stopping or (not gone and failures >= self.max_deliveries):
+                        logger.error(
+                            "entry %s of partition %d was not committed (%s); it stays pending and is "
+                            "taken again later",
+                            delivery.entry_id,
+                            delivery.partition,
+                            exc,
+                        )
+                        return
+                    delay = min(_RETRY_CAP, _RETRY_BACKOFF * 2 ** min(failures - 1, 10))
+                    delay *= 0.5 + random.random() / 2
+                    logger.warning(
+                        "entry %s of partition %d was not committed (%s); trying again in %.1f s",
+                        delivery.entry_id,
+                        delivery.partition,
+                        exc,
+                        delay,
+                    )
+                    await asyncio.sleep(delay)
+        except Exception:
+            logger.exception(
+                "entry %s of partition %d failed unexpectedly; it stays pending and is reclaimed later",
+                delivery.entry_id,
+                delivery.partition,
+            )
+        finally:
+            del self._inflight[delivery.partition, delivery.entry_id]
+            self._room.set()
+
+    async def _decide(self, delivery: Delivery) -> None:
+        event = delivery.event
+        if event is None:
+            await self._dead_letter(delivery, INVALID_EVENT, delivery.problem or "not an event")
+            return
+        if delivery.deliveries > self.max_deliveries:
+            await self._dead_letter(
+                delivery,
+                MAX_DELIVERIES,
+                f"Event {event.id!r} was delivered {delivery.deliveries} times without being committed "
+                f"(KRULES_MAX_DELIVERIES={self.max_deliveries}); it is parked instead of tried again.",
+            )
+            return
+        owner = partition_of(event.subject, self._partitions)
+        if owner != delivery.partition:
+            if delivery.fields.get(HOPS_FIELD):
+                await self._dead_letter(
+                    delivery,
+                    MISROUTED,
+                    f"Event {event.id!r} for subject {event.subject!r} (partition {owner}) was forwarded "
+                    f"to partition {delivery.partition} already and is still in the wrong stream.",
+                )
+            else:
+                await self.source.forward(delivery, owner)
+            return
+        await self.engine.process(event, receipt=Receipt(delivery.partition, event.id, delivery.entry_id))
+
+    async def _dead_letter(self, delivery: Delivery, reason: str, message: str) -> None:
+        """Store the entry as a dead-letter subject and acknowledge it, in one commit."""
+        record = entry_dead_letter(delivery, reason, message, self.engine.clock.now())
+        storage = self.engine.storage
+        commit = getattr(storage, "commit", None)  # a CommittingStorage (Redis mode)
+        if commit is None:
+            raise TypeError(f"{type(storage).__name__} cannot commit the dead letters of stream entries")
+        receipt = Receipt(
+            delivery.partition, f"entry:{delivery.partition}:{delivery.entry_id}", delivery.entry_id
+        )
+        await commit(store_changes(record), receipt)
+        logger.error(
+            "dead-lettered stream entry %s of partition %d as %s (%s): %s",
+            delivery.entry_id,
+            delivery.partition,
+            record.name,
+            reason,
+            message,
+        )
+        for observe in self.dead_letter_observers:
+            try:
+                observe("", reason)
+            except Exception:
+                logger.exception("dead-letter observer %r raised", observe)

@@ -1,0 +1,167 @@
+"""Every Redis key and hash field krules uses, and nothing else: the key schema lives here.
+
+``<prefix>`` is the user's ``key_prefix`` (default ``krules:``); ``<p>`` is the partition of a
+subject, ``crc32(utf8(name)) % partitions`` (:func:`krules.partitioning.partition_of`).
+
+Keys::
+
+    <prefix>{p<p>}:s:<subject>   hash    one subject: its properties, extended properties and metadata
+    <prefix>{p<p>}:stream        stream  the partition's events, one entry per event (the entry format
+                                         is :mod:`krules.transport.base`'s), read by the consumer group
+                                         ``krules`` (:data:`CONSUMER_GROUP`)
+    <prefix>{p<p>}:processed     zset    ids of the events the partition has committed, scored by commit
+                                         time in ms, trimmed to the dedupe window
+    <prefix>partitions           string  the partition count, recorded by the first instance started
+    <prefix>instances            hash    consumer name -> JSON ``{"partitions": [...], "seen": <ms>}``,
+                                         refreshed by each running instance (``krules partitions``)
+
+Dead letters are ordinary subjects, so they have no keys of their own: each is the hash of subject
+``dlq-<id>``, and their index by time the hash of subject ``dlq-index`` (:mod:`krules.dead_letters`),
+each in its own partition.  The names ``<prefix>{p<p>}:deadletter`` (a dead-letter stream that
+earlier builds wrote) and ``<prefix>{p<p>}:dlq`` are reserved and not written.
+
+Every key of partition ``p`` carries the Redis Cluster hash tag ``{p<p>}``: a cluster hashes only
+the text between the first ``{`` and the next ``}``, so the subject hashes, the stream and the
+processed-id set of one partition share a slot, and a turn's commit can be one Lua script.  This is
+why the key prefix may not contain braces.  The subject name follows the tag verbatim (any string,
+braces and colons included; the tag comes first, so the name never changes the slot).
+
+Fields of a subject hash (values are compact JSON, see :func:`storage.base.encode`)::
+
+    p:<name>   an ordinary property
+    x:<name>   an extended property (kept apart: same name, different field)
+    m:<name>   metadata, never a property:
+      m:w      the tokens of the last callable updates written, newest first (fixed-width, see
+               :mod:`storage.redis`): a write retried after a lost reply is recognised, not re-applied
+      m:c      a claim ``<token>:<expiry ms>`` by a writer that lost several compare-and-sets in a
+               row; other callable updates of the subject wait until it is used or expires
+      m:v      (reserved) the subject version a turn's commit will check
+
+A subject hash that holds nothing but metadata is deleted, so a subject exists exactly as long as it
+has a property.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Final
+
+from krules.errors import ConfigurationError
+from krules.partitioning import partition_of
+
+__all__ = [
+    "CLAIM_FIELD",
+    "CONSUMER_GROUP",
+    "EXTENDED_FIELD_PREFIX",
+    "META_FIELD_PREFIX",
+    "PROPERTY_FIELD_PREFIX",
+    "VERSION_FIELD",
+    "WRITE_TOKENS_FIELD",
+    "KeySchema",
+    "escape_glob",
+    "property_field",
+]
+
+PROPERTY_FIELD_PREFIX: Final = "p:"
+EXTENDED_FIELD_PREFIX: Final = "x:"
+META_FIELD_PREFIX: Final = "m:"
+WRITE_TOKENS_FIELD: Final = "m:w"
+CLAIM_FIELD: Final = "m:c"
+VERSION_FIELD: Final = "m:v"
+CONSUMER_GROUP: Final = "krules"
+"""The consumer group every partition stream is read by."""
+
+_SUBJECT_MARK: Final = ":s:"
+_GLOB_SPECIAL: Final = re.compile(r"([*?\[\]\\])")
+
+
+def property_field(prop: str, ext: bool = False) -> str:
+    """Return the hash field of property ``prop`` (an extended one when ``ext``)."""
+    return (EXTENDED_FIELD_PREFIX if ext else PROPERTY_FIELD_PREFIX) + prop
+
+
+def escape_glob(text: str) -> str:
+    """Escape ``text`` for a Redis ``MATCH`` pattern, so that it matches only itself."""
+    return _GLOB_SPECIAL.sub(r"\\\1", text)
+
+
+class KeySchema:
+    """The key names of one krules deployment: a key prefix and a partition count."""
+
+    __slots__ = ("_subject_heads", "partitions", "prefix")
+
+    def __init__(self, prefix: str = "krules:", partitions: int = 1) -> None:
+        if not isinstance(prefix, str):
+            raise ConfigurationError(f"The Redis key prefix must be a string, not {prefix!r}.")
+        if "{" in prefix or "}" in prefix:
+            raise ConfigurationError(
+                f"The Redis key prefix {prefix!r} contains a brace; krules puts the Redis Cluster hash "
+                "tag right after the prefix, so choose a prefix without '{' or '}' (e.g. 'krules:')."
+            )
+        if isinstance(partitions, bool) or not isinstance(partitions, int) or partitions < 1:
+            raise ConfigurationError(
+                f"The partition count must be a positive integer, not {partitions!r}; set "
+                "KRULES_PARTITIONS to 1 or more."
+            )
+        self.prefix: Final = prefix
+        self.partitions: Final = partitions
+        self._subject_heads = tuple(f"{prefix}{{p{p}}}{_SUBJECT_MARK}" for p in range(partitions))
+
+    def partition(self, subject: str) -> int:
+        """Return the partition of ``subject``."""
+        return partition_of(subject, self.partitions)
+
+    def tag(self, partition: int) -> str:
+        """Return the hash tag shared by every key of ``partition``."""
+        return f"{{p{partition}}}"
+
+    def subject(self, name: str) -> str:
+        """Return the key of the hash holding subject ``name``."""
+        return self._subject_heads[partition_of(name, self.partitions)] + name
+
+    def subject_pattern(self, name_prefix: str = "") -> str:
+        """Return a ``SCAN MATCH`` pattern covering the subjects whose names start with ``name_prefix``.
+
+        The pattern may also match a few keys that are not such subjects (a ``*`` stands for the
+        partition number); filter the results with :meth:`subject_name`.
+        """
+        return f"{escape_glob(self.prefix)}{{p*}}{_SUBJECT_MARK}{escape_glob(name_prefix)}*"
+
+    def subject_name(self, key: str) -> str | None:
+        """Return the subject name held in ``key``, or None when ``key`` is not a subject key."""
+        prefix = self.prefix
+        if not key.startswith(prefix) or not key.startswith("{p", len(prefix)):
+            return None
+        start = len(prefix) + 2
+        end = key.find("}", start)
+        number = key[start:end] if end >= 0 else ""
+        if not (number.isascii() and number.isdigit()) or not key.startswith(_SUBJECT_MARK, end + 1):
+            return None
+        return key[end + 1 + len(_SUBJECT_MARK) :]
+
+    def stream(self, partition: int) -> str:
+        """Return the key of ``partition``'s event stream."""
+        return f"{self.prefix}{{p{partition}}}:stream"
+
+    def processed(self, partition: int) -> str:
+        """Return the key of ``partition``'s processed-event-id set."""
+        return f"{self.prefix}{{p{partition}}}:processed"
+
+    def dead_letter_stream(self, partition: int) -> str:
+        """Return the key of ``partition``'s dead-letter stream (reserved: no longer written)."""
+        return f"{self.prefix}{{p{partition}}}:deadletter"
+
+    def instances(self) -> str:
+        """Return the key of the hash of running instances and the partitions they own."""
+        return f"{self.prefix}instances"
+
+    def dead_letters(self, partition: int) -> str:
+        """Return the key of ``partition``'s dead-letter index (reserved: the index is a subject)."""
+        return f"{self.prefix}{{p{partition}}}:dlq"
+
+    def partition_count(self) -> str:
+        """Return the key recording the partition count of the deployment."""
+        return f"{self.prefix}partitions"
+
+    def __repr__(self) -> str:
+        return f"KeySchema(prefix={self.prefix!r}, partitions={self.partitions})"
