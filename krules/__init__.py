@@ -17,12 +17,12 @@ from importlib.metadata import PackageNotFoundError, version
 
 from krules import event_types
 from krules.app import default_container, emit, middleware, on, subject, use_container, when
+from krules.chain import SkipEvent
 from krules.config import Settings
 from krules.container import KRulesContainer
 from krules.context import EventContext
 from krules.errors import KRulesError
 from krules.subject import Subject
-from middleware.base import SkipEvent
 
 try:
     __version__ = version("krules")

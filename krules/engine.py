@@ -33,6 +33,7 @@ from inspect import isawaitable
 from typing import TYPE_CHECKING, Any, Final
 
 from krules.admission import Admission
+from krules.chain import SkipEvent
 from krules.clock import Clock, SystemClock
 from krules.config import Settings
 from krules.context import EventContext, _current
@@ -41,7 +42,6 @@ from krules.events import DEAD_LETTER_EXTENSION, DEPTH_EXTENSION, REPLAY_EXTENSI
 from krules.partitioning import partition_of
 from krules.subject import Subject
 from krules.turn import HandlerFailure, Turn
-from middleware.base import SkipEvent
 
 if TYPE_CHECKING:
     from krules.rules import RuleRegistry

@@ -17,8 +17,8 @@ from fnmatch import translate
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 from zlib import crc32
 
+from krules.chain import Call, FailureHandler, Middleware, build_chain
 from krules.errors import RuleDefinitionError
-from middleware.base import Call, FailureHandler, Middleware, build_chain
 
 if TYPE_CHECKING:
     from krules.context import EventContext
