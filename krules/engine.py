@@ -44,9 +44,8 @@ from krules.subject import Subject
 from krules.turn import HandlerFailure, Turn
 
 if TYPE_CHECKING:
+    from krules.ports import EventTransport, Receipt, SubjectStorage
     from krules.rules import RuleRegistry
-    from krules.transport.base import EventTransport
-    from storage.base import Receipt, SubjectStorage
 
 __all__ = ["Engine"]
 

@@ -16,10 +16,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
 
+from krules.changes import DELETE, Change, SubjectChanges, Update, decode, encode
 from krules.context import _current
 from krules.errors import TurnEndedError
 from krules.event_types import SUBJECT_DELETED, SUBJECT_PROPERTY_CHANGED, SUBJECT_PROPERTY_DELETED
-from storage.base import DELETE, Change, SubjectChanges, Update, decode, encode
 
 if TYPE_CHECKING:
     from krules.context import EventContext

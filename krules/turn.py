@@ -6,12 +6,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from krules.subject import Subject
-from storage.base import Receipt, SubjectChanges
 
 if TYPE_CHECKING:
+    from krules.changes import SubjectChanges
     from krules.engine import Engine
     from krules.errors import StorageError
     from krules.events import Event
+    from krules.ports import Receipt
 
 __all__ = ["HandlerFailure", "Turn"]
 
@@ -97,8 +98,8 @@ class Turn:
 
     async def commit(self, taken: list[tuple[Subject, SubjectChanges]] | None = None) -> None:
         """Close the turn (unless ``taken`` is what :meth:`close` returned) and store the changes in
-        one storage batch (a commit when the turn has a receipt).  If that fails, the changes go back
-        to their subjects and the error propagates."""
+        one storage batch (the receipt's commit when the turn has one).  If that fails, the changes go
+        back to their subjects and the error propagates."""
         if taken is None:
             taken = self.close()
         receipt = self.receipt
@@ -109,16 +110,11 @@ class Turn:
             await transport.send(self.outbox)
         if not taken and receipt is None:
             return
-        storage = self.engine.storage
         try:
             if receipt is None:
-                await storage.store([c for _, c in taken])
+                await self.engine.storage.store([c for _, c in taken])
             else:
-                # not isinstance(storage, CommittingStorage): a protocol check costs 50 µs per turn
-                commit = getattr(storage, "commit", None)
-                if commit is None:
-                    raise TypeError(f"{type(storage).__name__} cannot commit turns of stream events")
-                self.committed = await commit([c for _, c in taken], receipt)
+                self.committed = await receipt.commit([c for _, c in taken])
         except BaseException:
             for subject, changes in taken:
                 subject.restore_changes(changes)

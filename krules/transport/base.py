@@ -25,12 +25,13 @@ what :class:`krules.transport.worker.PartitionWorker` reads them from.  The Redi
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
 from krules.errors import EventFormatError
 from krules.events import Event, event_from_dict
+from krules.ports import EventTransport, Receipt
 
 __all__ = [
     "ENTRY_FIELD",
@@ -90,22 +91,6 @@ class Delivery:
     """How many times the entry has been delivered, this time included."""
 
 
-class EventTransport(Protocol):
-    """Appends events to the streams of their subjects' partitions."""
-
-    async def check(self) -> None:
-        """Verify the streams can be used (e.g. the partition count matches); raise a KRulesError."""
-        ...
-
-    async def send(self, events: Sequence[Event]) -> list[str]:
-        """Append ``events`` (each to its partition's stream); return the entry ids.
-
-        Raises a StorageError when they could not all be appended (appending is retried inside);
-        sending the same events again is safe, since receivers drop ids they committed.
-        """
-        ...
-
-
 class PartitionSource(Protocol):
     """The partitions an instance owns, as a source of deliveries (Redis Streams in practice)."""
 
@@ -120,6 +105,11 @@ class PartitionSource(Protocol):
         """The next deliveries: this consumer's own pending entries first, then new ones (waiting
         up to ``block_ms`` for them).  Entries whose event was committed before are acknowledged
         and left out."""
+        ...
+
+    def receipt(self, delivery: Delivery, event_id: str) -> Receipt:
+        """The receipt a turn (or a dead letter) of ``delivery`` commits with: its writes, ``event_id``
+        marked processed and the entry acknowledged, at once."""
         ...
 
     async def reclaim(self) -> list[Delivery]:

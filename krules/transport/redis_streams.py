@@ -33,7 +33,7 @@ import json
 import logging
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from functools import partial
 from typing import TYPE_CHECKING, Any, Final
 
@@ -49,9 +49,17 @@ from storage.redis.keys import CONSUMER_GROUP
 from storage.redis.store import RedisStorage
 
 if TYPE_CHECKING:
+    from krules.changes import SubjectChanges
     from krules.engine import Engine
 
-__all__ = ["PartitionStatus", "RedisStreams", "connect_streams", "default_consumer", "stream_worker"]
+__all__ = [
+    "PartitionStatus",
+    "RedisStreams",
+    "StreamReceipt",
+    "connect_streams",
+    "default_consumer",
+    "stream_worker",
+]
 
 _log = logging.getLogger("storage.redis_streams")  # its name before the re-layout, kept for logging configs
 
@@ -79,6 +87,23 @@ def _entries(raw: Any) -> list[tuple[str, dict[str, str] | None]]:
 class PartitionStatus(dict[str, Any]):
     """One partition's figures for ``krules partitions`` (a dict: partition, length, pending, lag,
     last_delivered, consumers, owners)."""
+
+
+class StreamReceipt:
+    """A stream entry's receipt: committing it runs the storage's commit script, which stores the
+    turn's writes, marks ``event_id`` processed and acknowledges the entry, all at once."""
+
+    __slots__ = ("_storage", "entry_id", "event_id", "partition")
+
+    def __init__(self, storage: RedisStorage, partition: int, event_id: str, entry_id: str) -> None:
+        self._storage = storage
+        self.partition = partition
+        self.event_id = event_id
+        self.entry_id = entry_id
+
+    def commit(self, batch: Sequence[SubjectChanges]) -> Awaitable[bool]:
+        """See :class:`krules.ports.Receipt` (a plain method: no coroutine of its own per turn)."""
+        return self._storage.commit(batch, self)
 
 
 class RedisStreams:
@@ -220,6 +245,10 @@ class RedisStreams:
             for partition in self.partitions:
                 self._cursors[partition] = "0"
             raise
+
+    def receipt(self, delivery: Delivery, event_id: str) -> StreamReceipt:
+        """The receipt committing ``delivery``: the writes, ``event_id`` processed, the entry acked."""
+        return StreamReceipt(self.storage, delivery.partition, event_id, delivery.entry_id)
 
     async def reclaim(self) -> list[Delivery]:
         """Take over entries left idle longer than ``claim_idle_ms``, with their delivery counts."""

@@ -41,7 +41,6 @@ from krules.dead_letters import INVALID_EVENT, MAX_DELIVERIES, MISROUTED, entry_
 from krules.errors import KRulesError, StorageError, StorageUnavailableError
 from krules.partitioning import partition_of
 from krules.transport.base import HOPS_FIELD
-from storage.base import Receipt
 
 if TYPE_CHECKING:
     from krules.engine import Engine
@@ -235,19 +234,13 @@ class PartitionWorker:
             else:
                 await self.source.forward(delivery, owner)
             return
-        await self.engine.process(event, receipt=Receipt(delivery.partition, event.id, delivery.entry_id))
+        await self.engine.process(event, receipt=self.source.receipt(delivery, event.id))
 
     async def _dead_letter(self, delivery: Delivery, reason: str, message: str) -> None:
         """Store the entry as a dead-letter subject and acknowledge it, in one commit."""
         record = entry_dead_letter(delivery, reason, message, self.engine.clock.now())
-        storage = self.engine.storage
-        commit = getattr(storage, "commit", None)  # a CommittingStorage (Redis mode)
-        if commit is None:
-            raise TypeError(f"{type(storage).__name__} cannot commit the dead letters of stream entries")
-        receipt = Receipt(
-            delivery.partition, f"entry:{delivery.partition}:{delivery.entry_id}", delivery.entry_id
-        )
-        await commit(store_changes(record), receipt)
+        receipt = self.source.receipt(delivery, f"entry:{delivery.partition}:{delivery.entry_id}")
+        await receipt.commit(store_changes(record))
         logger.error(
             "dead-lettered stream entry %s of partition %d as %s (%s): %s",
             delivery.entry_id,

@@ -71,7 +71,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
-from typing import Any, Final, TypeVar
+from typing import Any, Final, Protocol, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
@@ -94,7 +94,7 @@ from krules.errors import (
     StorageUnavailableError,
     UpdateConflictError,
 )
-from storage.base import DELETE, Change, Receipt, SubjectChanges, Update, decode, encode
+from storage.base import DELETE, Change, SubjectChanges, Update, decode, encode
 from storage.redis._resp_connection import Arg
 from storage.redis.commands import ClientCommands, ConnectionCommands, RedisCommands
 from storage.redis.keys import (
@@ -108,7 +108,20 @@ from storage.redis.keys import (
 )
 from storage.redis.scripts import LuaScript, lua_script
 
-__all__ = ["RedisStorage", "create_redis_storage"]
+__all__ = ["RedisStorage", "StreamCommit", "create_redis_storage"]
+
+
+class StreamCommit(Protocol):
+    """What :meth:`RedisStorage.commit` records with a turn's writes: the partition whose subjects
+    they are, the event id marked processed, and the stream entry acknowledged ('' for none)."""
+
+    @property
+    def partition(self) -> int: ...
+    @property
+    def event_id(self) -> str: ...
+    @property
+    def entry_id(self) -> str: ...
+
 
 _log = logging.getLogger("storage.redis")  # its name before the re-layout, kept for logging configs
 
@@ -297,7 +310,7 @@ class RedisStorage:
         if pending:
             await self._store_groups(pending, os.urandom(_TOKEN_BYTES).hex(), None)
 
-    async def commit(self, batch: Sequence[SubjectChanges], receipt: Receipt) -> bool:
+    async def commit(self, batch: Sequence[SubjectChanges], receipt: StreamCommit) -> bool:
         """Commit a turn (see the module docstring); False when the event was committed before."""
         groups = self._by_partition(batch)
         own = groups.pop(receipt.partition, [])
@@ -314,7 +327,7 @@ class RedisStorage:
                 by_partition.setdefault(self.keys.partition(changes.name), []).append(changes)
         return by_partition
 
-    async def _store_groups(self, pending: list[_Group], token: str, receipt: Receipt | None) -> bool:
+    async def _store_groups(self, pending: list[_Group], token: str, receipt: StreamCommit | None) -> bool:
         """Store each group (one partition's changes) with the store script, retrying conflicts."""
         waits = 0
         fresh = True
@@ -470,7 +483,7 @@ class RedisStorage:
             self._last_values[remembered] = value
 
     def _store_call(
-        self, group: _Group, token: str, lease: int, receipt: Receipt | None
+        self, group: _Group, token: str, lease: int, receipt: StreamCommit | None
     ) -> tuple[list[str], list[Arg]]:
         """Return the keys and arguments of one store-script call (see ``redis_store.lua``)."""
         keys: list[str] = []

@@ -157,11 +157,12 @@ async def _worker_processed(instance: Instance, at_least: int) -> bool:
 async def test_a_commit_of_an_event_committed_before_writes_nothing(
     make_instance: Callable[..., Instance],
 ) -> None:
-    from storage.base import Receipt, SubjectChanges
+    from krules.transport.redis_streams import StreamReceipt
+    from storage.base import SubjectChanges
 
     instance = make_instance(partitions=1)
     await instance.streams.check_partition_count()
-    receipt = Receipt(0, "event-1", "")
+    receipt = StreamReceipt(instance.storage, 0, "event-1", "")
     first = await instance.storage.commit([SubjectChanges("c", {"p:x": "1"})], receipt)
     second = await instance.storage.commit([SubjectChanges("c", {"p:x": "2"})], receipt)
     assert (first, second) == (True, False)
