@@ -45,9 +45,12 @@ bench-compare: $(STAMP) .venv-krules/bin/python
 	@command -v valgrind >/dev/null 2>&1 && $(BIN)/python -m bench.instructions || echo "valgrind missing: instruction counts skipped"
 	@command -v valgrind >/dev/null 2>&1 && $(BIN)/python -m bench.default_chain --instructions || true
 
+# ruff (lint and format), mypy strict, and the import-linter contracts of pyproject.toml (the layers)
 lint: $(STAMP)
 	$(BIN)/ruff check krules storage middleware rulesets tests bench
+	$(BIN)/ruff format --check krules storage middleware rulesets tests bench
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info

@@ -13,8 +13,6 @@ Rule modules are plain modules of ``async def`` handlers::
 
 from __future__ import annotations
 
-from importlib.metadata import PackageNotFoundError, version
-
 from krules import event_types
 from krules.app import default_container, emit, middleware, on, subject, use_container, when
 from krules.chain import SkipEvent
@@ -23,11 +21,7 @@ from krules.container import KRulesContainer
 from krules.context import EventContext
 from krules.errors import KRulesError
 from krules.subject import Subject
-
-try:
-    __version__ = version("krules")
-except PackageNotFoundError:  # a source tree without an install
-    __version__ = "0+unknown"
+from krules.version import __version__
 
 __all__ = [
     "EventContext",
@@ -36,6 +30,7 @@ __all__ = [
     "Settings",
     "SkipEvent",
     "Subject",
+    "__version__",
     "default_container",
     "emit",
     "event_types",

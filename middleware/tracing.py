@@ -90,8 +90,8 @@ from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from krules import __version__ as _KRULES_VERSION
 from krules.errors import ConfigurationError
+from krules.version import __version__ as _KRULES_VERSION
 from middleware.base import ATTEMPTS, DeadLetterEvent, Observer, SkipEvent
 
 if TYPE_CHECKING:
