@@ -1,0 +1,166 @@
+"""An in-process transport: partition streams as lists, for running the partition worker without Redis.
+
+:class:`MemoryStreams` is both an :class:`~krules.ports.EventTransport` and a
+:class:`~krules.transport.base.PartitionSource` over any :class:`~krules.ports.SubjectStorage`, with
+the Redis streams' semantics where a test can see them: entries in the stream format of
+:mod:`krules.transport.base`, pending until committed, delivery counts, ids committed once (a commit
+of an id seen before writes nothing and returns False), entries forwarded to their subject's
+partition.  It is what dramatiq's stub broker is to its Redis broker: the worker, dead-lettering and
+the engine's receipts tested in memory.  Nothing survives the process, and one process owns all
+partitions, so it is not an embedded mode of its own (that one processes events without streams).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import Awaitable, Sequence
+from typing import TYPE_CHECKING
+
+from krules.partitioning import partition_of
+from krules.transport.base import HOPS_FIELD, Delivery, decode_entry, encode_entry
+
+if TYPE_CHECKING:
+    from krules.changes import SubjectChanges
+    from krules.events import Event
+    from krules.ports import SubjectStorage
+
+__all__ = ["MemoryReceipt", "MemoryStreams"]
+
+
+class MemoryReceipt:
+    """A memory entry's receipt: the writes stored, the id remembered and the entry acknowledged."""
+
+    __slots__ = ("_streams", "entry_id", "event_id", "partition")
+
+    def __init__(self, streams: MemoryStreams, partition: int, event_id: str, entry_id: str) -> None:
+        self._streams = streams
+        self.partition = partition
+        self.event_id = event_id
+        self.entry_id = entry_id
+
+    def commit(self, batch: Sequence[SubjectChanges]) -> Awaitable[bool]:
+        """See :class:`krules.ports.Receipt`."""
+        return self._streams.commit(batch, self)
+
+
+class MemoryStreams:
+    """``partitions`` streams in this process, read by one consumer that owns them all."""
+
+    def __init__(self, storage: SubjectStorage, partitions: int = 1) -> None:
+        self.storage = storage
+        self.total = partitions
+        self.partitions = tuple(range(partitions))
+        self.entries: dict[int, dict[str, dict[str, str]]] = {p: {} for p in self.partitions}
+        """Each partition's entries not yet acknowledged, by entry id, in append order."""
+        self.deliveries: dict[tuple[int, str], int] = {}
+        self.committed: set[str] = set()
+        """Event ids committed (the Redis streams keep them for a dedupe window; here, for ever)."""
+        self._delivered: set[tuple[int, str]] = set()
+        self._ids = itertools.count(1)
+        self._arrived = asyncio.Event()
+        self._lock = asyncio.Lock()  # a commit is atomic: its check, its writes and its ack
+
+    # -- transport ---------------------------------------------------------------------------
+    async def check(self) -> None:
+        """Nothing to verify in memory."""
+
+    async def send(self, events: Sequence[Event]) -> list[str]:
+        """Append each event to its subject's partition; return the entry ids."""
+        ids = []
+        for event in events:
+            partition = partition_of(event.subject, self.total)
+            ids.append(self.append(partition, encode_entry(event)))
+        return ids
+
+    def append(self, partition: int, fields: dict[str, str]) -> str:
+        """Append raw entry ``fields`` to ``partition`` (as another service's ``XADD`` would)."""
+        entry_id = f"{next(self._ids)}-0"
+        self.entries[partition][entry_id] = dict(fields)
+        self._arrived.set()
+        return entry_id
+
+    # -- partition source --------------------------------------------------------------------
+    async def open(self) -> None:
+        """Nothing to create in memory."""
+
+    async def read(self, count: int, block_ms: int) -> list[Delivery]:
+        """Entries not delivered yet, oldest first, waiting up to ``block_ms`` for one."""
+        found = self._undelivered(count)
+        if not found:
+            self._arrived.clear()
+            try:
+                await asyncio.wait_for(self._arrived.wait(), block_ms / 1000)
+            except TimeoutError:
+                return []
+            found = self._undelivered(count)
+        deliveries = []
+        for partition, entry_id, fields in found:
+            key = (partition, entry_id)
+            self._delivered.add(key)
+            self.deliveries[key] = self.deliveries.get(key, 0) + 1
+            deliveries.append(_delivery(partition, entry_id, fields, self.deliveries[key]))
+        return deliveries
+
+    def _undelivered(self, count: int) -> list[tuple[int, str, dict[str, str]]]:
+        found = []
+        for partition in self.partitions:
+            for entry_id, fields in self.entries[partition].items():
+                if (partition, entry_id) not in self._delivered:
+                    found.append((partition, entry_id, fields))
+                    if len(found) == count:
+                        return found
+        return found
+
+    def receipt(self, delivery: Delivery, event_id: str) -> MemoryReceipt:
+        """The receipt committing ``delivery``."""
+        return MemoryReceipt(self, delivery.partition, event_id, delivery.entry_id)
+
+    async def commit(self, batch: Sequence[SubjectChanges], receipt: MemoryReceipt) -> bool:
+        """Store ``batch``, remember the event id and acknowledge the entry; False (nothing stored,
+        the entry acknowledged) when the id was committed before."""
+        async with self._lock:
+            fresh = receipt.event_id not in self.committed
+            if fresh:
+                await self.storage.store(batch)
+                self.committed.add(receipt.event_id)
+            self._ack(receipt.partition, receipt.entry_id)
+            return fresh
+
+    def _ack(self, partition: int, entry_id: str) -> None:
+        self.entries[partition].pop(entry_id, None)
+        self._delivered.discard((partition, entry_id))
+        self.deliveries.pop((partition, entry_id), None)
+
+    async def reclaim(self) -> list[Delivery]:
+        """Nothing to reclaim: the one consumer holds every entry it was delivered."""
+        return []
+
+    async def forward(self, delivery: Delivery, partition: int) -> None:
+        """Append the entry to ``partition`` marked as forwarded, then acknowledge it."""
+        self.append(partition, {**delivery.fields, HOPS_FIELD: "1"})
+        self._ack(delivery.partition, delivery.entry_id)
+
+    def release(self, delivery: Delivery) -> None:
+        """Make a delivered, uncommitted entry deliverable again (what a reclaim after a crash does)."""
+        self._delivered.discard((delivery.partition, delivery.entry_id))
+        self._arrived.set()
+
+    async def maintain(self) -> dict[int, tuple[int | None, int]]:
+        """Each partition's ``(lag, pending)``: entries not delivered yet, and delivered not acked."""
+        figures: dict[int, tuple[int | None, int]] = {}
+        for partition in self.partitions:
+            pending = sum(1 for key in self._delivered if key[0] == partition)
+            figures[partition] = (len(self.entries[partition]) - pending, pending)
+        return figures
+
+    async def close(self) -> None:
+        """Nothing to release."""
+
+
+def _delivery(partition: int, entry_id: str, fields: dict[str, str], deliveries: int) -> Delivery:
+    try:
+        event = decode_entry(fields)
+    except Exception as exc:  # whatever an entry holds, the worker decides (dead-letters it)
+        return Delivery(partition, entry_id, dict(fields), None, str(exc), deliveries)
+    return Delivery(partition, entry_id, dict(fields), event, None, deliveries)

@@ -1,0 +1,107 @@
+"""The partition worker over the in-memory transport: the engine's ports exercised without Redis."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import pytest
+from dependency_injector import providers
+
+from krules.config import Settings
+from krules.container import KRulesContainer
+from krules.context import EventContext
+from krules.dead_letters import DeadLetters
+from krules.engine import Engine
+from krules.partitioning import partition_of
+from krules.testing import wait_until
+from krules.transport.base import ENTRY_FIELD, encode_entry
+from krules.transport.memory import MemoryStreams
+from krules.transport.worker import PartitionWorker
+from storage.memory import MemoryStorage
+
+PARTITIONS = 2
+
+
+@dataclass
+class Deployment:
+    engine: Engine
+    streams: MemoryStreams
+    storage: MemoryStorage
+    worker: PartitionWorker
+    container: KRulesContainer
+
+    async def drained(self) -> bool:
+        return not any(self.streams.entries.values()) and not self.worker._inflight
+
+
+@pytest.fixture
+async def deployment() -> AsyncIterator[Deployment]:
+    settings = Settings(partitions=PARTITIONS, stream_block_ms=20, claim_idle_ms=200)
+    storage = MemoryStorage()
+    container = KRulesContainer()
+    container.settings.override(providers.Object(settings))
+    container.subject_storage.override(providers.Object(storage))
+    on, _when, _middleware, _emit = container.handlers()
+
+    @on("count.inc")
+    async def count(ctx: EventContext) -> None:
+        await ctx.subject.set("n", lambda n: (n or 0) + 1)
+
+    engine: Engine = container.engine()
+    streams = MemoryStreams(storage, PARTITIONS)
+    engine.transport = streams
+    worker = PartitionWorker(engine, streams)
+    await engine.start()
+    task = asyncio.ensure_future(worker.run())
+    try:
+        yield Deployment(engine, streams, storage, worker, container)
+    finally:
+        worker.stop()
+        await task
+        await engine.close()
+
+
+async def test_events_sent_to_the_memory_streams_are_each_committed_once(deployment: Deployment) -> None:
+    events = [deployment.engine.new_event("count.inc", f"c-{i % 3}", {}) for i in range(30)]
+    await deployment.streams.send(events)
+    await wait_until(deployment.drained)
+    for i in range(3):
+        props, _ = await deployment.storage.load(f"c-{i}")
+        assert props["n"] == 10
+    assert deployment.streams.committed == {event.id for event in events}
+
+
+async def test_an_event_committed_before_is_acknowledged_without_writing_again(
+    deployment: Deployment,
+) -> None:
+    event = deployment.engine.new_event("count.inc", "once", {})
+    await deployment.streams.send([event])
+    await wait_until(deployment.drained)
+    await deployment.streams.send([event])  # a client retrying the same send
+    await wait_until(deployment.drained)
+    props, _ = await deployment.storage.load("once")
+    assert props["n"] == 1
+
+
+async def test_an_entry_that_is_not_an_event_becomes_a_dead_letter_and_is_acknowledged(
+    deployment: Deployment,
+) -> None:
+    deployment.streams.append(0, {ENTRY_FIELD: "{not json"})
+    await wait_until(deployment.drained)
+    [letter] = await DeadLetters(deployment.storage).list()
+    assert letter.reason == "invalid_event"
+    assert letter.handler == ""
+
+
+async def test_an_entry_in_the_wrong_partition_is_forwarded_to_its_subjects_and_processed_there(
+    deployment: Deployment,
+) -> None:
+    subject = next(f"s-{i}" for i in range(100) if partition_of(f"s-{i}", PARTITIONS) == 1)
+    event = deployment.engine.new_event("count.inc", subject, {})
+    deployment.streams.append(0, encode_entry(event))
+    await wait_until(deployment.drained)
+    props, _ = await deployment.storage.load(subject)
+    assert props["n"] == 1
+    assert await DeadLetters(deployment.storage).list() == []
