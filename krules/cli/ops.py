@@ -19,7 +19,8 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 from krules.config import Settings
-from krules.dead_letters import DeadLetter, DeadLetters
+from krules.dead_letters.admin import DeadLetters
+from krules.dead_letters.record import DeadLetter
 from krules.errors import ConfigurationError, DeadLetterError, KRulesError
 
 if TYPE_CHECKING:
