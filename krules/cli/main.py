@@ -298,7 +298,8 @@ def _instance(args: argparse.Namespace, settings: Settings) -> tuple[str, str | 
 
 
 def command_emit(args: argparse.Namespace) -> int:
-    from krules.http.client import KRulesClient, StreamClient
+    from krules.http.client import KRulesClient
+    from krules.transport.stream_client import StreamClient
 
     data = _json_object(args.data) if args.data is not None else None
     settings = Settings.from_env()
