@@ -1,9 +1,10 @@
 """Redis mode end to end: 5,000 orders queued by the stream client, processed by one instance.
 
 A client process appends ``order.submitted`` events to the partition streams with
-:class:`krules.http.client.AsyncStreamClient` (batches of 100, as fast as it can) while one instance
-(this process: engine + partition worker, the order cascade of ``bench.order_cascade``) reads them
-in batches and commits each turn (writes + processed id + XACK in one script).  Reported:
+:class:`krules.transport.stream_client.AsyncStreamClient` (batches of 100, as fast as it can) while
+one instance (this process: engine + partition worker, the order cascade of
+``bench.order_cascade``) reads them in batches and commits each turn (writes + processed id + XACK
+in one script).  Reported:
 
 * orders/s from the first emit to the last order's ``order.shipped``;
 * Redis commands per order counted by the server (``INFO commandstats``; the client's XADDs and the
@@ -30,8 +31,8 @@ from bench._redis import redis_url
 from krules import KRulesContainer
 from krules.config import Settings
 from krules.events import Event
-from krules.http.client import AsyncStreamClient
 from krules.transport.redis_streams import stream_worker
+from krules.transport.stream_client import AsyncStreamClient
 from storage.redis._resp_connection import _Link
 from storage.redis.store import create_redis_storage
 

@@ -48,12 +48,8 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Final
 
-from krules.dead_letters import (
-    ERROR,
-    HANDLER_FAILED,
-    LOOP_GUARD,
-    TIMEOUT,
-    DeadLetter,
+from krules.dead_letters.record import ERROR, HANDLER_FAILED, LOOP_GUARD, TIMEOUT, DeadLetter
+from krules.dead_letters.store import (
     handler_dead_letter,
     remove_dead_letter,
     replay_target,

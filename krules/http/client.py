@@ -1,4 +1,4 @@
-"""Python clients of krules: over an instance's HTTP ingress, or straight into the partition streams.
+"""Python clients of krules over an instance's HTTP ingress.
 
 :class:`KRulesClient` / :class:`AsyncKRulesClient` post events built with the ``cloudevents`` SDK in
 structured mode (one event) or batch mode (a list).  Every failure is an
@@ -8,49 +8,28 @@ request (with ``status`` set), or why it could not be reached (``status`` None):
     with KRulesClient("http://127.0.0.1:8080", token="...") as client:
         event_id = client.emit("order.submitted", "order-1", {"total": 30})
 
-:class:`StreamClient` / :class:`AsyncStreamClient` append events to a Redis-mode deployment's
-partition streams directly (the format is :mod:`krules.transport.base`'s), reading the partition count
-the instances recorded; failures are :class:`~krules.errors.StorageError` or
-:class:`~krules.errors.ConfigurationError`::
-
-    async with AsyncStreamClient("redis://127.0.0.1:6379/0") as client:
-        event_id = await client.emit("order.submitted", "order-1", {"total": 30})
-
 An emitted event's id is returned once it is queued; sending the same event (same id) again is
 harmless, its partition drops ids it has processed.
 """
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Iterable, Mapping
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final
 from urllib.parse import quote
 
 import httpx
 from cloudevents.core.bindings.http import to_structured
-from cloudevents.core.exceptions import BaseCloudEventException
 from cloudevents.core.formats.json import JSONFormat
 from cloudevents.core.v1.event import CloudEvent
 
+from krules.client_events import build_event, build_events
 from krules.errors import EventFormatError, IngressError
-from krules.events import Event, event_from_cloudevent
 from krules.http.ingress import BATCH_CONTENT_TYPE
 
-if TYPE_CHECKING:
-    from krules.transport.redis_streams import RedisStreams
+__all__ = ["AsyncKRulesClient", "KRulesClient", "default_url"]
 
-__all__ = [
-    "AsyncKRulesClient",
-    "AsyncStreamClient",
-    "KRulesClient",
-    "StreamClient",
-    "build_event",
-    "default_url",
-]
-
-CLIENT_SOURCE: Final = "krules-client"
 DEFAULT_URL: Final = "http://127.0.0.1:8080"
 DEFAULT_TIMEOUT: Final = 30.0
 
@@ -61,33 +40,6 @@ def default_url(host: str = "127.0.0.1", port: int = 8080) -> str:
     """The URL of an instance listening on ``host:port`` (a wildcard host is reached on loopback)."""
     host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
-
-
-def build_event(
-    event_type: str, subject: str, data: Mapping[str, Any] | None = None, **extensions: Any
-) -> CloudEvent:
-    """A CloudEvents 1.0 event for ``subject`` with a JSON-object payload (EventFormatError if invalid)."""
-    if not isinstance(event_type, str) or not event_type:
-        raise EventFormatError(f"An event type must be a non-empty string, not {event_type!r}.")
-    if not isinstance(subject, str) or not subject:
-        raise EventFormatError(f"An event's subject must be a non-empty string, not {subject!r}.")
-    if data is not None and not isinstance(data, Mapping):
-        raise EventFormatError(
-            f"An event payload must be a JSON object (a dict), not {type(data).__name__}: {data!r}."
-        )
-    attributes: dict[str, Any] = {
-        "type": event_type,
-        "source": CLIENT_SOURCE,
-        "subject": subject,
-        "datacontenttype": "application/json",
-        **extensions,
-    }
-    try:
-        # the SDK fills in specversion, time and a uuid4 id (fine at this boundary: one per send)
-        return CloudEvent(attributes, dict(data) if data is not None else {})
-    except BaseCloudEventException as exc:
-        detail = str(exc).splitlines()[0].rstrip(".")
-        raise EventFormatError(f"Cannot build a CloudEvent of type {event_type!r}: {detail}.") from None
 
 
 def _not_serialisable(event: CloudEvent, exc: Exception) -> EventFormatError:
@@ -115,25 +67,8 @@ def _single(
     return message.body, message.headers["content-type"]
 
 
-def _batch_cloudevents(events: Iterable[Mapping[str, Any]]) -> list[CloudEvent]:
-    """The CloudEvents of a batch: mappings with ``type``, ``subject``, optional ``data`` and extensions."""
-    built = []
-    for spec in events:
-        fields = dict(spec)
-        try:
-            event_type = fields.pop("type")
-            subject = fields.pop("subject")
-        except KeyError as exc:
-            raise EventFormatError(f"A batch entry needs a {exc.args[0]!r} key: {spec!r}.") from None
-        data = fields.pop("data", None)
-        built.append(build_event(event_type, subject, data, **fields))
-    if not built:
-        raise EventFormatError("The batch is empty; give emit_batch at least one event.")
-    return built
-
-
 def _batch(events: Iterable[Mapping[str, Any]]) -> bytes:
-    return b"[" + b",".join(_encode(event) for event in _batch_cloudevents(events)) + b"]"
+    return b"[" + b",".join(_encode(event) for event in build_events(events)) + b"]"
 
 
 def _headers(token: str | None, content_type: str | None = None) -> dict[str, str]:
@@ -286,88 +221,3 @@ class AsyncKRulesClient:
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         await self.aclose()
-
-
-def _batch_events(events: Iterable[Mapping[str, Any]]) -> list[Event]:
-    return [event_from_cloudevent(event) for event in _batch_cloudevents(events)]
-
-
-class AsyncStreamClient:
-    """Appends events to the partition streams of a Redis-mode krules deployment (asyncio)."""
-
-    def __init__(self, redis_url: str, key_prefix: str = "krules:") -> None:
-        from storage.redis.store import (
-            create_redis_storage,  # the Redis backend only when this client is used
-        )
-
-        self._storage = create_redis_storage(redis_url, key_prefix)
-        self._streams: RedisStreams | None = None
-
-    async def _connected(self) -> RedisStreams:
-        if self._streams is None:
-            from krules.transport.redis_streams import connect_streams
-
-            self._streams = await connect_streams(self._storage)
-        return self._streams
-
-    async def emit(
-        self, type: str, subject: str, data: Mapping[str, Any] | None = None, **extensions: Any
-    ) -> str:
-        """Queue one event on its partition's stream; return its id."""
-        event = event_from_cloudevent(build_event(type, subject, data, **extensions))
-        await (await self._connected()).send([event])
-        return event.id
-
-    async def emit_batch(self, events: Iterable[Mapping[str, Any]]) -> list[str]:
-        """Queue several events (mappings with ``type``, ``subject``, optional ``data`` and extensions)
-        in one round trip; return their ids."""
-        built = _batch_events(events)
-        await (await self._connected()).send(built)
-        return [event.id for event in built]
-
-    async def send(self, events: list[Event]) -> list[str]:
-        """Queue events built elsewhere (their ids are kept); return the stream entry ids."""
-        return await (await self._connected()).send(events)
-
-    async def aclose(self) -> None:
-        """Close the Redis connection."""
-        await self._storage.close()
-
-    async def __aenter__(self) -> AsyncStreamClient:
-        return self
-
-    async def __aexit__(
-        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.aclose()
-
-
-class StreamClient:
-    """Appends events to the partition streams of a Redis-mode krules deployment (blocking)."""
-
-    def __init__(self, redis_url: str, key_prefix: str = "krules:") -> None:
-        self._loop = asyncio.new_event_loop()
-        self._client = AsyncStreamClient(redis_url, key_prefix)
-
-    def emit(self, type: str, subject: str, data: Mapping[str, Any] | None = None, **extensions: Any) -> str:
-        """Queue one event on its partition's stream; return its id."""
-        return self._loop.run_until_complete(self._client.emit(type, subject, data, **extensions))
-
-    def emit_batch(self, events: Iterable[Mapping[str, Any]]) -> list[str]:
-        """Queue several events in one round trip; return their ids."""
-        return self._loop.run_until_complete(self._client.emit_batch(events))
-
-    def close(self) -> None:
-        """Close the Redis connection and the client's event loop."""
-        try:
-            self._loop.run_until_complete(self._client.aclose())
-        finally:
-            self._loop.close()
-
-    def __enter__(self) -> StreamClient:
-        return self
-
-    def __exit__(
-        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()

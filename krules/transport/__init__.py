@@ -2,5 +2,6 @@
 
 :mod:`krules.transport.base` holds what every transport shares; each driver is a module of its own
 (:mod:`krules.transport.redis_streams`), and :mod:`krules.transport.worker` runs turns from any
-:class:`~krules.transport.base.PartitionSource`.
+:class:`~krules.transport.base.PartitionSource`.  :mod:`krules.transport.stream_client` holds the
+Python clients that append events to the streams from outside an instance.
 """

@@ -37,7 +37,8 @@ import random
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Final
 
-from krules.dead_letters import INVALID_EVENT, MAX_DELIVERIES, MISROUTED, entry_dead_letter, store_changes
+from krules.dead_letters.record import INVALID_EVENT, MAX_DELIVERIES, MISROUTED
+from krules.dead_letters.store import entry_dead_letter, store_changes
 from krules.errors import KRulesError, StorageError, StorageUnavailableError
 from krules.partitioning import partition_of
 from krules.transport.base import HOPS_FIELD

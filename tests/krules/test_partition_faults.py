@@ -30,9 +30,9 @@ from typing import Any
 import pytest
 import redis
 
-from krules.http.client import AsyncStreamClient
 from krules.partitioning import partition_of
 from krules.testing.redis_server import LocalRedisServer
+from krules.transport.stream_client import AsyncStreamClient
 from storage.redis.keys import CONSUMER_GROUP, KeySchema
 
 pytestmark = [pytest.mark.slow, pytest.mark.redis_server]

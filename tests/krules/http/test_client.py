@@ -7,10 +7,11 @@ from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
+from krules.client_events import build_event
 from krules.config import Settings
 from krules.context import EventContext
 from krules.errors import EventFormatError, IngressError
-from krules.http.client import AsyncKRulesClient, KRulesClient, build_event
+from krules.http.client import AsyncKRulesClient, KRulesClient
 from krules.http.server import ServerThread, serve_in_background
 from krules.testing import KRulesTestApp
 

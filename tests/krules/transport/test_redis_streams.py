@@ -17,12 +17,12 @@ from krules.context import EventContext
 from krules.dead_letters import DeadLetters
 from krules.errors import ConfigurationError
 from krules.events import Event
-from krules.http.client import AsyncStreamClient
 from krules.http.server import serve_in_background
 from krules.partitioning import partition_of
 from krules.testing import RedisModeApp, wait_until
 from krules.testing.redis_server import LocalRedisServer
 from krules.transport.redis_streams import RedisStreams, connect_streams
+from krules.transport.stream_client import AsyncStreamClient
 from storage.redis import RedisStorage, create_redis_storage
 from storage.redis.keys import CONSUMER_GROUP
 

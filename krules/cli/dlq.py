@@ -1,9 +1,8 @@
-"""The operators' commands of the ``krules`` command line: ``krules partitions`` and ``krules dlq``.
+"""``krules dlq list|show|replay|purge``: the dead letters of a Redis-mode deployment, read
+straight from Redis (so it works whether or not an instance runs).
 
-They read a Redis-mode deployment straight from Redis (``KRULES_REDIS_URL``, ``KRULES_KEY_PREFIX``),
-so they work whether or not an instance runs.  ``krules dlq`` lists, shows, replays and purges the
-dead letters (:mod:`krules.dead_letters`); times are taken as ISO 8601 (``2026-01-31T12:00:00Z``, UTC
-when no zone is given) or as a duration ago (``90s``, ``15m``, ``2h``, ``7d``, ``1w``, ``1h30m``).
+Times are taken as ISO 8601 (``2026-01-31T12:00:00Z``, UTC when no zone is given) or as a duration
+ago (``90s``, ``15m``, ``2h``, ``7d``, ``1w``, ``1h30m``).
 """
 
 from __future__ import annotations
@@ -18,109 +17,28 @@ from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
+from krules.cli.common import (
+    UsageError,
+    configure_quiet_logging,
+    format_table,
+    redis_storage,
+    require_redis,
+)
 from krules.config import Settings
-from krules.dead_letters import DeadLetter, DeadLetters
-from krules.errors import ConfigurationError, DeadLetterError, KRulesError
+from krules.dead_letters.admin import DeadLetters
+from krules.dead_letters.record import DeadLetter
+from krules.errors import DeadLetterError
 
 if TYPE_CHECKING:
-    from krules.transport.redis_streams import PartitionStatus, RedisStreams
+    from krules.transport.redis_streams import RedisStreams
 
-__all__ = [
-    "add_dlq_commands",
-    "command_dlq",
-    "command_partitions",
-    "format_table",
-    "parse_duration",
-    "parse_time",
-]
+__all__ = ["add_dlq_commands", "command_dlq", "parse_duration", "parse_time"]
 
 _T = TypeVar("_T")
 
-_STALE_AFTER_MS = 60_000  # an instance not seen for this long is marked as gone
-
-
-def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-    """Left-aligned columns separated by two spaces (no trailing blanks)."""
-    cells = [[str(h) for h in headers], *[[str(c) for c in row] for row in rows]]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
-    return "\n".join(
-        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells
-    )
-
-
-def _ago(ms: float | None, now_ms: float) -> str:
-    if ms is None:
-        return "?"
-    seconds = max(0.0, (now_ms - ms) / 1000)
-    return f"{seconds:.0f}s" if seconds < 120 else f"{seconds / 60:.0f}m"
-
-
-def _require_redis(settings: Settings, command: str) -> str:
-    if not settings.redis_url:
-        raise ConfigurationError(
-            f"'krules {command}' reads a Redis-mode deployment; set KRULES_REDIS_URL "
-            "(e.g. redis://127.0.0.1:6379/0) and KRULES_KEY_PREFIX if it is not 'krules:'."
-        )
-    return settings.redis_url
-
-
-async def _partition_status(settings: Settings) -> tuple[str, list[PartitionStatus]]:
-    from krules.cli.main import redis_storage
-    from krules.transport.redis_streams import RedisStreams
-
-    storage = redis_storage(settings, retries=2)
-    try:
-        url: str = storage.url
-        return url, await RedisStreams(storage).status()
-    finally:
-        await storage.close()
-
-
-def command_partitions(args: argparse.Namespace) -> int:
-    """``krules partitions``: the partition count, owners, stream lengths, pending entries and lag."""
-    from krules.cli.main import configure_quiet_logging
-
-    settings = Settings.from_env()
-    configure_quiet_logging(settings)
-    _require_redis(settings, "partitions")
-    url, partitions = asyncio.run(_partition_status(settings))
-    if args.json:
-        print(json.dumps({"key_prefix": settings.key_prefix, "partitions": partitions}, indent=2))
-        return 0
-    if not partitions:
-        raise KRulesError(
-            f"No krules instance has started on {url} under key prefix {settings.key_prefix!r} "
-            "(no partition count is recorded)."
-        )
-    now_ms = time.time() * 1000
-    print(f"{len(partitions)} partition(s) under key prefix {settings.key_prefix!r} on {url}")
-    rows = []
-    for p in partitions:
-        owners = ", ".join(
-            f"{o['consumer']} ({'gone' if now_ms - (o['seen'] or 0) > _STALE_AFTER_MS else 'seen'} "
-            f"{_ago(o['seen'], now_ms)} ago)"
-            for o in p["owners"]
-        )
-        consumers = ", ".join(
-            f"{c.get('name')} ({c.get('pending', 0)} pending, idle {int(c.get('idle', 0)) / 1000:.0f}s)"
-            for c in p["consumers"]
-        )
-        lag = "?" if p["lag"] is None else p["lag"]
-        rows.append([p["partition"], p["length"], p["pending"], lag, owners or "-", consumers or "-"])
-    print(format_table(["PARTITION", "LENGTH", "PENDING", "LAG", "OWNED BY", "CONSUMERS"], rows))
-    return 0
-
-
-# -- krules dlq ------------------------------------------------------------------------------------
 _DURATION: Final = re.compile(r"(\d+(?:\.\d+)?)([smhdw]?)")
 _UNIT_SECONDS: Final = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86_400, "w": 604_800}
 _ERROR_WIDTH: Final = 72
-
-
-def _usage(message: str) -> Exception:
-    from krules.cli.main import UsageError
-
-    return UsageError(message)
 
 
 def parse_duration(raw: str, option: str) -> float:
@@ -129,7 +47,7 @@ def parse_duration(raw: str, option: str) -> float:
     text = raw.strip().lower().replace(" ", "")
     parts = _DURATION.findall(text)
     if not text or "".join(number + unit for number, unit in parts) != text:
-        raise _usage(f"{option} {raw!r} is not a duration; use e.g. 90s, 15m, 2h, 7d or 1h30m.")
+        raise UsageError(f"{option} {raw!r} is not a duration; use e.g. 90s, 15m, 2h, 7d or 1h30m.")
     return sum(float(number) * _UNIT_SECONDS[unit] for number, unit in parts)
 
 
@@ -140,7 +58,7 @@ def parse_time(raw: str, option: str, now: float) -> float:
         try:
             parsed = datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
         except ValueError:
-            raise _usage(
+            raise UsageError(
                 f"{option} {raw!r} is not a time; give an ISO 8601 time such as 2026-01-31T12:00:00Z, "
                 "or a duration ago such as 2h."
             ) from None
@@ -162,7 +80,6 @@ async def _on_dead_letters(
     settings: Settings, work: Callable[[DeadLetters, RedisStreams], Awaitable[_T]]
 ) -> _T:
     """Run ``work`` on the deployment's dead letters and streams (the partition count read from Redis)."""
-    from krules.cli.main import redis_storage
     from krules.transport.redis_streams import connect_streams
 
     storage = redis_storage(settings, retries=2)
@@ -223,9 +140,9 @@ def _dlq_show(args: argparse.Namespace, settings: Settings) -> int:
 
 def _dlq_replay(args: argparse.Namespace, settings: Settings) -> int:
     if bool(args.id) == bool(args.all):
-        raise _usage("Give either one dead letter ID or --all to 'krules dlq replay'.")
+        raise UsageError("Give either one dead letter ID or --all to 'krules dlq replay'.")
     if args.only_handler is not None and not args.all:
-        raise _usage("--handler selects among all dead letters; use it with --all, not with an ID.")
+        raise UsageError("--handler selects among all dead letters; use it with --all, not with an ID.")
     refused: list[str] = []
 
     async def work(dead: DeadLetters, streams: RedisStreams) -> int:
@@ -271,7 +188,7 @@ def _dlq_purge(args: argparse.Namespace, settings: Settings) -> int:
             return 0
         what = f"{n} dead letter(s){age} under key prefix {settings.key_prefix!r}"
         if not sys.stdin.isatty():
-            raise _usage(f"This would delete {what}; add --yes to delete them.")
+            raise UsageError(f"This would delete {what}; add --yes to delete them.")
         if input(f"Delete {what}? [y/N] ").strip().lower() not in {"y", "yes"}:
             print("Nothing deleted.")
             return 0
@@ -294,11 +211,9 @@ _DLQ_COMMANDS: Final[dict[str, Callable[[argparse.Namespace, Settings], int]]] =
 
 def command_dlq(args: argparse.Namespace) -> int:
     """``krules dlq list|show|replay|purge``: the dead letters of a Redis-mode deployment."""
-    from krules.cli.main import configure_quiet_logging
-
     settings = Settings.from_env()
     configure_quiet_logging(settings)
-    _require_redis(settings, f"dlq {args.dlq_command}")
+    require_redis(settings, f"dlq {args.dlq_command}")
     return _DLQ_COMMANDS[args.dlq_command](args, settings)
 
 

@@ -1,0 +1,161 @@
+"""``krules run``: import rule modules and serve the HTTP ingress, optionally feeding sample events.
+
+With ``KRULES_REDIS_URL`` set, ``krules run`` is an instance of a Redis-mode deployment: it reads
+the partitions of ``KRULES_PARTITION_ID`` from their streams, and its HTTP ingress (like
+``krules emit``) appends events to the streams.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from dependency_injector import providers
+
+from krules.app import default_container, use_container
+from krules.cli.common import configure_logging, redis_storage
+from krules.config import Settings
+from krules.engine import Engine
+from krules.errors import StorageError
+from krules.events import Event
+from krules.loader import load_rule_module
+
+if TYPE_CHECKING:
+    from krules.http.server import KRulesServer
+
+__all__ = ["command_run", "demo_events", "feed_demo", "log_event"]
+
+logger = logging.getLogger("krules.cli")  # its name before the re-layout, kept for logging configs
+
+
+class _Json:
+    """Formats a payload as compact JSON only if the log line is emitted."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def __str__(self) -> str:
+        return json.dumps(self.value, default=str, ensure_ascii=False, separators=(",", ":"))
+
+
+def log_event(event: Event) -> None:
+    """An engine event observer: one INFO line per dispatched event, indented by cascade depth."""
+    logger.info(
+        "%s%s %s %s (id %s)",
+        "  " * min(event.depth, 20),
+        event.type,
+        event.subject,
+        _Json(event.data),
+        event.id,
+    )
+
+
+def demo_events(url: str) -> list[tuple[str, str, dict[str, Any]]]:
+    """Sample events for ``--demo`` (``url`` is the instance's own, for an API call that succeeds)."""
+    return [
+        ("order.submitted", "order-1001", {"total": 30, "customer": "ada", "items": ["book"]}),
+        ("order.submitted", "order-1002", {"total": 120.5, "customer": "grace", "items": ["lamp", "desk"]}),
+        ("order.submitted", "order-1003", {"total": -5, "customer": "eve"}),  # invalid: rejected
+        ("sensor.reading", "sensor-kitchen", {"value": 21.5}),
+        ("sensor.reading", "sensor-kitchen", {"value": 22.0}),
+        ("sensor.reading", "sensor-garage", {"value": "hot"}),  # not a number: a handler failure
+        ("user.profile_update", "user-ada", {"name": "Ada", "email": "ada@example.com", "address": "London"}),
+        ("api.call", "healthz-api", {"url": f"{url}/healthz"}),
+        ("api.call", "missing-api", {"url": f"{url}/no-such-page"}),  # 404: fails without retrying
+        ("loops.set", "muted-demo", {"color": "red", "size": 3}),
+        ("loops.set", "filtered-demo", {"color": "blue"}),
+        ("loops.set", "ext-demo", {"color": "green"}),
+        ("device.reading", "device-7", {"value": 0.42}),
+    ]
+
+
+async def feed_demo(engine: Engine, server: KRulesServer) -> None:
+    """Process the sample events the loaded rules handle, one after another, in-process."""
+    samples = [s for s in demo_events(server.url) if engine.registry.match(s[0])]
+    if not samples:
+        logger.warning("demo: the loaded modules have no rules for the sample events; nothing fed")
+        return
+    logger.info("demo: feeding %d sample events", len(samples))
+    for event_type, subject, data in samples:
+        event = engine.new_event(event_type, subject, data)
+        if engine.transport is not None:  # Redis mode: queued; the partitions' owners log them
+            await asyncio.shield(engine.transport.send([event]))
+            continue
+        try:
+            # shielded: a shutdown stops the feeding, but lets the turn under way finish
+            turn = await asyncio.shield(engine.process(event))
+        except StorageError as exc:
+            logger.error("demo: %s for %r was not stored: %s", event_type, subject, exc)
+            continue
+        if turn.failures:
+            logger.info(
+                "demo: %s for %r finished with %d failed handler(s)", event_type, subject, len(turn.failures)
+            )
+    logger.info("demo: done; still serving on %s (try: krules subject show %s)", server.url, samples[0][1])
+
+
+def command_run(args: argparse.Namespace) -> int:
+    from krules.http.server import run
+    from middleware.defaults import build_default_chain
+
+    settings = Settings.from_env(http_host=args.host, http_port=args.port)
+    configure_logging(settings)
+    container = default_container()
+    container.settings.override(providers.Object(settings))
+    storage = redis_storage(settings) if settings.redis_url else None
+    if storage is not None:
+        container.subject_storage.override(providers.Object(storage))
+    chain = build_default_chain(settings)
+    registry = container.registry()
+    for mw in chain.middlewares:
+        registry.add_middleware(mw)
+    with use_container(container):
+        for module in args.modules:
+            load_rule_module(module)
+            logger.info("loaded rule module %s", module)
+    logger.info("middleware: %s", " -> ".join(chain.names) or "none")
+    engine: Engine = container.engine()
+    routes = []
+    if chain.metrics is not None:
+        from middleware.metrics import metrics_route
+
+        engine.event_observers.append(chain.metrics.observe_event)
+        routes.append(metrics_route(chain.metrics))
+    companions: list[Callable[[KRulesServer], Any]] = []
+    if storage is not None:
+        from krules.transport.redis_streams import stream_worker
+
+        worker = stream_worker(engine, storage)
+        if chain.metrics is not None:
+            metrics = chain.metrics
+
+            def export(partition: int, lag: int | None, pending: int) -> None:
+                if lag is not None:
+                    metrics.record_partition_lag(partition, lag)
+                metrics.record_partition_pending(partition, pending)
+
+            worker.partition_observers.append(export)
+            worker.dead_letter_observers.append(metrics.record_dead_letter)
+        companions.append(lambda server: worker.run())
+    if args.demo:
+        engine.event_observers.append(log_event)
+        companions.append(lambda server: feed_demo(engine, server))
+
+    async def alongside(server: KRulesServer) -> None:
+        await asyncio.gather(*(start(server) for start in companions))
+
+    def on_started(server: KRulesServer) -> Any:
+        return alongside(server) if companions else None
+
+    try:
+        run(engine, on_started=on_started, routes=routes)
+    finally:
+        if chain.tracer_provider is not None:
+            chain.tracer_provider.shutdown()  # flushes the spans still buffered
+    return 0

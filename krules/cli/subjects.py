@@ -1,0 +1,55 @@
+"""``krules subject show``: print a subject's properties as JSON, read from Redis in Redis mode,
+otherwise from the running instance.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+from typing import Any
+
+from krules.cli.common import configure_quiet_logging, redis_storage, url_and_token
+from krules.config import Settings
+from krules.errors import KRulesError
+
+__all__ = ["command_subject_show"]
+
+
+class _NotFound(KRulesError):
+    """Raised when ``krules subject show`` finds nothing stored under the name (exit code 1)."""
+
+
+def _show(name: str, props: dict[str, Any], ext: dict[str, Any]) -> None:
+    print(
+        json.dumps({"name": name, "properties": props, "ext": ext}, indent=2, ensure_ascii=False, default=str)
+    )
+
+
+async def _load_from_redis(settings: Settings, name: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    storage = redis_storage(settings, retries=2)
+    try:
+        props, ext = await storage.load(name)
+    finally:
+        await storage.close()
+    return props, ext
+
+
+def command_subject_show(args: argparse.Namespace) -> int:
+    settings = Settings.from_env()
+    configure_quiet_logging(settings)
+    if settings.redis_url and not args.url:
+        props, ext = asyncio.run(_load_from_redis(settings, args.name))
+        if not props and not ext:
+            raise _NotFound(
+                f"Subject {args.name!r} is not stored in Redis (key prefix {settings.key_prefix!r})."
+            )
+        _show(args.name, props, ext)
+        return 0
+    from krules.http.client import KRulesClient
+
+    url, token = url_and_token(args, settings)
+    with KRulesClient(url, token) as client:
+        answer = client.subject(args.name)
+    _show(str(answer.get("name", args.name)), answer.get("properties", {}), answer.get("ext", {}))
+    return 0
