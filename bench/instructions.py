@@ -54,7 +54,7 @@ asyncio.run(main(int(sys.argv[1])))
 """
 
 
-def instructions(python: str, script: Path, orders: int) -> int:
+def instructions(python: str, script: Path, *args: object) -> int:
     with tempfile.TemporaryDirectory() as out:
         result = subprocess.run(
             [
@@ -63,7 +63,7 @@ def instructions(python: str, script: Path, orders: int) -> int:
                 f"--callgrind-out-file={out}/cg",
                 python,
                 str(script),
-                str(orders),
+                *map(str, args),
             ],
             capture_output=True,
             text=True,

@@ -17,13 +17,13 @@ from typing import Any
 
 from dependency_injector import containers, providers
 
+from krules.chain import Middleware
 from krules.clock import SystemClock
 from krules.config import Settings
 from krules.engine import Engine
+from krules.ports import SubjectStorage
 from krules.rules import Filter, RuleRegistry
 from krules.subject import Subject
-from middleware.base import Middleware, default_middleware
-from storage.memory import create_memory_storage
 
 __all__ = ["KRulesContainer", "create_handlers"]
 
@@ -66,6 +66,15 @@ def create_handlers(registry: RuleRegistry, engine: Callable[[], Engine]) -> Han
     return on, when, middleware, emit
 
 
+def _memory_storage() -> SubjectStorage:
+    # Imported when the provider is first used, not with this module: the public API (the krules
+    # package) imports this module, and a storage backend imports the core, so a top-level import
+    # here would leave a backend imported first half-initialised.
+    from storage.memory import create_memory_storage
+
+    return create_memory_storage()
+
+
 def _subject(name: str, engine: Engine) -> Subject:
     return engine.subject(name)
 
@@ -78,8 +87,10 @@ class KRulesContainer(containers.DeclarativeContainer):
 
     settings = providers.Singleton(Settings.from_env)
     clock = providers.Singleton(SystemClock)
-    subject_storage = providers.Singleton(create_memory_storage)
-    middlewares = providers.Callable(default_middleware)
+    subject_storage: providers.Provider[SubjectStorage] = providers.Singleton(_memory_storage)
+    middlewares: providers.Provider[list[Middleware]] = providers.Callable(list)
+    """The middleware installed around every handler: none by default; :func:`krules.assembly.assemble`
+    installs the default chain (what ``krules run`` serves with)."""
     registry = providers.Singleton(_registry, middlewares=middlewares)
     engine = providers.Singleton(
         Engine, registry=registry, storage=subject_storage, settings=settings, clock=clock

@@ -85,20 +85,10 @@ def configure_quiet_logging(settings: Settings) -> None:
 
 # -- Redis mode and instances ----------------------------------------------------------------------
 def redis_storage(settings: Settings, **options: Any) -> Any:
-    try:
-        from storage.redis.store import create_redis_storage
-    except ImportError as exc:
-        raise ConfigurationError(
-            f"KRULES_REDIS_URL is set but the Redis storage cannot be imported ({exc}); "
-            "install krules with its redis dependency or unset KRULES_REDIS_URL."
-        ) from None
-    return create_redis_storage(
-        url=settings.redis_url,
-        key_prefix=settings.key_prefix,
-        partitions=settings.partitions,
-        dedupe_window=float(settings.dedupe_window),
-        **options,
-    )
+    """The deployment's storage, as :mod:`krules.assembly` opens it (``options``: e.g. ``retries=2``)."""
+    from krules.assembly import open_storage
+
+    return open_storage(settings, **options)
 
 
 def require_redis(settings: Settings, command: str) -> str:

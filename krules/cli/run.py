@@ -14,15 +14,12 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from dependency_injector import providers
-
-from krules.app import default_container, use_container
-from krules.cli.common import configure_logging, redis_storage
+from krules.app import default_container
+from krules.cli.common import configure_logging
 from krules.config import Settings
 from krules.engine import Engine
 from krules.errors import StorageError
 from krules.events import Event
-from krules.loader import load_rule_module
 
 if TYPE_CHECKING:
     from krules.http.server import KRulesServer
@@ -101,47 +98,21 @@ async def feed_demo(engine: Engine, server: KRulesServer) -> None:
 
 
 def command_run(args: argparse.Namespace) -> int:
+    from krules.assembly import assemble
     from krules.http.server import run
-    from middleware.defaults import build_default_chain
 
     settings = Settings.from_env(http_host=args.host, http_port=args.port)
     configure_logging(settings)
-    container = default_container()
-    container.settings.override(providers.Object(settings))
-    storage = redis_storage(settings) if settings.redis_url else None
-    if storage is not None:
-        container.subject_storage.override(providers.Object(storage))
-    chain = build_default_chain(settings)
-    registry = container.registry()
-    for mw in chain.middlewares:
-        registry.add_middleware(mw)
-    with use_container(container):
-        for module in args.modules:
-            load_rule_module(module)
-            logger.info("loaded rule module %s", module)
-    logger.info("middleware: %s", " -> ".join(chain.names) or "none")
-    engine: Engine = container.engine()
-    routes = []
-    if chain.metrics is not None:
-        from middleware.metrics import metrics_route
-
-        engine.event_observers.append(chain.metrics.observe_event)
-        routes.append(metrics_route(chain.metrics))
+    instance = assemble(settings, container=default_container())  # module-level on/when bind to it
+    for module in args.modules:
+        instance.load([module])
+        logger.info("loaded rule module %s", module)
+    chain = instance.chain
+    logger.info("middleware: %s", " -> ".join(chain.names) if chain is not None and chain.names else "none")
+    engine = instance.engine
     companions: list[Callable[[KRulesServer], Any]] = []
-    if storage is not None:
-        from krules.transport.redis_streams import stream_worker
-
-        worker = stream_worker(engine, storage)
-        if chain.metrics is not None:
-            metrics = chain.metrics
-
-            def export(partition: int, lag: int | None, pending: int) -> None:
-                if lag is not None:
-                    metrics.record_partition_lag(partition, lag)
-                metrics.record_partition_pending(partition, pending)
-
-            worker.partition_observers.append(export)
-            worker.dead_letter_observers.append(metrics.record_dead_letter)
+    worker = instance.worker
+    if worker is not None:
         companions.append(lambda server: worker.run())
     if args.demo:
         engine.event_observers.append(log_event)
@@ -154,8 +125,7 @@ def command_run(args: argparse.Namespace) -> int:
         return alongside(server) if companions else None
 
     try:
-        run(engine, on_started=on_started, routes=routes)
+        run(engine, on_started=on_started, routes=instance.routes)
     finally:
-        if chain.tracer_provider is not None:
-            chain.tracer_provider.shutdown()  # flushes the spans still buffered
+        instance.close()  # flushes the spans still buffered
     return 0

@@ -161,36 +161,31 @@ class RedisModeApp:
     """
 
     def __init__(self, url: str, key_prefix: str, **settings: Any) -> None:
-        from storage.redis.store import create_redis_storage  # the Redis backend only when this is used
+        from krules.assembly import assemble  # the Redis drivers only when this is used
 
         defaults: dict[str, Any] = {"partitions": 2, "stream_block_ms": 50, "claim_idle_ms": 300}
         self.settings = Settings(redis_url=url, key_prefix=key_prefix, **{**defaults, **settings})
-        self.container = KRulesContainer()
-        self.container.settings.override(providers.Object(self.settings))
-        self.storage = create_redis_storage(url, key_prefix, partitions=self.settings.partitions)
-        self.container.subject_storage.override(providers.Object(self.storage))
+        self.instance = assemble(self.settings, middleware=False)
+        self.container = self.instance.container
+        self.storage: Any = self.instance.storage
         self.on, self.when, self.middleware, self.emit = self.container.handlers()
         self._task: asyncio.Future[None] | None = None
-        self._worker: PartitionWorker | None = None
 
     @property
     def engine(self) -> Engine:
         """The app's engine."""
-        engine: Engine = self.container.engine()
-        return engine
+        return self.instance.engine
 
     @property
     def worker(self) -> PartitionWorker:
-        """The partition worker (created on first use; it makes the streams the engine's transport)."""
-        if self._worker is None:
-            from krules.transport.redis_streams import stream_worker
-
-            self._worker = stream_worker(self.engine, self.storage)
-        return self._worker
+        """The partition worker (the engine's transport is the partition streams)."""
+        worker = self.instance.worker
+        if worker is None:
+            raise RuntimeError("a Redis-mode app always has a worker")
+        return worker
 
     async def start(self) -> None:
         """Start the engine (checks, chain frozen) and the worker."""
-        self.worker  # noqa: B018 - wires the engine's transport before it starts
         await self.engine.start()
         self._task = asyncio.ensure_future(self.worker.run())
 
