@@ -82,7 +82,7 @@ async def _prefill(url: str, prefix: str, orders: int) -> None:
 
 def _drain(url: str, script: Path, prefix: str, orders: int) -> int:
     asyncio.run(_prefill(url, prefix, orders))
-    return instructions(sys.executable, script, orders, url, prefix)
+    return instructions(sys.executable, script, url, prefix, orders)
 
 
 def main() -> int:
