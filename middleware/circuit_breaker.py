@@ -42,7 +42,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Final, Literal, Protocol
 
 from krules.errors import ConfigurationError, KRulesError, aborts_turn
-from middleware.base import DeadLetterEvent, Observer, SkipEvent, check_listeners
+from middleware.base import FAILED, DeadLetterEvent, Observer, check_listeners, outcome_of
 
 if TYPE_CHECKING:
     from krules.context import EventContext
@@ -71,8 +71,6 @@ HALF_OPEN: Final = "half_open"
 
 StateListener = Callable[[str, CircuitState, CircuitState], object]
 """Called as ``listener(key, old_state, new_state)`` on every state change."""
-
-_NEUTRAL: Final = (SkipEvent, DeadLetterEvent)  # neither a success nor a failure of the handler
 
 
 class NowClock(Protocol):
@@ -118,6 +116,12 @@ class _Circuit:
         self.opened_at = 0.0
         self.probes = 0  # probe calls in flight while half-open
         self.trips = 0  # times opened: tells a probe whether its half-open period is still current
+
+
+def _handler_failed(error: BaseException) -> bool:
+    # Skipped, dead-lettered and cancelled calls are neither a success nor a failure of the handler,
+    # and neither is the storage failing (then the turn is taken again).
+    return outcome_of(error) == FAILED and not aborts_turn(error)
 
 
 def _handler_name(ctx: EventContext) -> str:
@@ -235,11 +239,10 @@ class CircuitBreakerMiddleware(Observer):
         self, ctx: EventContext, state: tuple[str, _Circuit | None, int] | None, error: BaseException | None
     ) -> None:
         """Count the call's failure or success on its circuit (neutral outcomes count as neither)."""
+        failed = error is not None and _handler_failed(error)
         if state is None:  # no circuit was remembered when the call began: its key is taken now
-            counts = error is None and bool(self._circuits)  # other calls failed meanwhile: maybe this key
-            if error is not None and isinstance(error, Exception):
-                counts = not isinstance(error, _NEUTRAL) and not aborts_turn(error)
-            if not counts:
+            # A success counts only if other calls failed meanwhile (maybe under this key).
+            if not failed and (error is not None or not self._circuits):
                 return
             try:
                 key = self._key(ctx)
@@ -248,7 +251,7 @@ class CircuitBreakerMiddleware(Observer):
                     "the circuit key function raised for %s; the call is not counted", ctx.handler_name
                 )
                 return
-            if error is not None:
+            if failed:
                 self._failed(ctx, key)
             else:
                 circuit = self._circuits.get(key)
@@ -256,14 +259,6 @@ class CircuitBreakerMiddleware(Observer):
                     del self._circuits[key]
             return
         key, probing, trip = state
-        # A failure of the handler: not SkipEvent/DeadLetterEvent, not a cancellation, and not the
-        # storage failing (then the turn is taken again, the handler is not at fault).
-        failed = (
-            error is not None
-            and isinstance(error, Exception)
-            and not isinstance(error, _NEUTRAL)
-            and not aborts_turn(error)
-        )
         if probing is None:  # the circuit was closed
             if failed:
                 self._failed(ctx, key)

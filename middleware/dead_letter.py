@@ -61,7 +61,7 @@ from krules.dead_letters import (
 )
 from krules.errors import CascadeDepthExceeded, ConfigurationError, aborts_turn
 from krules.events import REPLAY_EXTENSION
-from middleware.base import ATTEMPTS, DeadLetterEvent, Observer, SkipEvent, check_listeners
+from middleware.base import ATTEMPTS, DeadLetterEvent, Observer, check_listeners, is_failure
 
 if TYPE_CHECKING:
     from krules.context import EventContext
@@ -137,7 +137,7 @@ class DeadLetterMiddleware(Observer):
                 if target is not None:
                     return self._replayed(ctx, target[0])
             return None
-        if not isinstance(error, Exception) or isinstance(error, SkipEvent) or aborts_turn(error):
+        if not is_failure(error) or aborts_turn(error):
             return None  # aborts_turn: the storage failing, the whole turn is taken again instead
         ctx.set_metadata(_DEAD_LETTERED, True)
         return self._dead_letter(ctx, error)
@@ -145,7 +145,7 @@ class DeadLetterMiddleware(Observer):
     async def on_failure(self, ctx: EventContext, error: Exception) -> None:
         """Dead-letter a failure this middleware did not see: one raised outside it in the chain (a
         bug of an outer middleware), so the event is not lost (the engine calls this)."""
-        if ctx.get_metadata(_DEAD_LETTERED) or aborts_turn(error) or isinstance(error, SkipEvent):
+        if ctx.get_metadata(_DEAD_LETTERED) or aborts_turn(error) or not is_failure(error):
             return
         ctx.set_metadata(_DEAD_LETTERED, True)
         logger.warning(

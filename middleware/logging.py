@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from krules.errors import ConfigurationError
 from krules.partitioning import partition_of
-from middleware.base import ATTEMPTS, DeadLetterEvent, Observer, SkipEvent
+from middleware.base import ATTEMPTS, CANCELLED, OK, SKIPPED, DeadLetterEvent, Observer, Outcome, outcome_of
 
 if TYPE_CHECKING:
     from krules.context import EventContext
@@ -237,15 +237,15 @@ class LoggingMiddleware(Observer):
         if start is None:
             return
         if error is None:
-            self._write(ctx, "ok", start, None)
-        elif isinstance(error, SkipEvent):
-            self._write(ctx, "skipped", start, None)
-        elif isinstance(error, DeadLetterEvent):
-            self._write(ctx, "dead_lettered", start, error)
-        elif isinstance(error, Exception):
-            self._write(ctx, "failed", start, error)
+            self._write(ctx, OK, start, None)
+            return
+        outcome = outcome_of(error)
+        if outcome == SKIPPED:
+            self._write(ctx, outcome, start, None)
+        elif outcome != CANCELLED:
+            self._write(ctx, outcome, start, error)
 
-    def _write(self, ctx: EventContext, outcome: str, start: float, error: Exception | None) -> None:
+    def _write(self, ctx: EventContext, outcome: Outcome, start: float, error: BaseException | None) -> None:
         # A logging bug must not turn a handler's success into a failure (nor hide its error).
         try:
             duration_ms = (perf_counter() - start) * 1000.0

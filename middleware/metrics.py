@@ -50,7 +50,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from krules.errors import ConfigurationError
-from middleware.base import ATTEMPTS, DeadLetterEvent, Observer, SkipEvent
+from middleware.base import ATTEMPTS, CANCELLED, DEAD_LETTERED, FAILED, OK, SKIPPED, Observer, outcome_of
 
 if TYPE_CHECKING:
     from krules.context import EventContext
@@ -80,7 +80,7 @@ _EVENTS_HELP: Final = "Events dispatched (root and cascaded)"
 _CALLS_HELP: Final = "Handler calls by outcome"
 _DURATION_HELP: Final = "Duration of handler calls"
 _RETRIES_HELP: Final = "Handler calls retried"
-_OUTCOMES: Final = ("ok", "skipped", "failed", "dead_lettered")
+_OUTCOMES: Final = (OK, SKIPPED, FAILED, DEAD_LETTERED)  # counted (a cancelled call is not), in this order
 # The buckets' "le" labels as prometheus_client writes them.
 _BOUNDS: Final[list[str]] = [*(floatToGoString(b) for b in DURATION_BUCKETS), "+Inf"]  # type: ignore[no-untyped-call]
 
@@ -210,14 +210,11 @@ class MetricsMiddleware(Observer):
             tally = handlers[name] = _HandlerTally()
         if error is None:
             tally.ok += 1
-        elif isinstance(error, SkipEvent):
-            tally.skipped += 1
-        elif isinstance(error, DeadLetterEvent):
-            tally.dead_lettered += 1
-        elif isinstance(error, Exception):
-            tally.failed += 1
         else:
-            return
+            outcome = outcome_of(error)
+            if outcome == CANCELLED:
+                return
+            setattr(tally, outcome, getattr(tally, outcome) + 1)  # a counter per outcome, named after it
         seconds = perf_counter() - start
         tally.duration_sum += seconds
         tally.buckets[bisect_left(DURATION_BUCKETS, seconds)] += 1

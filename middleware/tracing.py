@@ -92,7 +92,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 
 from krules import __version__ as _KRULES_VERSION
 from krules.errors import ConfigurationError
-from middleware.base import ATTEMPTS, DeadLetterEvent, Observer, SkipEvent
+from middleware.base import ATTEMPTS, CANCELLED, OK, DeadLetterEvent, Observer, is_failure, outcome_of
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.resources import Resource
@@ -271,21 +271,14 @@ class TracingMiddleware(Observer):
             self._live.pop(key, None)
         try:
             if error is None:
-                outcome = "ok"
-            elif isinstance(error, SkipEvent):
-                outcome = "skipped"
-            elif isinstance(error, DeadLetterEvent):
-                outcome = "dead_lettered"
-                if recording:
-                    span.set_attribute("krules.dead_letter_reason", error.reason)
+                outcome = OK
+            else:
+                outcome = outcome_of(error)
+                if recording and is_failure(error):
+                    if isinstance(error, DeadLetterEvent):
+                        span.set_attribute("krules.dead_letter_reason", error.reason)
                     _record_failure(span, error)
-            elif isinstance(error, Exception):
-                outcome = "failed"
-                if recording:
-                    _record_failure(span, error)
-            else:  # cancelled (shutdown, timeout): not the handler's fault, still not ok
-                outcome = "cancelled"
-                if recording:
+                elif recording and outcome == CANCELLED:  # not the handler's fault, still not ok
                     span.set_status(Status(StatusCode.ERROR, "cancelled"))
             if recording:
                 span.set_attribute("krules.outcome", outcome)
