@@ -145,13 +145,6 @@ def _consumer(var: str, raw: str) -> str | None:
     return name or None
 
 
-def _middleware_list(var: str, raw: str) -> str:
-    from middleware.names import parse_middleware_names  # the list of built-ins lives with them
-
-    parse_middleware_names(raw, var)
-    return raw.strip()
-
-
 def _variables(section: type[Any]) -> dict[str, tuple[str, Parser]]:
     """Field name -> (its ``KRULES_*`` variable, its parser), for the settings of ``section``."""
     return {f.name: ("KRULES_" + f.name.upper(), f.metadata[_PARSER]) for f in fields(section)}
@@ -203,15 +196,6 @@ class Settings(EnvSettings):
     claim_idle_ms: int = setting(30_000, integer(100))
     max_deliveries: int = setting(5, integer(1))
     dedupe_window: int = setting(3600, integer(1))
-    middleware: str = setting("default", _middleware_list)
-    handler_log_level: str = setting("INFO", log_level)
-    circuit_failures: int = setting(5, integer(1))
-    circuit_open_seconds: float = setting(30.0, number(0.0))
-    circuit_key: str = setting("handler", choice("handler", "subject"))
-    retry_max_attempts: int = setting(10, integer(1, 1000))
-    retry_backoff: float = setting(0.1, number(0.0))
-    retry_cap: float = setting(10.0, number(0.0))
-    handler_timeout: float | None = setting(None, optional_seconds)
     log_level: str = setting("INFO", log_level)
     log_json: bool = setting(False, boolean)
 
@@ -231,9 +215,10 @@ class Settings(EnvSettings):
         """Read ``KRULES_<FIELD>`` variables (e.g. ``KRULES_HTTP_PORT``); raise ConfigurationError if bad.
 
         ``extra``: the settings of the layers above read from the same environment (the built-in
-        middleware's, ``middleware.registry.SETTINGS``).  Their variables count as krules settings, so
-        they are not refused as misspelt, and they are checked here too: a bad value stops start-up
-        as early as the engine's own.  ``overrides`` (those not None) replace what ``env`` says.
+        middleware's, ``middleware.registry.MIDDLEWARE_SETTINGS``).  Their variables count as krules
+        settings, so they are not refused as misspelt, and they are checked here too: a bad value
+        stops start-up as early as the engine's own.  ``overrides`` (those not None) replace what
+        ``env`` says.
         """
         env = os.environ if env is None else env
         extra = tuple(extra)

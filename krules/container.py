@@ -17,12 +17,12 @@ from typing import Any
 
 from dependency_injector import containers, providers
 
+from krules.chain import Middleware
 from krules.clock import SystemClock
 from krules.config import Settings
 from krules.engine import Engine
 from krules.rules import Filter, RuleRegistry
 from krules.subject import Subject
-from middleware.base import Middleware, default_middleware
 from storage.memory import create_memory_storage
 
 __all__ = ["KRulesContainer", "create_handlers"]
@@ -33,6 +33,10 @@ Handlers = tuple[
     Callable[[Any], Any],
     Callable[..., Any],
 ]
+
+
+def _no_middleware() -> list[Middleware]:
+    return []  # a library app adds its own; krules run adds the built-ins
 
 
 def _registry(middlewares: list[Middleware]) -> RuleRegistry:
@@ -79,7 +83,7 @@ class KRulesContainer(containers.DeclarativeContainer):
     settings = providers.Singleton(Settings.from_env)
     clock = providers.Singleton(SystemClock)
     subject_storage = providers.Singleton(create_memory_storage)
-    middlewares = providers.Callable(default_middleware)
+    middlewares = providers.Callable(_no_middleware)
     registry = providers.Singleton(_registry, middlewares=middlewares)
     engine = providers.Singleton(
         Engine, registry=registry, storage=subject_storage, settings=settings, clock=clock

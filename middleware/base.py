@@ -48,7 +48,6 @@ __all__ = [
     "applies",
     "build_chain",
     "check_listeners",
-    "default_middleware",
     "is_failure",
     "mark_handler",
     "outcome_of",
@@ -109,8 +108,3 @@ def check_listeners(value: object, *, owner: str, option: str, shape: str) -> li
             raise ConfigurationError(f"{owner} got {option}={value!r}; pass {shape}.")
         checked.append(listener)
     return checked
-
-
-def default_middleware() -> list[Middleware]:
-    """The middleware ``krules run`` installs by default (the built-ins arrive in their own modules)."""
-    return []

@@ -39,23 +39,28 @@ import logging
 import math
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final, Literal, Protocol
 
+from krules.config import EnvSettings, choice, integer, number, setting
 from krules.errors import ConfigurationError, KRulesError, aborts_turn
 from middleware.base import FAILED, DeadLetterEvent, Observer, check_listeners, outcome_of
 
 if TYPE_CHECKING:
     from krules.context import EventContext
+    from middleware.registry import ChainBuild
 
 __all__ = [
     "CLOSED",
     "HALF_OPEN",
     "OPEN",
     "CircuitBreakerMiddleware",
+    "CircuitBreakerSettings",
     "CircuitOpenError",
     "CircuitState",
     "NowClock",
     "StateListener",
+    "from_settings",
 ]
 
 logger = logging.getLogger(__name__)
@@ -337,3 +342,31 @@ class CircuitBreakerMiddleware(Observer):
                 listener(key, old, new)
             except Exception:  # a broken listener must not change the outcome of the handler call
                 logger.exception("circuit state listener %r raised", listener)
+
+
+@dataclass(frozen=True, slots=True)
+class CircuitBreakerSettings(EnvSettings):
+    """``KRULES_CIRCUIT_*``: the breaker ``krules run`` installs."""
+
+    circuit_failures: int = setting(5, integer(1))
+    circuit_open_seconds: float = setting(30.0, number(0.0))
+    circuit_key: str = setting("handler", choice("handler", "subject"))
+
+
+def _per_subject(ctx: EventContext) -> str:
+    return f"{ctx.rule.name}:{ctx.subject.name}"
+
+
+def from_settings(build: ChainBuild) -> CircuitBreakerMiddleware:
+    """The breaker ``krules run`` installs (:class:`CircuitBreakerSettings`), one circuit per handler
+    or, with ``KRULES_CIRCUIT_KEY=subject``, per handler and subject; its states go to the metrics."""
+    own = CircuitBreakerSettings.from_env(build.env)
+    metrics = build.metrics
+    return CircuitBreakerMiddleware(
+        failure_threshold=own.circuit_failures,
+        open_seconds=own.circuit_open_seconds,
+        key=_per_subject if own.circuit_key == "subject" else None,
+        on_state_change=(
+            None if metrics is None else (lambda key, old, new: metrics.record_circuit_state(key, new))
+        ),
+    )

@@ -65,8 +65,9 @@ from middleware.base import ATTEMPTS, DeadLetterEvent, Observer, check_listeners
 
 if TYPE_CHECKING:
     from krules.context import EventContext
+    from middleware.registry import ChainBuild
 
-__all__ = ["DeadLetterListener", "DeadLetterMiddleware", "reason_of"]
+__all__ = ["DeadLetterListener", "DeadLetterMiddleware", "from_settings", "reason_of"]
 
 logger = logging.getLogger(__name__)
 
@@ -226,3 +227,9 @@ class DeadLetterMiddleware(Observer):
 
     def __repr__(self) -> str:
         return f"DeadLetterMiddleware(emit_event={self._emit}, listeners={len(self._listeners)})"
+
+
+def from_settings(build: ChainBuild) -> DeadLetterMiddleware:
+    """The dead-letter middleware ``krules run`` installs, counting its dead letters in the metrics."""
+    metrics = build.metrics
+    return DeadLetterMiddleware(on_dead_letter=None if metrics is None else metrics.record_dead_letter)

@@ -38,17 +38,20 @@ import logging
 import os
 import sys
 import threading
+from dataclasses import dataclass
 from time import perf_counter, time_ns
 from typing import TYPE_CHECKING, Any, Final
 
+from krules.config import EnvSettings, log_level, setting
 from krules.errors import ConfigurationError
 from krules.partitioning import partition_of
 from middleware.base import ATTEMPTS, CANCELLED, OK, SKIPPED, DeadLetterEvent, Observer, Outcome, outcome_of
 
 if TYPE_CHECKING:
     from krules.context import EventContext
+    from middleware.registry import ChainBuild
 
-__all__ = ["DEFAULT_LOGGER", "LoggingMiddleware"]
+__all__ = ["DEFAULT_LOGGER", "LoggingMiddleware", "LoggingSettings", "from_settings"]
 
 _log = logging.getLogger(__name__)
 
@@ -303,3 +306,20 @@ class LoggingMiddleware(Observer):
             f"LoggingMiddleware(logger={self.logger.name!r}, level={logging.getLevelName(self.level)!r}, "
             f"json={self.json!r}, partitions={self.partitions!r})"
         )
+
+
+@dataclass(frozen=True, slots=True)
+class LoggingSettings(EnvSettings):
+    """``KRULES_HANDLER_LOG_LEVEL``: the level of the lines ``krules run``'s logging middleware logs."""
+
+    handler_log_level: str = setting("INFO", log_level)
+
+
+def from_settings(build: ChainBuild) -> LoggingMiddleware:
+    """The logging middleware ``krules run`` installs: lines at ``KRULES_HANDLER_LOG_LEVEL``, as JSON
+    with ``KRULES_LOG_JSON``, partitions counted as the engine's settings say."""
+    own = LoggingSettings.from_env(build.env)
+    settings = build.settings
+    return LoggingMiddleware(
+        level=own.handler_log_level, json=settings.log_json, partitions=settings.partitions
+    )

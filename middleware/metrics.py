@@ -55,8 +55,9 @@ from middleware.base import ATTEMPTS, CANCELLED, DEAD_LETTERED, FAILED, OK, SKIP
 if TYPE_CHECKING:
     from krules.context import EventContext
     from krules.events import Event
+    from middleware.registry import ChainBuild
 
-__all__ = ["CIRCUIT_STATES", "DURATION_BUCKETS", "MetricsMiddleware", "metrics_route"]
+__all__ = ["CIRCUIT_STATES", "DURATION_BUCKETS", "MetricsMiddleware", "from_settings", "metrics_route"]
 
 DURATION_BUCKETS: Final = (
     0.0005,
@@ -276,3 +277,9 @@ def metrics_route(source: MetricsMiddleware | CollectorRegistry, path: str = "/m
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     return Route(path, metrics, methods=["GET"], name="metrics")
+
+
+def from_settings(build: ChainBuild) -> MetricsMiddleware:
+    """The metrics middleware ``krules run`` installs (in ``build.metrics_registry``, if given): the
+    built-ins after it in the chain report their dead letters, circuit states and re-routes to it."""
+    return MetricsMiddleware(registry=build.metrics_registry)

@@ -104,10 +104,11 @@ if TYPE_CHECKING:
     from krules.events import Event
     from krules.rules import Rule
     from middleware._span_recorder import SpanRecorder
+    from middleware.registry import ChainBuild
 
 _log = logging.getLogger(__name__)
 
-__all__ = ["DEFAULT_SERVICE_NAME", "EXPORTERS", "TracingMiddleware", "configure_tracing"]
+__all__ = ["DEFAULT_SERVICE_NAME", "EXPORTERS", "TracingMiddleware", "configure_tracing", "from_settings"]
 
 DEFAULT_SERVICE_NAME: Final = "krules"
 """The tracer's name and the ``service.name`` used when none is configured."""
@@ -379,6 +380,14 @@ def _record_failure(span: trace.Span, exc: BaseException) -> None:
         span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
     except Exception:  # the handler's own error is what propagates, never one of the tracing
         _log.exception("could not record the failure %r on its span", exc)
+
+
+def from_settings(build: ChainBuild) -> TracingMiddleware | None:
+    """The tracing ``krules run`` installs: spans to ``build.tracer_provider``, else to the provider
+    the ``OTEL_*`` variables configure (:func:`configure_tracing`); None when there is no exporter
+    (nothing to record: tracing is left out)."""
+    provider = build.tracer_provider if build.tracer_provider is not None else configure_tracing(build.env)
+    return None if provider is None else TracingMiddleware(tracer_provider=provider)
 
 
 # -- configuration from the environment ----------------------------------------------------------

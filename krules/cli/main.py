@@ -37,6 +37,7 @@ from krules.errors import (
 )
 from krules.events import Event
 from krules.loader import load_rule_module
+from middleware.registry import MIDDLEWARE_SETTINGS, build_default_chain
 
 if TYPE_CHECKING:
     from krules.http.server import KRulesServer
@@ -229,9 +230,8 @@ async def feed_demo(engine: Engine, server: KRulesServer) -> None:
 
 def command_run(args: argparse.Namespace) -> int:
     from krules.http.server import run
-    from middleware.defaults import build_default_chain
 
-    settings = Settings.from_env(http_host=args.host, http_port=args.port)
+    settings = Settings.from_env(extra=MIDDLEWARE_SETTINGS, http_host=args.host, http_port=args.port)
     configure_logging(settings)
     container = default_container()
     container.settings.override(providers.Object(settings))
@@ -301,7 +301,7 @@ def command_emit(args: argparse.Namespace) -> int:
     from krules.http.client import KRulesClient, StreamClient
 
     data = _json_object(args.data) if args.data is not None else None
-    settings = Settings.from_env()
+    settings = Settings.from_env(extra=MIDDLEWARE_SETTINGS)
     configure_quiet_logging(settings)
     if settings.redis_url and not args.url:
         with StreamClient(settings.redis_url, settings.key_prefix) as streams:
@@ -330,7 +330,7 @@ async def _load_from_redis(settings: Settings, name: str) -> tuple[dict[str, Any
 
 
 def command_subject_show(args: argparse.Namespace) -> int:
-    settings = Settings.from_env()
+    settings = Settings.from_env(extra=MIDDLEWARE_SETTINGS)
     configure_quiet_logging(settings)
     if settings.redis_url and not args.url:
         props, ext = asyncio.run(_load_from_redis(settings, args.name))

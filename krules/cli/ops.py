@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Final, TypeVar
 from krules.config import Settings
 from krules.dead_letters import DeadLetter, DeadLetters
 from krules.errors import ConfigurationError, DeadLetterError, KRulesError
+from middleware.registry import MIDDLEWARE_SETTINGS
 
 if TYPE_CHECKING:
     from krules.transport.redis_streams import PartitionStatus, RedisStreams
@@ -80,7 +81,7 @@ def command_partitions(args: argparse.Namespace) -> int:
     """``krules partitions``: the partition count, owners, stream lengths, pending entries and lag."""
     from krules.cli.main import configure_quiet_logging
 
-    settings = Settings.from_env()
+    settings = Settings.from_env(extra=MIDDLEWARE_SETTINGS)
     configure_quiet_logging(settings)
     _require_redis(settings, "partitions")
     url, partitions = asyncio.run(_partition_status(settings))
@@ -296,7 +297,7 @@ def command_dlq(args: argparse.Namespace) -> int:
     """``krules dlq list|show|replay|purge``: the dead letters of a Redis-mode deployment."""
     from krules.cli.main import configure_quiet_logging
 
-    settings = Settings.from_env()
+    settings = Settings.from_env(extra=MIDDLEWARE_SETTINGS)
     configure_quiet_logging(settings)
     _require_redis(settings, f"dlq {args.dlq_command}")
     return _DLQ_COMMANDS[args.dlq_command](args, settings)

@@ -8,8 +8,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from krules.config import Settings
 from krules.errors import ConfigurationError
 from middleware.circuit_breaker import CircuitBreakerMiddleware
-from middleware.defaults import build_default_chain
-from middleware.names import BUILT_INS, parse_middleware_names
+from middleware.registry import BUILT_INS, build_default_chain, parse_middleware_names
 
 
 def test_embedded_mode_gets_every_built_in_but_tracing_without_exporter_and_partitioning() -> None:
@@ -36,12 +35,14 @@ def test_an_instance_owning_every_partition_needs_no_guard() -> None:
 def test_the_chosen_built_ins_keep_the_default_order_whatever_the_list_says() -> None:
     assert parse_middleware_names("timeout, logging") == ("logging", "timeout")
     assert parse_middleware_names("none") == ()
-    chain = build_default_chain(Settings(middleware="none"), env={})
+    chain = build_default_chain(Settings(), env={"KRULES_MIDDLEWARE": "none"})
     assert chain.middlewares == [] and chain.metrics is None
 
 
 def test_circuit_settings_reach_the_breaker() -> None:
-    chain = build_default_chain(Settings(middleware="circuit_breaker", circuit_failures=2), env={})
+    chain = build_default_chain(
+        Settings(), env={"KRULES_MIDDLEWARE": "circuit_breaker", "KRULES_CIRCUIT_FAILURES": "2"}
+    )
     (breaker,) = chain.middlewares
     assert isinstance(breaker, CircuitBreakerMiddleware)
 
