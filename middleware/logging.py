@@ -7,9 +7,10 @@ and subject, the handler, the subject's partition, the outcome and the duration 
     event_id=ev-1 event_type=order.submitted subject='order-1' handler=rules.validate partition=0
     outcome=ok duration_ms=0.412
 
-Outcomes: ``ok``; ``skipped`` (the call raised :class:`~middleware.base.SkipEvent`); ``failed`` (any
-other exception, re-raised unchanged); ``dead_lettered`` (:class:`~middleware.base.DeadLetterEvent`,
-whose ``reason`` is added).  ``failed`` and ``dead_lettered`` lines are logged at WARNING (or the
+Outcomes (:func:`~middleware.base.outcome_of`; a cancelled call logs no line): ``ok``; ``skipped``
+(the call raised :class:`~middleware.base.SkipEvent`); ``failed`` (any other exception, re-raised
+unchanged); ``dead_lettered`` (:class:`~middleware.base.DeadLetterEvent`, whose ``reason`` is
+added).  ``failed`` and ``dead_lettered`` lines are logged at WARNING (or the
 configured level if it is higher) with the error's type and message (its ``repr``, so the line
 stays one line) but no traceback: the engine already logs one.  When a retry middleware inside
 this one recorded :data:`~middleware.base.ATTEMPTS`, the line says how many attempts were made
@@ -32,19 +33,16 @@ JSON lines also carry their fields as ``extra=`` record attributes, so a JSON fo
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import os
-import sys
-import threading
 from dataclasses import dataclass
-from time import perf_counter, time_ns
+from time import perf_counter
 from typing import TYPE_CHECKING, Any, Final
 
 from krules.config import EnvSettings, log_level, setting
 from krules.errors import ConfigurationError
 from krules.partitioning import partition_of
+from middleware._log_record import record_maker
 from middleware.base import ATTEMPTS, CANCELLED, OK, SKIPPED, DeadLetterEvent, Observer, Outcome, outcome_of
 
 if TYPE_CHECKING:
@@ -74,102 +72,10 @@ _FORMATS: Final = {
 }
 
 
-# -- records -------------------------------------------------------------------------------------
-# logging.LogRecord's constructor works out, per record, things that are the same for every line
-# of this middleware (its file name and module, the process) or cheap to look up directly; with a
-# logger enabled it is most of a line's cost.  _record makes the same record (same class, same
-# attributes, same values) for a fraction of that, unless a record factory or a Logger subclass
-# asks for their own records (then logging makes them).
-_FIXED: Final = {
-    "pathname": __file__,
-    "filename": os.path.basename(__file__),
-    "module": os.path.splitext(os.path.basename(__file__))[0],
-    "lineno": 0,
-    "funcName": None,
-    "exc_info": None,
-    "exc_text": None,
-    "stack_info": None,
-}
-_probe = logging.LogRecord("", logging.INFO, "", 0, "", (), None)
-_START: Final = _probe.created - _probe.relativeCreated / 1000.0  # logging's own start time
-_TASK_NAMES: Final = "taskName" in _probe.__dict__  # Python 3.12+
-del _probe
-_process: tuple[int, str | None] | None = None
-"""(process id, process name) of this process, looked up at its first line (and again after a fork;
-a process renamed later keeps its first name in these lines)."""
-
-
-def _forget_process() -> None:
-    global _process
-    _process = None
-
-
-os.register_at_fork(after_in_child=_forget_process)
-
-
-def _look_up_process() -> tuple[int, str | None]:
-    # (process id, process name) as LogRecord finds them, looked up once per process.
-    global _process
-    name: str | None = "MainProcess"
-    mp = sys.modules.get("multiprocessing")
-    if mp is not None:
-        with contextlib.suppress(Exception):  # as logging does: a broken name is no name
-            name = mp.current_process().name
-    _process = (os.getpid(), name)
-    return _process
-
-
+# The lines' records are made by _record, as logging would make them but without its per-record
+# work (see middleware._log_record), unless a record factory or a Logger subclass asks for their own.
+_record: Final = record_maker(__file__)
 _LogRecord: Final = logging.LogRecord
-_new: Final = object.__new__
-
-
-def _record(
-    name: str, level: int, msg: str, args: tuple[Any, ...], extra: dict[str, Any] | None
-) -> logging.LogRecord:
-    """The ``logging.LogRecord`` that ``Logger.makeRecord`` would make for a line of this module."""
-    record = _new(_LogRecord)
-    fields = record.__dict__
-    fields.update(_FIXED)
-    now = time_ns()
-    created = now / 1e9
-    fields["name"] = name
-    fields["msg"] = msg
-    fields["args"] = args
-    fields["levelname"] = logging.getLevelName(level)
-    fields["levelno"] = level
-    fields["created"] = created
-    msecs = (now % 1_000_000_000) // 1_000_000 + 0.0
-    if msecs == 999.0 and int(created) != now // 1_000_000_000:
-        msecs = 0.0  # the float seconds rounded up to the next second (as Python 3.13's logging does)
-    fields["msecs"] = msecs
-    fields["relativeCreated"] = (created - _START) * 1000.0
-    if logging.logThreads:
-        fields["thread"] = threading.get_ident()
-        fields["threadName"] = threading.current_thread().name
-    else:
-        fields["thread"] = fields["threadName"] = None
-    process = _process if _process is not None else _look_up_process()
-    fields["process"] = process[0] if logging.logProcesses else None
-    fields["processName"] = process[1] if logging.logMultiprocessing else None
-    if _TASK_NAMES:
-        fields["taskName"] = _task_name()
-    if extra:
-        fields.update(extra)
-    return record
-
-
-def _task_name() -> str | None:
-    # As LogRecord does on Python 3.12+: the running asyncio task's name, if any.
-    if not getattr(logging, "logAsyncioTasks", False):
-        return None
-    asyncio = sys.modules.get("asyncio")
-    if asyncio is None:
-        return None
-    try:
-        task = asyncio.current_task()
-    except Exception:
-        return None
-    return None if task is None else task.get_name()
 
 
 def _check_logger(logger: Any) -> logging.Logger:
@@ -287,7 +193,7 @@ class LoggingMiddleware(Observer):
             level = self.level if error is None else max(self.level, logging.WARNING)
             logger = self.logger
             # Building the record + handle is Logger.log without its stack walk for the caller (which
-            # would only ever name this method) and the per-record work described at _record.
+            # would only ever name this method) and the per-record work _record leaves out.
             if type(logger) is logging.Logger and logging.getLogRecordFactory() is _LogRecord:
                 record = _record(logger.name, level, line_format, args, extra)
                 if logger.filters or logger.disabled:
