@@ -18,7 +18,7 @@ configured from its own settings, or None to leave it out (costs nothing):
 
 =============== =================================================================================
 tracing         on when ``OTEL_TRACES_EXPORTER`` is ``otlp`` or ``console``
-                (:func:`middleware.tracing.configure_tracing`); without an exporter there is
+                (:func:`middleware.tracing_setup.configure_tracing`); without an exporter there is
                 nothing to record, and it is left out
 logging         ``KRULES_HANDLER_LOG_LEVEL`` (INFO), ``KRULES_LOG_JSON``; one line per handler call
 metrics         served at ``/metrics`` on the instance's HTTP port
