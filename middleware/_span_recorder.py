@@ -2,7 +2,7 @@
 
 What it replaces: the SDK ``Tracer``'s ``start_span`` and its spans' ``end``, for the spans of
 :mod:`middleware.tracing`.  Measured gain: about a sixth of their cost (callgrind; CHANGELOG); the
-SDK's span start and end alone were ~40 us per handler call before it (commit 3e9effc).
+SDK's span start and end alone cost ~40 us before it (commit 3e9effc).
 
 Why: the SDK's ``Tracer.start_span`` is general: it asks the sampler through several layers, cleans
 every attribute into a locked ``BoundedAttributes``, sets up limits, locks and self-metrics, and
