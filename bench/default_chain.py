@@ -43,7 +43,7 @@ from bench._common import report, scale
 from bench.instructions import per_order
 from krules import KRulesContainer
 from krules.config import Settings
-from middleware.defaults import build_default_chain
+from middleware.registry import build_default_chain
 
 ORDERS = 20_000
 ROUNDS = 5
@@ -58,9 +58,9 @@ class _NoExport(SpanExporter):
 def build(variant: str, provider: TracerProvider) -> Any:
     container = KRulesContainer()
     if variant != "bare":
-        settings = Settings(middleware="none" if variant == "disabled" else "default")
+        env = {"KRULES_MIDDLEWARE": "none"} if variant == "disabled" else {}
         traced = provider if variant == "default" else None
-        chain = build_default_chain(settings, env={}, tracer_provider=traced)
+        chain = build_default_chain(Settings(), env=env, tracer_provider=traced)
         for mw in chain.middlewares:
             container.registry().add_middleware(mw)
     order_cascade.build(container)

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from krules.engine import Engine
     from krules.ports import SubjectStorage
     from krules.transport.worker import PartitionWorker
-    from middleware.defaults import DefaultChain as BuiltChain
+    from middleware.registry import DefaultChain as BuiltChain
 
 __all__ = ["STORAGE_DRIVERS", "TRANSPORT_DRIVERS", "Instance", "assemble", "open_storage"]
 
@@ -149,7 +149,7 @@ def assemble(
 
 
 def _install_chain(settings: Settings, container: KRulesContainer) -> BuiltChain:
-    from middleware.defaults import build_default_chain
+    from middleware.registry import build_default_chain
 
     chain = build_default_chain(settings)
     # The container's provider says what is installed; a registry built before (rules already

@@ -12,7 +12,7 @@ Override providers before the first event is emitted (the engine is a singleton 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from dependency_injector import containers, providers
@@ -25,7 +25,7 @@ from krules.ports import SubjectStorage
 from krules.rules import Filter, RuleRegistry
 from krules.subject import Subject
 
-__all__ = ["KRulesContainer", "create_handlers"]
+__all__ = ["KRulesContainer", "create_handlers", "settings_from_env"]
 
 Handlers = tuple[
     Callable[..., Callable[[Any], Any]],
@@ -33,6 +33,18 @@ Handlers = tuple[
     Callable[[Any], Any],
     Callable[..., Any],
 ]
+
+
+def settings_from_env(env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+    """:meth:`Settings.from_env` knowing the built-in middleware's ``KRULES_*`` variables too (they
+    are declared with their middleware), so one spelled right is read and checked, not refused."""
+    from middleware.registry import MIDDLEWARE_SETTINGS  # the middleware import the core, not at import
+
+    return Settings.from_env(env, extra=MIDDLEWARE_SETTINGS, **overrides)
+
+
+def _no_middleware() -> list[Middleware]:
+    return []  # a library app adds its own; krules run adds the built-ins
 
 
 def _registry(middlewares: list[Middleware]) -> RuleRegistry:
@@ -85,10 +97,10 @@ class KRulesContainer(containers.DeclarativeContainer):
     config = providers.Configuration()
     """Free-form application configuration (as in KRules); the engine reads ``settings``."""
 
-    settings = providers.Singleton(Settings.from_env)
+    settings = providers.Singleton(settings_from_env)
     clock = providers.Singleton(SystemClock)
     subject_storage: providers.Provider[SubjectStorage] = providers.Singleton(_memory_storage)
-    middlewares: providers.Provider[list[Middleware]] = providers.Callable(list)
+    middlewares: providers.Provider[list[Middleware]] = providers.Callable(_no_middleware)
     """The middleware installed around every handler: none by default; :func:`krules.assembly.assemble`
     installs the default chain (what ``krules run`` serves with)."""
     registry = providers.Singleton(_registry, middlewares=middlewares)

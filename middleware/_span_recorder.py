@@ -1,6 +1,10 @@
 """Spans for handler calls, recorded for an OpenTelemetry SDK tracer at a fraction of its cost.
 
-The SDK's ``Tracer.start_span`` is general: it asks the sampler through several layers, cleans
+What it replaces: the SDK ``Tracer``'s ``start_span`` and its spans' ``end``, for the spans of
+:mod:`middleware.tracing`.  Measured gain: about a sixth of their cost (callgrind; CHANGELOG); the
+SDK's span start and end alone cost ~40 us before it (commit 3e9effc).
+
+Why: the SDK's ``Tracer.start_span`` is general: it asks the sampler through several layers, cleans
 every attribute into a locked ``BoundedAttributes``, sets up limits, locks and self-metrics, and
 copies the span into a fresh ``ReadableSpan`` when it ends.  On a handler call that is several
 times the cost of the call itself.  :class:`SpanRecorder` starts the same spans for one SDK tracer

@@ -39,23 +39,28 @@ import logging
 import math
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final, Literal, Protocol
 
+from krules.config import EnvSettings, choice, integer, number, setting
 from krules.errors import ConfigurationError, KRulesError, aborts_turn
-from middleware.base import DeadLetterEvent, Observer, SkipEvent, check_listeners
+from middleware.base import FAILED, DeadLetterEvent, Observer, check_listeners, outcome_of
 
 if TYPE_CHECKING:
     from krules.context import EventContext
+    from middleware.registry import ChainBuild
 
 __all__ = [
     "CLOSED",
     "HALF_OPEN",
     "OPEN",
     "CircuitBreakerMiddleware",
+    "CircuitBreakerSettings",
     "CircuitOpenError",
     "CircuitState",
     "NowClock",
     "StateListener",
+    "from_settings",
 ]
 
 logger = logging.getLogger(__name__)
@@ -71,8 +76,6 @@ HALF_OPEN: Final = "half_open"
 
 StateListener = Callable[[str, CircuitState, CircuitState], object]
 """Called as ``listener(key, old_state, new_state)`` on every state change."""
-
-_NEUTRAL: Final = (SkipEvent, DeadLetterEvent)  # neither a success nor a failure of the handler
 
 
 class NowClock(Protocol):
@@ -118,6 +121,12 @@ class _Circuit:
         self.opened_at = 0.0
         self.probes = 0  # probe calls in flight while half-open
         self.trips = 0  # times opened: tells a probe whether its half-open period is still current
+
+
+def _handler_failed(error: BaseException) -> bool:
+    # Skipped, dead-lettered and cancelled calls are neither a success nor a failure of the handler,
+    # and neither is the storage failing (then the turn is taken again).
+    return outcome_of(error) == FAILED and not aborts_turn(error)
 
 
 def _handler_name(ctx: EventContext) -> str:
@@ -235,11 +244,10 @@ class CircuitBreakerMiddleware(Observer):
         self, ctx: EventContext, state: tuple[str, _Circuit | None, int] | None, error: BaseException | None
     ) -> None:
         """Count the call's failure or success on its circuit (neutral outcomes count as neither)."""
+        failed = error is not None and _handler_failed(error)
         if state is None:  # no circuit was remembered when the call began: its key is taken now
-            counts = error is None and bool(self._circuits)  # other calls failed meanwhile: maybe this key
-            if error is not None and isinstance(error, Exception):
-                counts = not isinstance(error, _NEUTRAL) and not aborts_turn(error)
-            if not counts:
+            # A success counts only if other calls failed meanwhile (maybe under this key).
+            if not failed and (error is not None or not self._circuits):
                 return
             try:
                 key = self._key(ctx)
@@ -248,7 +256,7 @@ class CircuitBreakerMiddleware(Observer):
                     "the circuit key function raised for %s; the call is not counted", ctx.handler_name
                 )
                 return
-            if error is not None:
+            if failed:
                 self._failed(ctx, key)
             else:
                 circuit = self._circuits.get(key)
@@ -256,14 +264,6 @@ class CircuitBreakerMiddleware(Observer):
                     del self._circuits[key]
             return
         key, probing, trip = state
-        # A failure of the handler: not SkipEvent/DeadLetterEvent, not a cancellation, and not the
-        # storage failing (then the turn is taken again, the handler is not at fault).
-        failed = (
-            error is not None
-            and isinstance(error, Exception)
-            and not isinstance(error, _NEUTRAL)
-            and not aborts_turn(error)
-        )
         if probing is None:  # the circuit was closed
             if failed:
                 self._failed(ctx, key)
@@ -342,3 +342,31 @@ class CircuitBreakerMiddleware(Observer):
                 listener(key, old, new)
             except Exception:  # a broken listener must not change the outcome of the handler call
                 logger.exception("circuit state listener %r raised", listener)
+
+
+@dataclass(frozen=True, slots=True)
+class CircuitBreakerSettings(EnvSettings):
+    """``KRULES_CIRCUIT_*``: the breaker ``krules run`` installs."""
+
+    circuit_failures: int = setting(5, integer(1))
+    circuit_open_seconds: float = setting(30.0, number(0.0))
+    circuit_key: str = setting("handler", choice("handler", "subject"))
+
+
+def _per_subject(ctx: EventContext) -> str:
+    return f"{ctx.rule.name}:{ctx.subject.name}"
+
+
+def from_settings(build: ChainBuild) -> CircuitBreakerMiddleware:
+    """The breaker ``krules run`` installs (:class:`CircuitBreakerSettings`), one circuit per handler
+    or, with ``KRULES_CIRCUIT_KEY=subject``, per handler and subject; its states go to the metrics."""
+    own = CircuitBreakerSettings.from_env(build.env)
+    metrics = build.metrics
+    return CircuitBreakerMiddleware(
+        failure_threshold=own.circuit_failures,
+        open_seconds=own.circuit_open_seconds,
+        key=_per_subject if own.circuit_key == "subject" else None,
+        on_state_change=(
+            None if metrics is None else (lambda key, old, new: metrics.record_circuit_state(key, new))
+        ),
+    )

@@ -57,12 +57,13 @@ from krules.dead_letters.store import (
 )
 from krules.errors import CascadeDepthExceeded, ConfigurationError, aborts_turn
 from krules.events import REPLAY_EXTENSION
-from middleware.base import ATTEMPTS, DeadLetterEvent, Observer, SkipEvent, check_listeners
+from middleware.base import ATTEMPTS, DeadLetterEvent, Observer, check_listeners, is_failure
 
 if TYPE_CHECKING:
     from krules.context import EventContext
+    from middleware.registry import ChainBuild
 
-__all__ = ["DeadLetterListener", "DeadLetterMiddleware", "reason_of"]
+__all__ = ["DeadLetterListener", "DeadLetterMiddleware", "from_settings", "reason_of"]
 
 logger = logging.getLogger(__name__)
 
@@ -133,7 +134,7 @@ class DeadLetterMiddleware(Observer):
                 if target is not None:
                     return self._replayed(ctx, target[0])
             return None
-        if not isinstance(error, Exception) or isinstance(error, SkipEvent) or aborts_turn(error):
+        if not is_failure(error) or aborts_turn(error):
             return None  # aborts_turn: the storage failing, the whole turn is taken again instead
         ctx.set_metadata(_DEAD_LETTERED, True)
         return self._dead_letter(ctx, error)
@@ -141,7 +142,7 @@ class DeadLetterMiddleware(Observer):
     async def on_failure(self, ctx: EventContext, error: Exception) -> None:
         """Dead-letter a failure this middleware did not see: one raised outside it in the chain (a
         bug of an outer middleware), so the event is not lost (the engine calls this)."""
-        if ctx.get_metadata(_DEAD_LETTERED) or aborts_turn(error) or isinstance(error, SkipEvent):
+        if ctx.get_metadata(_DEAD_LETTERED) or aborts_turn(error) or not is_failure(error):
             return
         ctx.set_metadata(_DEAD_LETTERED, True)
         logger.warning(
@@ -222,3 +223,9 @@ class DeadLetterMiddleware(Observer):
 
     def __repr__(self) -> str:
         return f"DeadLetterMiddleware(emit_event={self._emit}, listeners={len(self._listeners)})"
+
+
+def from_settings(build: ChainBuild) -> DeadLetterMiddleware:
+    """The dead-letter middleware ``krules run`` installs, counting its dead letters in the metrics."""
+    metrics = build.metrics
+    return DeadLetterMiddleware(on_dead_letter=None if metrics is None else metrics.record_dead_letter)

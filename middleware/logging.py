@@ -7,9 +7,10 @@ and subject, the handler, the subject's partition, the outcome and the duration 
     event_id=ev-1 event_type=order.submitted subject='order-1' handler=rules.validate partition=0
     outcome=ok duration_ms=0.412
 
-Outcomes: ``ok``; ``skipped`` (the call raised :class:`~middleware.base.SkipEvent`); ``failed`` (any
-other exception, re-raised unchanged); ``dead_lettered`` (:class:`~middleware.base.DeadLetterEvent`,
-whose ``reason`` is added).  ``failed`` and ``dead_lettered`` lines are logged at WARNING (or the
+Outcomes (:func:`~middleware.base.outcome_of`; a cancelled call logs no line): ``ok``; ``skipped``
+(the call raised :class:`~middleware.base.SkipEvent`); ``failed`` (any other exception, re-raised
+unchanged); ``dead_lettered`` (:class:`~middleware.base.DeadLetterEvent`, whose ``reason`` is
+added).  ``failed`` and ``dead_lettered`` lines are logged at WARNING (or the
 configured level if it is higher) with the error's type and message (its ``repr``, so the line
 stays one line) but no traceback: the engine already logs one.  When a retry middleware inside
 this one recorded :data:`~middleware.base.ATTEMPTS`, the line says how many attempts were made
@@ -32,23 +33,23 @@ JSON lines also carry their fields as ``extra=`` record attributes, so a JSON fo
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import os
-import sys
-import threading
-from time import perf_counter, time_ns
+from dataclasses import dataclass
+from time import perf_counter
 from typing import TYPE_CHECKING, Any, Final
 
+from krules.config import EnvSettings, log_level, setting
 from krules.errors import ConfigurationError
 from krules.partitioning import partition_of
-from middleware.base import ATTEMPTS, DeadLetterEvent, Observer, SkipEvent
+from middleware._log_record import record_maker
+from middleware.base import ATTEMPTS, CANCELLED, OK, SKIPPED, DeadLetterEvent, Observer, Outcome, outcome_of
 
 if TYPE_CHECKING:
     from krules.context import EventContext
+    from middleware.registry import ChainBuild
 
-__all__ = ["DEFAULT_LOGGER", "LoggingMiddleware"]
+__all__ = ["DEFAULT_LOGGER", "LoggingMiddleware", "LoggingSettings", "from_settings"]
 
 _log = logging.getLogger(__name__)
 
@@ -71,102 +72,10 @@ _FORMATS: Final = {
 }
 
 
-# -- records -------------------------------------------------------------------------------------
-# logging.LogRecord's constructor works out, per record, things that are the same for every line
-# of this middleware (its file name and module, the process) or cheap to look up directly; with a
-# logger enabled it is most of a line's cost.  _record makes the same record (same class, same
-# attributes, same values) for a fraction of that, unless a record factory or a Logger subclass
-# asks for their own records (then logging makes them).
-_FIXED: Final = {
-    "pathname": __file__,
-    "filename": os.path.basename(__file__),
-    "module": os.path.splitext(os.path.basename(__file__))[0],
-    "lineno": 0,
-    "funcName": None,
-    "exc_info": None,
-    "exc_text": None,
-    "stack_info": None,
-}
-_probe = logging.LogRecord("", logging.INFO, "", 0, "", (), None)
-_START: Final = _probe.created - _probe.relativeCreated / 1000.0  # logging's own start time
-_TASK_NAMES: Final = "taskName" in _probe.__dict__  # Python 3.12+
-del _probe
-_process: tuple[int, str | None] | None = None
-"""(process id, process name) of this process, looked up at its first line (and again after a fork;
-a process renamed later keeps its first name in these lines)."""
-
-
-def _forget_process() -> None:
-    global _process
-    _process = None
-
-
-os.register_at_fork(after_in_child=_forget_process)
-
-
-def _look_up_process() -> tuple[int, str | None]:
-    # (process id, process name) as LogRecord finds them, looked up once per process.
-    global _process
-    name: str | None = "MainProcess"
-    mp = sys.modules.get("multiprocessing")
-    if mp is not None:
-        with contextlib.suppress(Exception):  # as logging does: a broken name is no name
-            name = mp.current_process().name
-    _process = (os.getpid(), name)
-    return _process
-
-
+# The lines' records are made by _record, as logging would make them but without its per-record
+# work (see middleware._log_record), unless a record factory or a Logger subclass asks for their own.
+_record: Final = record_maker(__file__)
 _LogRecord: Final = logging.LogRecord
-_new: Final = object.__new__
-
-
-def _record(
-    name: str, level: int, msg: str, args: tuple[Any, ...], extra: dict[str, Any] | None
-) -> logging.LogRecord:
-    """The ``logging.LogRecord`` that ``Logger.makeRecord`` would make for a line of this module."""
-    record = _new(_LogRecord)
-    fields = record.__dict__
-    fields.update(_FIXED)
-    now = time_ns()
-    created = now / 1e9
-    fields["name"] = name
-    fields["msg"] = msg
-    fields["args"] = args
-    fields["levelname"] = logging.getLevelName(level)
-    fields["levelno"] = level
-    fields["created"] = created
-    msecs = (now % 1_000_000_000) // 1_000_000 + 0.0
-    if msecs == 999.0 and int(created) != now // 1_000_000_000:
-        msecs = 0.0  # the float seconds rounded up to the next second (as Python 3.13's logging does)
-    fields["msecs"] = msecs
-    fields["relativeCreated"] = (created - _START) * 1000.0
-    if logging.logThreads:
-        fields["thread"] = threading.get_ident()
-        fields["threadName"] = threading.current_thread().name
-    else:
-        fields["thread"] = fields["threadName"] = None
-    process = _process if _process is not None else _look_up_process()
-    fields["process"] = process[0] if logging.logProcesses else None
-    fields["processName"] = process[1] if logging.logMultiprocessing else None
-    if _TASK_NAMES:
-        fields["taskName"] = _task_name()
-    if extra:
-        fields.update(extra)
-    return record
-
-
-def _task_name() -> str | None:
-    # As LogRecord does on Python 3.12+: the running asyncio task's name, if any.
-    if not getattr(logging, "logAsyncioTasks", False):
-        return None
-    asyncio = sys.modules.get("asyncio")
-    if asyncio is None:
-        return None
-    try:
-        task = asyncio.current_task()
-    except Exception:
-        return None
-    return None if task is None else task.get_name()
 
 
 def _check_logger(logger: Any) -> logging.Logger:
@@ -237,15 +146,15 @@ class LoggingMiddleware(Observer):
         if start is None:
             return
         if error is None:
-            self._write(ctx, "ok", start, None)
-        elif isinstance(error, SkipEvent):
-            self._write(ctx, "skipped", start, None)
-        elif isinstance(error, DeadLetterEvent):
-            self._write(ctx, "dead_lettered", start, error)
-        elif isinstance(error, Exception):
-            self._write(ctx, "failed", start, error)
+            self._write(ctx, OK, start, None)
+            return
+        outcome = outcome_of(error)
+        if outcome == SKIPPED:
+            self._write(ctx, outcome, start, None)
+        elif outcome != CANCELLED:
+            self._write(ctx, outcome, start, error)
 
-    def _write(self, ctx: EventContext, outcome: str, start: float, error: Exception | None) -> None:
+    def _write(self, ctx: EventContext, outcome: Outcome, start: float, error: BaseException | None) -> None:
         # A logging bug must not turn a handler's success into a failure (nor hide its error).
         try:
             duration_ms = (perf_counter() - start) * 1000.0
@@ -284,7 +193,7 @@ class LoggingMiddleware(Observer):
             level = self.level if error is None else max(self.level, logging.WARNING)
             logger = self.logger
             # Building the record + handle is Logger.log without its stack walk for the caller (which
-            # would only ever name this method) and the per-record work described at _record.
+            # would only ever name this method) and the per-record work _record leaves out.
             if type(logger) is logging.Logger and logging.getLogRecordFactory() is _LogRecord:
                 record = _record(logger.name, level, line_format, args, extra)
                 if logger.filters or logger.disabled:
@@ -303,3 +212,20 @@ class LoggingMiddleware(Observer):
             f"LoggingMiddleware(logger={self.logger.name!r}, level={logging.getLevelName(self.level)!r}, "
             f"json={self.json!r}, partitions={self.partitions!r})"
         )
+
+
+@dataclass(frozen=True, slots=True)
+class LoggingSettings(EnvSettings):
+    """``KRULES_HANDLER_LOG_LEVEL``: the level of the lines ``krules run``'s logging middleware logs."""
+
+    handler_log_level: str = setting("INFO", log_level)
+
+
+def from_settings(build: ChainBuild) -> LoggingMiddleware:
+    """The logging middleware ``krules run`` installs: lines at ``KRULES_HANDLER_LOG_LEVEL``, as JSON
+    with ``KRULES_LOG_JSON``, partitions counted as the engine's settings say."""
+    own = LoggingSettings.from_env(build.env)
+    settings = build.settings
+    return LoggingMiddleware(
+        level=own.handler_log_level, json=settings.log_json, partitions=settings.partitions
+    )

@@ -36,27 +36,24 @@ to ``krules.http.server.serve_in_background(engine, routes=[...])`` or ``krules.
 from __future__ import annotations
 
 from bisect import bisect_left
-from itertools import accumulate
 from time import perf_counter, time
 from typing import TYPE_CHECKING, Final
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest
-from prometheus_client import metrics as prometheus_metrics
-from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
-from prometheus_client.registry import Collector
-from prometheus_client.utils import floatToGoString
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
 from krules.errors import ConfigurationError
-from middleware.base import ATTEMPTS, DeadLetterEvent, Observer, SkipEvent
+from middleware._hot_metrics import HotCollector
+from middleware.base import ATTEMPTS, CANCELLED, Observer, outcome_of
 
 if TYPE_CHECKING:
     from krules.context import EventContext
     from krules.events import Event
+    from middleware.registry import ChainBuild
 
-__all__ = ["CIRCUIT_STATES", "DURATION_BUCKETS", "MetricsMiddleware", "metrics_route"]
+__all__ = ["CIRCUIT_STATES", "DURATION_BUCKETS", "MetricsMiddleware", "from_settings", "metrics_route"]
 
 DURATION_BUCKETS: Final = (
     0.0005,
@@ -76,76 +73,8 @@ DURATION_BUCKETS: Final = (
 )
 """Upper bounds (seconds) of the handler duration histogram's buckets (``+Inf`` is added)."""
 
-_EVENTS_HELP: Final = "Events dispatched (root and cascaded)"
-_CALLS_HELP: Final = "Handler calls by outcome"
-_DURATION_HELP: Final = "Duration of handler calls"
-_RETRIES_HELP: Final = "Handler calls retried"
-_OUTCOMES: Final = ("ok", "skipped", "failed", "dead_lettered")
-# The buckets' "le" labels as prometheus_client writes them.
-_BOUNDS: Final[list[str]] = [*(floatToGoString(b) for b in DURATION_BUCKETS), "+Inf"]  # type: ignore[no-untyped-call]
-
 CIRCUIT_STATES: Final = {"closed": 0, "half-open": 1, "half_open": 1, "open": 2}
 """Circuit breaker state -> value of the ``krules_circuit_state`` gauge."""
-
-
-class _HandlerTally:
-    """One handler's call counts and duration histogram, as plain numbers (see :class:`_HotCollector`)."""
-
-    __slots__ = ("buckets", "created", "dead_lettered", "duration_sum", "failed", "ok", "retries", "skipped")
-
-    def __init__(self) -> None:
-        self.created = time()  # the series' creation time (Prometheus' _created)
-        self.ok = self.skipped = self.failed = self.dead_lettered = self.retries = 0
-        self.duration_sum = 0.0
-        self.buckets = [0] * (len(DURATION_BUCKETS) + 1)  # per bucket (not cumulative), +Inf last
-
-
-class _HotCollector(Collector):
-    """The per-call metrics, kept as plain numbers and turned into metric families when scraped.
-
-    A ``prometheus_client`` child takes a lock per increment and checks its state per call; the
-    handler calls of an engine are counted on its event loop, one at a time, so plain integers do
-    the same job for a fraction of the cost.  A scrape reads them as they are at that moment.
-    """
-
-    def __init__(self) -> None:
-        self.events: dict[str, int] = {}
-        self.events_created: dict[str, float] = {}
-        self.handlers: dict[str, _HandlerTally] = {}
-
-    def describe(self) -> list[Metric]:
-        # The names, for the registry's duplicate check (without it, it would collect()).
-        return list(self._families())
-
-    def collect(self) -> list[Metric]:
-        events, calls, duration, retries = self._families()
-        # The _created series, as prometheus_client's own metrics have them (unless switched off
-        # with prometheus_client.disable_created_metrics()).
-        with_created = getattr(prometheus_metrics, "_use_created", True)
-        created = self.events_created if with_created else {}
-        for event_type, count in list(self.events.items()):
-            events.add_metric([event_type], count, created.get(event_type))
-        for handler, tally in list(self.handlers.items()):
-            since = tally.created if with_created else None
-            for outcome in _OUTCOMES:  # every outcome from the first call on, zeros included
-                calls.add_metric([handler, outcome], getattr(tally, outcome), since)
-            cumulative = list(zip(_BOUNDS, accumulate(tally.buckets), strict=True))
-            duration.add_metric([handler], cumulative, tally.duration_sum)
-            if since is not None:
-                duration.add_sample("krules_handler_duration_seconds_created", {"handler": handler}, since)
-            retries.add_metric([handler], tally.retries, since)
-        return [events, calls, duration, retries]
-
-    @staticmethod
-    def _families() -> tuple[
-        CounterMetricFamily, CounterMetricFamily, HistogramMetricFamily, CounterMetricFamily
-    ]:
-        return (
-            CounterMetricFamily("krules_events_received", _EVENTS_HELP, labels=["type"]),
-            CounterMetricFamily("krules_handler_calls", _CALLS_HELP, labels=["handler", "outcome"]),
-            HistogramMetricFamily("krules_handler_duration_seconds", _DURATION_HELP, labels=["handler"]),
-            CounterMetricFamily("krules_handler_retries", _RETRIES_HELP, labels=["handler"]),
-        )
 
 
 class MetricsMiddleware(Observer):
@@ -161,7 +90,7 @@ class MetricsMiddleware(Observer):
             )
         self.registry = registry
         """Where the metrics are registered (serve it with :func:`metrics_route`)."""
-        self._hot = _HotCollector()
+        self._hot = HotCollector(DURATION_BUCKETS)  # the per-call metrics, as plain numbers
         try:
             registry.register(self._hot)
             self.dead_letters = Counter(
@@ -207,17 +136,14 @@ class MetricsMiddleware(Observer):
         name = ctx.rule.name
         tally = handlers.get(name)
         if tally is None:
-            tally = handlers[name] = _HandlerTally()
+            tally = self._hot.tally(name)
         if error is None:
             tally.ok += 1
-        elif isinstance(error, SkipEvent):
-            tally.skipped += 1
-        elif isinstance(error, DeadLetterEvent):
-            tally.dead_lettered += 1
-        elif isinstance(error, Exception):
-            tally.failed += 1
         else:
-            return
+            outcome = outcome_of(error)
+            if outcome == CANCELLED:
+                return
+            setattr(tally, outcome, getattr(tally, outcome) + 1)  # a counter per outcome, named after it
         seconds = perf_counter() - start
         tally.duration_sum += seconds
         tally.buckets[bisect_left(DURATION_BUCKETS, seconds)] += 1
@@ -279,3 +205,9 @@ def metrics_route(source: MetricsMiddleware | CollectorRegistry, path: str = "/m
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     return Route(path, metrics, methods=["GET"], name="metrics")
+
+
+def from_settings(build: ChainBuild) -> MetricsMiddleware:
+    """The metrics middleware ``krules run`` installs (in ``build.metrics_registry``, if given): the
+    built-ins after it in the chain report their dead letters, circuit states and re-routes to it."""
+    return MetricsMiddleware(registry=build.metrics_registry)

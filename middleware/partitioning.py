@@ -25,8 +25,9 @@ from middleware.base import Next, SkipEvent
 
 if TYPE_CHECKING:
     from krules.context import EventContext
+    from middleware.registry import ChainBuild
 
-__all__ = ["PartitioningMiddleware"]
+__all__ = ["PartitioningMiddleware", "from_settings"]
 
 logger = logging.getLogger(__name__)
 
@@ -79,3 +80,18 @@ class PartitioningMiddleware:
                 except Exception:
                     logger.exception("reporting a re-route failed")
         raise SkipEvent
+
+
+def from_settings(build: ChainBuild) -> PartitioningMiddleware | None:
+    """The guard ``krules run`` installs in Redis mode when this instance owns only some of the
+    partitions (None otherwise: nothing to guard, or nowhere to re-route to)."""
+    settings = build.settings
+    owned = settings.owned_partitions
+    if not settings.redis_url or len(owned) >= settings.partitions:
+        return None
+    metrics = build.metrics
+    return PartitioningMiddleware(
+        partitions=settings.partitions,
+        owned=owned,
+        on_reroute=None if metrics is None else metrics.record_reroute,
+    )

@@ -41,14 +41,24 @@ from dataclasses import dataclass
 from random import Random
 from typing import TYPE_CHECKING, Any, Final, Literal, TypeVar
 
+from krules.config import EnvSettings, integer, number, setting
 from krules.errors import ConfigurationError, RuleDefinitionError
 from middleware.base import ATTEMPTS, DeadLetterEvent, Next, SkipEvent, mark_handler
 
 if TYPE_CHECKING:
     from krules.context import EventContext
     from krules.rules import Rule
+    from middleware.registry import ChainBuild
 
-__all__ = ["RETRY_POLICY", "Jitter", "RetryMiddleware", "RetryPolicy", "retry"]
+__all__ = [
+    "RETRY_POLICY",
+    "Jitter",
+    "RetryMiddleware",
+    "RetryPolicy",
+    "RetrySettings",
+    "from_settings",
+    "retry",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -249,3 +259,23 @@ class RetryMiddleware:
             return bound * self._random()
         half = bound / 2
         return half + half * self._random()
+
+
+@dataclass(frozen=True, slots=True)
+class RetrySettings(EnvSettings):
+    """``KRULES_RETRY_*``: the retry middleware ``krules run`` installs."""
+
+    retry_max_attempts: int = setting(10, integer(1, 1000))
+    retry_backoff: float = setting(0.1, number(0.0))
+    retry_cap: float = setting(10.0, number(0.0))
+
+
+def from_settings(build: ChainBuild) -> RetryMiddleware:
+    """The retry middleware ``krules run`` installs: ``KRULES_RETRY_MAX_ATTEMPTS`` caps what a rule
+    asks for, ``KRULES_RETRY_BACKOFF`` and ``KRULES_RETRY_CAP`` are the defaults of a mark."""
+    own = RetrySettings.from_env(build.env)
+    return RetryMiddleware(
+        max_attempts_cap=own.retry_max_attempts,
+        default_backoff=own.retry_backoff,
+        default_cap=own.retry_cap,
+    )

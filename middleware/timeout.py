@@ -24,16 +24,26 @@ from __future__ import annotations
 import asyncio
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
+from krules.config import EnvSettings, optional_seconds, setting
 from krules.errors import ConfigurationError, KRulesError, RuleDefinitionError
 from middleware.base import Next, mark_handler
 
 if TYPE_CHECKING:
     from krules.context import EventContext
     from krules.rules import Rule
+    from middleware.registry import ChainBuild
 
-__all__ = ["TIME_LIMIT", "HandlerTimeoutError", "TimeoutMiddleware", "timeout"]
+__all__ = [
+    "TIME_LIMIT",
+    "HandlerTimeoutError",
+    "TimeoutMiddleware",
+    "TimeoutSettings",
+    "from_settings",
+    "timeout",
+]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -124,3 +134,16 @@ class TimeoutMiddleware:
                 # chained: the cause's traceback shows where the handler was when it was cancelled
                 raise HandlerTimeoutError(ctx.handler_name, limit) from exc
             raise
+
+
+@dataclass(frozen=True, slots=True)
+class TimeoutSettings(EnvSettings):
+    """``KRULES_HANDLER_TIMEOUT``: the limit of rules without ``@timeout`` (none by default)."""
+
+    handler_timeout: float | None = setting(None, optional_seconds)
+
+
+def from_settings(build: ChainBuild) -> TimeoutMiddleware:
+    """The time-out middleware ``krules run`` installs, limiting unmarked rules to
+    ``KRULES_HANDLER_TIMEOUT``."""
+    return TimeoutMiddleware(default=TimeoutSettings.from_env(build.env).handler_timeout)

@@ -25,6 +25,7 @@ from krules.cli.common import (
     require_redis,
 )
 from krules.config import Settings
+from krules.container import settings_from_env
 from krules.dead_letters.admin import DeadLetters
 from krules.dead_letters.record import DeadLetter
 from krules.errors import DeadLetterError
@@ -211,7 +212,7 @@ _DLQ_COMMANDS: Final[dict[str, Callable[[argparse.Namespace, Settings], int]]] =
 
 def command_dlq(args: argparse.Namespace) -> int:
     """``krules dlq list|show|replay|purge``: the dead letters of a Redis-mode deployment."""
-    settings = Settings.from_env()
+    settings = settings_from_env()
     configure_quiet_logging(settings)
     require_redis(settings, f"dlq {args.dlq_command}")
     return _DLQ_COMMANDS[args.dlq_command](args, settings)

@@ -9,7 +9,7 @@ import json
 from typing import Any
 
 from krules.cli.common import UsageError, configure_quiet_logging, url_and_token
-from krules.config import Settings
+from krules.container import settings_from_env
 
 __all__ = ["command_emit"]
 
@@ -32,7 +32,7 @@ def command_emit(args: argparse.Namespace) -> int:
     from krules.transport.stream_client import StreamClient
 
     data = _json_object(args.data) if args.data is not None else None
-    settings = Settings.from_env()
+    settings = settings_from_env()
     configure_quiet_logging(settings)
     if settings.redis_url and not args.url:
         with StreamClient(settings.redis_url, settings.key_prefix) as streams:

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 from krules.cli.common import configure_quiet_logging, format_table, redis_storage, require_redis
 from krules.config import Settings
+from krules.container import settings_from_env
 from krules.errors import KRulesError
 
 if TYPE_CHECKING:
@@ -42,7 +43,7 @@ async def _partition_status(settings: Settings) -> tuple[str, list[PartitionStat
 
 def command_partitions(args: argparse.Namespace) -> int:
     """``krules partitions``: the partition count, owners, stream lengths, pending entries and lag."""
-    settings = Settings.from_env()
+    settings = settings_from_env()
     configure_quiet_logging(settings)
     require_redis(settings, "partitions")
     url, partitions = asyncio.run(_partition_status(settings))

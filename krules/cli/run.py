@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from krules.app import default_container
 from krules.cli.common import configure_logging
-from krules.config import Settings
+from krules.container import settings_from_env
 from krules.engine import Engine
 from krules.errors import StorageError
 from krules.events import Event
@@ -101,7 +101,7 @@ def command_run(args: argparse.Namespace) -> int:
     from krules.assembly import assemble
     from krules.http.server import run
 
-    settings = Settings.from_env(http_host=args.host, http_port=args.port)
+    settings = settings_from_env(http_host=args.host, http_port=args.port)
     configure_logging(settings)
     instance = assemble(settings, container=default_container())  # module-level on/when bind to it
     for module in args.modules:

@@ -11,6 +11,7 @@ from typing import Any
 
 from krules.cli.common import configure_quiet_logging, redis_storage, url_and_token
 from krules.config import Settings
+from krules.container import settings_from_env
 from krules.errors import KRulesError
 
 __all__ = ["command_subject_show"]
@@ -36,7 +37,7 @@ async def _load_from_redis(settings: Settings, name: str) -> tuple[dict[str, Any
 
 
 def command_subject_show(args: argparse.Namespace) -> int:
-    settings = Settings.from_env()
+    settings = settings_from_env()
     configure_quiet_logging(settings)
     if settings.redis_url and not args.url:
         props, ext = asyncio.run(_load_from_redis(settings, args.name))

@@ -6,6 +6,7 @@ import pytest
 
 from krules.config import Settings
 from krules.errors import ConfigurationError
+from middleware.registry import MIDDLEWARE_SETTINGS
 
 
 def test_defaults_are_the_embedded_mode_on_loopback() -> None:
@@ -53,7 +54,7 @@ def test_a_misspelt_krules_variable_is_refused_naming_the_closest_setting() -> N
         ConfigurationError,
         match="KRULES_CIRCUT_FAILURES is not a krules setting; did you mean KRULES_CIRCUIT_FAILURES",
     ):
-        Settings.from_env({"KRULES_CIRCUT_FAILURES": "3"})
+        Settings.from_env({"KRULES_CIRCUT_FAILURES": "3"}, extra=MIDDLEWARE_SETTINGS)
 
 
 def test_partition_ownership_accepts_one_id_a_list_all_and_the_short_variable() -> None:
@@ -78,9 +79,16 @@ def test_partition_ownership_accepts_one_id_a_list_all_and_the_short_variable() 
 )
 def test_bad_partition_and_middleware_settings_are_one_sentence(env: dict[str, str], message: str) -> None:
     with pytest.raises(ConfigurationError, match=message):
-        Settings.from_env(env)
+        Settings.from_env(env, extra=MIDDLEWARE_SETTINGS)
 
 
-def test_a_handler_timeout_can_be_switched_off() -> None:
-    assert Settings.from_env({"KRULES_HANDLER_TIMEOUT": "off"}).handler_timeout is None
-    assert Settings.from_env({"KRULES_HANDLER_TIMEOUT": "2.5"}).handler_timeout == 2.5
+def test_a_container_reads_a_built_in_middleware_setting_from_the_environment_and_refuses_a_misspelt_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from krules.container import KRulesContainer
+
+    monkeypatch.setenv("KRULES_CIRCUIT_FAILURES", "3")
+    assert KRulesContainer().settings() == Settings()
+    monkeypatch.setenv("KRULES_CIRCUT_FAILURES", "3")
+    with pytest.raises(ConfigurationError, match="KRULES_CIRCUIT_FAILURES"):
+        KRulesContainer().settings()

@@ -13,7 +13,7 @@ from krules.errors import ConfigurationError, KRulesError, RuleDefinitionError
 from krules.testing import KRulesTestApp
 from middleware.base import ATTEMPTS
 from middleware.retry import RetryMiddleware, retry
-from middleware.timeout import HandlerTimeoutError, TimeoutMiddleware, timeout
+from middleware.timeout import HandlerTimeoutError, TimeoutMiddleware, TimeoutSettings, timeout
 
 # Real (short) limits: asyncio.timeout runs on the event loop's clock, not on the app's FakeClock.
 LIMIT = 0.05
@@ -166,3 +166,8 @@ def test_the_decorator_written_without_its_limit_says_how_to_write_it() -> None:
 def test_an_invalid_default_is_refused_with_a_configuration_error(default: Any) -> None:
     with pytest.raises(ConfigurationError, match=r"^TimeoutMiddleware got default=.*or None for no limit"):
         TimeoutMiddleware(default=default)
+
+
+def test_a_handler_timeout_can_be_switched_off() -> None:
+    assert TimeoutSettings.from_env({"KRULES_HANDLER_TIMEOUT": "off"}).handler_timeout is None
+    assert TimeoutSettings.from_env({"KRULES_HANDLER_TIMEOUT": "2.5"}).handler_timeout == 2.5

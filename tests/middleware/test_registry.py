@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 from opentelemetry.sdk.trace import TracerProvider
 
 from krules.config import Settings
 from krules.errors import ConfigurationError
 from middleware.circuit_breaker import CircuitBreakerMiddleware
-from middleware.defaults import build_default_chain
-from middleware.names import BUILT_INS, parse_middleware_names
+from middleware.registry import BUILT_INS, MIDDLEWARE_SETTINGS, build_default_chain, parse_middleware_names
+from middleware.retry import RetryMiddleware, RetryPolicy
 
 
 def test_embedded_mode_gets_every_built_in_but_tracing_without_exporter_and_partitioning() -> None:
@@ -36,12 +38,14 @@ def test_an_instance_owning_every_partition_needs_no_guard() -> None:
 def test_the_chosen_built_ins_keep_the_default_order_whatever_the_list_says() -> None:
     assert parse_middleware_names("timeout, logging") == ("logging", "timeout")
     assert parse_middleware_names("none") == ()
-    chain = build_default_chain(Settings(middleware="none"), env={})
+    chain = build_default_chain(Settings(), env={"KRULES_MIDDLEWARE": "none"})
     assert chain.middlewares == [] and chain.metrics is None
 
 
 def test_circuit_settings_reach_the_breaker() -> None:
-    chain = build_default_chain(Settings(middleware="circuit_breaker", circuit_failures=2), env={})
+    chain = build_default_chain(
+        Settings(), env={"KRULES_MIDDLEWARE": "circuit_breaker", "KRULES_CIRCUIT_FAILURES": "2"}
+    )
     (breaker,) = chain.middlewares
     assert isinstance(breaker, CircuitBreakerMiddleware)
 
@@ -49,3 +53,16 @@ def test_circuit_settings_reach_the_breaker() -> None:
 def test_an_unknown_exporter_fails_at_start_up_with_one_sentence() -> None:
     with pytest.raises(ConfigurationError, match="jaeger"):
         build_default_chain(Settings(), env={"OTEL_TRACES_EXPORTER": "jaeger"})
+
+
+def test_each_built_in_is_a_module_that_builds_itself_from_settings() -> None:
+    for name in BUILT_INS:
+        assert callable(importlib.import_module(f"middleware.{name}").from_settings)
+
+
+def test_the_built_ins_read_their_own_settings_which_the_engine_settings_accept_when_handed_over() -> None:
+    env = {"KRULES_RETRY_CAP": "5", "KRULES_MIDDLEWARE": "retry"}
+    assert Settings.from_env(env, extra=MIDDLEWARE_SETTINGS) == Settings()
+    (retry,) = build_default_chain(Settings(), env=env).middlewares
+    assert isinstance(retry, RetryMiddleware)
+    assert retry.delay(RetryPolicy((ValueError,), 9, 100.0, None, None), 1) == 5.0
