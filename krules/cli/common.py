@@ -86,7 +86,7 @@ def configure_quiet_logging(settings: Settings) -> None:
 # -- Redis mode and instances ----------------------------------------------------------------------
 def redis_storage(settings: Settings, **options: Any) -> Any:
     try:
-        from storage.redis.store import create_redis_storage
+        from storage.redis import create_redis_storage
     except ImportError as exc:
         raise ConfigurationError(
             f"KRULES_REDIS_URL is set but the Redis storage cannot be imported ({exc}); "

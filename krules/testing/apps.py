@@ -161,7 +161,7 @@ class RedisModeApp:
     """
 
     def __init__(self, url: str, key_prefix: str, **settings: Any) -> None:
-        from storage.redis.store import create_redis_storage  # the Redis backend only when this is used
+        from storage.redis import create_redis_storage  # the Redis backend only when this is used
 
         defaults: dict[str, Any] = {"partitions": 2, "stream_block_ms": 50, "claim_idle_ms": 300}
         self.settings = Settings(redis_url=url, key_prefix=key_prefix, **{**defaults, **settings})
