@@ -77,14 +77,14 @@ def by_partition(keys: KeySchema, batch: Sequence[SubjectChanges]) -> dict[int, 
 
 
 def store_call(
-    keys: KeySchema, group: Group, token: str, lease: int, commit_keys: list[str], commit: tuple[Arg, ...]
+    keys: KeySchema, group: Group, token: str, lease: int, call_keys: list[str], commit: tuple[Arg, ...]
 ) -> tuple[list[str], list[Arg]]:
     """Return the keys and arguments of one store-script call (the layout is in ``lua/store.lua``).
 
-    ``commit_keys`` and ``commit`` are the commit header's keys and arguments (``[]`` and
-    :data:`NO_COMMIT` for a plain store).  Without callable updates no token nor claim is sent.
+    ``call_keys`` (a fresh list, which the subject keys are appended to) and ``commit`` are the
+    commit header's keys and arguments: ``[]`` and :data:`NO_COMMIT` for a plain store.  Without
+    callable updates no token nor claim is sent.
     """
-    call_keys = [*commit_keys]
     body: list[Any] = []
     any_checks = False
     for changes in group:

@@ -191,19 +191,23 @@ class RedisStorage:
         """Store each group (one partition's changes) with the store script, retrying conflicts
         (:mod:`storage.redis.batches`) up to ``update_attempts`` times, then UpdateConflictError."""
         keys = self.keys
-        commit_keys: list[str] = []
-        commit: tuple[Arg, ...] = NO_COMMIT
         waits = 0
         fresh = True
         for attempt in range(1, self._update_attempts + 1):
             lease = CLAIM_LEASE_MS if attempt > CLAIM_AFTER else 0
-            if receipt is not None:  # a commit has one group: its partition's
+            if receipt is None:
+                calls = [store_call(keys, group, token, lease, [], NO_COMMIT) for group in pending]
+            else:  # a commit: one group, its partition's
                 partition = receipt.partition
-                commit_keys = [keys.processed(partition), keys.stream(partition)]
                 self._commits += 1
                 window = self.dedupe_window_ms if self._commits % _TRIM_EVERY == 0 else 0
                 commit = (receipt.event_id, receipt.entry_id, CONSUMER_GROUP, window)
-            calls = [store_call(keys, group, token, lease, commit_keys, commit) for group in pending]
+                calls = [
+                    store_call(
+                        keys, group, token, lease, [keys.processed(partition), keys.stream(partition)], commit
+                    )
+                    for group in pending
+                ]
             replies = await self._run(
                 partial(self._eval_all, self._store_script, calls),
                 "store subjects %r",
