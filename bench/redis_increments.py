@@ -25,7 +25,7 @@ from typing import Any
 
 from bench._common import report, scale
 from bench._redis import redis_url
-from storage.redis.store import create_redis_storage
+from storage.redis import create_redis_storage
 
 PROCESSES = int(os.environ.get("BENCH_PROCESSES", "2"))
 INCREMENTS = 2000

@@ -18,7 +18,7 @@ from bench import order_cascade
 from bench._common import median_seconds, redis_commands, report, scale
 from bench._redis import redis_url
 from krules import KRulesContainer
-from storage.redis.store import create_redis_storage
+from storage.redis import create_redis_storage
 
 ORDERS = 5_000
 

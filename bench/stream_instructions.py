@@ -22,8 +22,8 @@ from bench._common import report
 from bench._redis import redis_url
 from bench.instructions import instructions
 from krules.transport.stream_client import AsyncStreamClient
+from storage.redis import create_redis_storage
 from storage.redis.keys import KeySchema
-from storage.redis.store import create_redis_storage
 
 SMALL, LARGE, WARM_UP, BATCH = 200, 2200, 200, 100
 
@@ -34,7 +34,7 @@ from bench import order_cascade
 from krules import KRulesContainer
 from krules.config import Settings
 from krules.transport.redis_streams import stream_worker
-from storage.redis.store import create_redis_storage
+from storage.redis import create_redis_storage
 
 async def main(url, prefix, orders):
     settings = Settings(redis_url=url, key_prefix=prefix, stream_batch=100, stream_block_ms=20)

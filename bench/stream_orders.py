@@ -33,8 +33,8 @@ from krules.config import Settings
 from krules.events import Event
 from krules.transport.redis_streams import stream_worker
 from krules.transport.stream_client import AsyncStreamClient
+from storage.redis import create_redis_storage
 from storage.redis._resp_connection import _Link
-from storage.redis.store import create_redis_storage
 
 ORDERS = 5_000
 BATCH = 100

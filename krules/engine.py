@@ -1,5 +1,9 @@
 """The dispatcher: turns, per-subject ordering, concurrent handlers, loop guard and auto-store.
 
+One module of about 480 lines on purpose: the hot path of an event (``emit``, ``process``,
+``_dispatch``, ``_run``) reads top to bottom in one class, its small steps inlined where they run.
+What ``emit`` checks in an event is :mod:`krules.validation`.
+
 Hot path of one event: one memoised registry lookup, one :class:`EventContext` per matching
 handler, and the handler's pre-composed middleware chain.  A single matching handler runs inline in
 the caller's task; several run concurrently in a task group.  A handler that raises (or whose filter
@@ -24,9 +28,7 @@ middleware chains) never come near Python's recursion limit; the loop guard stop
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import re
 from collections.abc import Awaitable, Callable
 from contextvars import Token
 from inspect import isawaitable
@@ -38,10 +40,11 @@ from krules.clock import Clock, SystemClock
 from krules.config import Settings
 from krules.context import EventContext, _current
 from krules.errors import CascadeDepthExceeded, EventFormatError, TurnEndedError, aborts_turn
-from krules.events import DEAD_LETTER_EXTENSION, DEPTH_EXTENSION, REPLAY_EXTENSION, Event, IdGenerator
+from krules.events import REPLAY_EXTENSION, Event, IdGenerator
 from krules.partitioning import partition_of
 from krules.subject import Subject
 from krules.turn import HandlerFailure, Turn
+from krules.validation import check_extensions, check_json, check_payload
 
 if TYPE_CHECKING:
     from krules.ports import EventTransport, Receipt, SubjectStorage
@@ -51,23 +54,6 @@ __all__ = ["Engine"]
 
 logger = logging.getLogger(__name__)
 
-_EXTENSION_NAME: Final = re.compile(r"^[a-z0-9]{1,20}$")
-_RESERVED_NAMES: Final = frozenset(
-    {
-        "id",
-        "source",
-        "type",
-        "subject",
-        "time",
-        "specversion",
-        "datacontenttype",
-        "dataschema",
-        "data",
-        DEPTH_EXTENSION,
-        REPLAY_EXTENSION,
-        DEAD_LETTER_EXTENSION,
-    }
-)
 _BOUNCE_EVERY: Final = 16
 
 EventObserver = Callable[[Event], None]
@@ -80,51 +66,6 @@ def _subject_name(subject: Any) -> tuple[str, Subject | None]:
     if isinstance(subject, str) and subject:
         return subject, None
     raise EventFormatError(f"An event's subject must be a Subject or a non-empty string, not {subject!r}.")
-
-
-def _check_payload(payload: Any) -> dict[str, Any]:
-    if payload is None:
-        return {}
-    if type(payload) is not dict:
-        if isinstance(payload, dict):
-            return dict(payload)
-        raise EventFormatError(
-            f"An event payload must be a dict (a JSON object), not {type(payload).__name__}: {payload!r}."
-        )
-    return payload
-
-
-def _check_extensions(extensions: dict[str, Any]) -> dict[str, Any] | None:
-    for name, value in extensions.items():
-        if not _EXTENSION_NAME.match(name):
-            raise EventFormatError(
-                f"CloudEvents extension name {name!r} is invalid; use 1-20 lowercase letters or digits."
-            )
-        if name in _RESERVED_NAMES:
-            raise EventFormatError(
-                f"{name!r} is a CloudEvents attribute krules sets; it cannot be an extension."
-            )
-        if not isinstance(value, str | int):  # bool is an int
-            raise EventFormatError(
-                f"CloudEvents extension {name!r} must be a string, integer or boolean, not {value!r}."
-            )
-    return extensions or None
-
-
-_SCALARS: Final = frozenset({str, int, float, bool, type(None)})
-
-
-def _check_json(event_type: str, payload: dict[str, Any]) -> dict[str, Any]:
-    for value in payload.values():  # flat payloads of scalars (the usual case) need no encoding
-        if value.__class__ not in _SCALARS or value != value:  # NaN is not JSON
-            break
-    else:
-        return payload
-    try:
-        json.dumps(payload, allow_nan=False)
-    except (TypeError, ValueError) as exc:
-        raise EventFormatError(f"The payload of {event_type!r} is not JSON-serialisable: {exc}") from None
-    return payload
 
 
 async def _sent() -> None:
@@ -216,8 +157,8 @@ class Engine:
             name, subject_obj = subject, None
         else:
             name, subject_obj = _subject_name(subject)
-        data = _check_json(event_type, payload if payload.__class__ is dict else _check_payload(payload))
-        event = self.new_event(event_type, name, data, _check_extensions(extensions) if extensions else None)
+        data = check_json(event_type, payload if payload.__class__ is dict else check_payload(payload))
+        event = self.new_event(event_type, name, data, check_extensions(extensions) if extensions else None)
         if self.transport is not None:
             return self.transport.send([event])
         return self.process(event, subject_obj)
@@ -252,13 +193,13 @@ class Engine:
         if payload is None:
             payload = {}
         elif payload.__class__ is not dict:
-            payload = _check_payload(payload)
+            payload = check_payload(payload)
         parent = ctx._event
         if parent.depth >= self._max_depth:
             raise CascadeDepthExceeded(self._max_depth, [*parent.chain(), f"{event_type}({name})"])
         # ctx.child_event, inlined (hot path)
         ctx.emitted = seq = ctx.emitted + 1
-        extensions = _check_extensions(extensions) if extensions else None
+        extensions = check_extensions(extensions) if extensions else None
         if ctx.emit_extensions is not None:
             extensions = {**ctx.emit_extensions, **extensions} if extensions else ctx.emit_extensions
         child = Event(

@@ -2,7 +2,7 @@
 and a transport that sends events to their partitions.
 
 The core depends on these Protocols only; the drivers (:mod:`storage.memory`, :mod:`storage.redis`,
-:mod:`krules.transport.redis_streams`) implement them, and :mod:`krules.assembly` plugs them in.
+:mod:`krules.transport.redis_transport`) implement them, and :mod:`krules.assembly` plugs them in.
 """
 
 from __future__ import annotations

@@ -2,8 +2,9 @@
 
 Matching never scans every rule.  Rules are indexed by exact event type; glob patterns (``order.*``,
 ``*``) are kept apart, and the rules for an event type are computed once and memoised, so an emit
-costs one dict lookup however many rules do not match.  Registering a rule or a middleware clears
-the memo and re-composes middleware chains; that happens at import time, never on the hot path.
+costs one dict lookup however many rules do not match (measured: ``docs/performance.md``).
+Registering a rule or a middleware clears the memo and re-composes middleware chains; that happens
+at import time, never on the hot path.
 """
 
 from __future__ import annotations

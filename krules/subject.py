@@ -1,5 +1,8 @@
 """Subjects: named, stateful entities whose property changes are events.
 
+One class of about 430 lines, kept whole: the KRules subject API (properties and extended
+properties, each with get/set/delete/has) shares one cache and one set of pending writes.
+
 A subject loads its properties from storage on first use and then serves reads from its cache.
 Writes are cached too (the default) and stored together when the turn ends or on ``store()``;
 ``use_cache=False`` writes go to storage at once, atomically.  ``set`` fires

@@ -19,7 +19,7 @@ dead letters are subjects, see :mod:`krules.dead_letters`).
 
 :class:`EventTransport` appends events to their partitions' streams; :class:`PartitionSource` is
 what :class:`krules.transport.worker.PartitionWorker` reads them from.  The Redis implementation is
-:class:`krules.transport.redis_streams.RedisStreams`.
+:class:`krules.transport.redis_transport.RedisStreams`.
 """
 
 from __future__ import annotations

@@ -35,9 +35,7 @@ class AsyncStreamClient:
     """Appends events to the partition streams of a Redis-mode krules deployment (asyncio)."""
 
     def __init__(self, redis_url: str, key_prefix: str = "krules:") -> None:
-        from storage.redis.store import (
-            create_redis_storage,  # the Redis backend only when this client is used
-        )
+        from storage.redis import create_redis_storage  # the Redis backend only when this client is used
 
         self._storage = create_redis_storage(redis_url, key_prefix)
         self._streams: RedisStreams | None = None

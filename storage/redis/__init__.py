@@ -1,16 +1,18 @@
-"""The Redis subject storage: ``create_redis_storage(url=..., key_prefix=...)``.
+"""The Redis subject storage: ``create_redis_storage(url=..., key_prefix=...)``, or from settings.
 
-:mod:`storage.redis.store` is the storage itself, :mod:`storage.redis.keys` the key schema,
-:mod:`storage.redis.scripts` the Lua scripts of ``lua/``, :mod:`storage.redis.commands` the command
-layer with its retry policy, and :mod:`storage.redis._resp_connection` the private auto-pipelined
-connection it runs on.
+:mod:`storage.redis.factory` makes it; :mod:`storage.redis.store` is the storage itself,
+:mod:`storage.redis.batches` its store-script calls and conflict handling, :mod:`storage.redis.errors`
+its retries and error messages, :mod:`storage.redis.keys` the key schema, :mod:`storage.redis.scripts`
+the Lua scripts of ``lua/``, :mod:`storage.redis.commands` the commands on either kind of connection,
+and :mod:`storage.redis._resp_connection` the private auto-pipelined connection they run on.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from storage.redis.store import RedisStorage, create_redis_storage
+from storage.redis.factory import create_redis_storage
+from storage.redis.store import RedisStorage
 
 if TYPE_CHECKING:
     from krules.config import Settings

@@ -22,7 +22,12 @@ from redis.backoff import NoBackoff
 
 from storage.redis._resp_connection import Arg, Command, MultiplexedConnection
 
-__all__ = ["ClientCommands", "ConnectionCommands", "RedisCommands"]
+__all__ = ["ClientCommands", "ConnectionCommands", "RedisCommands", "text"]
+
+
+def text(value: str | bytes) -> str:
+    """A key, field or value of a reply as ``str`` (a client passed in may reply with ``bytes``)."""
+    return value.decode("utf-8") if isinstance(value, bytes) else value
 
 
 class RedisCommands(Protocol):

@@ -32,7 +32,8 @@ Fields of a subject hash (values are compact JSON, see :func:`storage.base.encod
     x:<name>   an extended property (kept apart: same name, different field)
     m:<name>   metadata, never a property:
       m:w      the tokens of the last callable updates written, newest first (fixed-width, see
-               :mod:`storage.redis`): a write retried after a lost reply is recognised, not re-applied
+               :mod:`storage.redis.batches`): a write retried after a lost reply is recognised, not
+               re-applied
       m:c      a claim ``<token>:<expiry ms>`` by a writer that lost several compare-and-sets in a
                row; other callable updates of the subject wait until it is used or expires
       m:v      (reserved) the subject version a turn's commit will check

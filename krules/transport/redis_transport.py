@@ -1,0 +1,401 @@
+"""The partition streams on Redis: appending events, reading them as a consumer group, recovering.
+
+Made by the entry points of :mod:`krules.transport.redis_streams` (which re-exports these classes).
+
+:class:`RedisStreams` is both the :class:`~krules.transport.base.EventTransport` (``send`` appends each
+event to its partition's stream; the entry format is :mod:`krules.transport.base`'s) and, for an
+instance that owns partitions, the :class:`~krules.transport.base.PartitionSource` its
+:class:`~krules.transport.worker.PartitionWorker` reads.  Keys are :mod:`storage.redis.keys`'s;
+every command goes through the subject storage's connection and retry policy, except the
+blocking ``XREADGROUP``, which has a connection of its own (a blocked read must not hold back the
+storage's replies).
+
+What a consumer does, per partition it owns:
+
+* on :meth:`RedisStreams.open`: check the partition count recorded in Redis (record it when it is
+  the first instance), create the stream and the consumer group ``krules`` if missing, register
+  itself in the instances hash;
+* :meth:`~RedisStreams.read`: first its own pending entries (left by a previous run under the same
+  consumer name, or by a turn whose commit failed), then new ones, ``COUNT`` at a time, blocking;
+  one ``ZMSCORE`` per batch drops the entries whose event id the partition already committed (an
+  event re-sent by a re-run turn, a client retry), acknowledging them;
+* :meth:`~RedisStreams.reclaim`: ``XAUTOCLAIM`` entries idle longer than ``claim_idle_ms`` (a
+  consumer died holding them), with their delivery counts from ``XPENDING``;
+* :meth:`~RedisStreams.forward` appends an entry that belongs to another partition there, marked
+  ``hops=1``, and acknowledges it (an entry the worker will not process becomes a dead-letter
+  subject, committed with its ack through the storage: see :mod:`krules.transport.worker`);
+* :meth:`~RedisStreams.maintain`: refresh the registration, and trim each stream to its oldest
+  entry still pending or not yet delivered (one consumer group per stream, so nothing before that
+  is needed again).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Awaitable, Sequence
+from functools import partial
+from typing import TYPE_CHECKING, Any, Final
+
+from redis.exceptions import ResponseError
+
+from krules.errors import ConfigurationError, EventFormatError
+from krules.events import Event
+from krules.transport.base import ENTRY_FIELD, HOPS_FIELD, Delivery, decode_entry, encode_entry
+from krules.transport.redis_replies import group_info, stream_entries, stream_id, text
+from krules.transport.redis_status import PartitionStatus, partition_status
+from storage.redis import RedisStorage
+from storage.redis._resp_connection import Arg, Command
+from storage.redis.commands import RedisCommands
+from storage.redis.keys import CONSUMER_GROUP
+
+if TYPE_CHECKING:
+    from krules.changes import SubjectChanges
+
+__all__ = ["RedisStreams", "StreamReceipt"]
+
+_log = logging.getLogger("storage.redis_streams")  # its name before the re-layout, kept for logging configs
+
+_CLAIM_COUNT: Final = 100
+
+
+class StreamReceipt:
+    """A stream entry's receipt: committing it runs the storage's commit script, which stores the
+    turn's writes, marks ``event_id`` processed and acknowledges the entry, all at once."""
+
+    __slots__ = ("_storage", "entry_id", "event_id", "partition")
+
+    def __init__(self, storage: RedisStorage, partition: int, event_id: str, entry_id: str) -> None:
+        self._storage = storage
+        self.partition = partition
+        self.event_id = event_id
+        self.entry_id = entry_id
+
+    def commit(self, batch: Sequence[SubjectChanges]) -> Awaitable[bool]:
+        """See :class:`krules.ports.Receipt` (a plain method: no coroutine of its own per turn)."""
+        return self._storage.commit(batch, self)
+
+
+class RedisStreams:
+    """The partition streams of one deployment; see the module docstring."""
+
+    def __init__(
+        self,
+        storage: RedisStorage,
+        *,
+        partitions: Sequence[int] = (),
+        consumer: str = "",
+        claim_idle_ms: int = 30_000,
+        block_timeout: float = 1.0,
+        count_checked: bool = False,
+    ) -> None:
+        """``count_checked``: the storage's partition count was read from Redis, no need to check it."""
+        self.storage = storage
+        self.keys = storage.keys
+        self.partitions = tuple(partitions)
+        self.consumer = consumer
+        self.claim_idle_ms = claim_idle_ms
+        self._commands: RedisCommands = storage.commands
+        self._block_timeout = block_timeout
+        self._reader: RedisCommands | None = None
+        self._cursors = dict.fromkeys(self.partitions, "0")  # "0": own pending entries first
+        self._claim_cursors = dict.fromkeys(self.partitions, "0-0")
+        self._count_checked = count_checked
+
+    # -- the deployment ----------------------------------------------------------------------
+
+    async def check_partition_count(self) -> None:
+        """Record the partition count when none is; refuse (ConfigurationError) a different one."""
+        key, wanted = self.keys.partition_count(), self.keys.partitions
+        commands: list[Command] = [("SET", key, wanted, "NX"), ("GET", key)]
+        reply = await self._run(partial(self._commands.execute_many, commands), "read the partition count")
+        recorded = int(text(reply[1]))
+        if recorded != wanted:
+            raise ConfigurationError(
+                f"The krules deployment under key prefix {self.keys.prefix!r} has {recorded} partitions, "
+                f"but this instance was started with KRULES_PARTITIONS={wanted}; set KRULES_PARTITIONS="
+                f"{recorded} (the count cannot change while subjects are stored by partition)."
+            )
+        self._count_checked = True
+
+    async def check(self) -> None:
+        """The transport's start-up check: the partition count (see :meth:`check_partition_count`)."""
+        await self.check_partition_count()
+
+    async def open(self) -> None:
+        """Check the partition count, create missing streams and groups, register this consumer."""
+        await self.check_partition_count()
+        for partition in self.partitions:
+            await self._create_group(partition)
+        self._reader = self._commands.blocking(self._block_timeout)
+        await self.maintain()
+
+    async def _create_group(self, partition: int) -> None:
+        stream = self.keys.stream(partition)
+
+        async def create() -> None:
+            try:
+                await self._commands.execute("XGROUP", "CREATE", stream, CONSUMER_GROUP, "0", "MKSTREAM")
+            except ResponseError as exc:
+                if not str(exc).startswith("BUSYGROUP"):
+                    raise
+
+        await self._run(create, "create the consumer group of partition %d", partition)
+
+    # -- sending -----------------------------------------------------------------------------
+
+    async def send(self, events: Sequence[Event]) -> list[str]:
+        """Append each event to its partition's stream, in one round trip; return the entry ids."""
+        if not events:
+            return []
+        if not self._count_checked:
+            await self.check_partition_count()
+        keys = self.keys
+        commands: list[Command] = []
+        for event in events:
+            entry = encode_entry(event)
+            commands.append(
+                ("XADD", keys.stream(keys.partition(event.subject)), "*", ENTRY_FIELD, entry[ENTRY_FIELD])
+            )
+        replies = await self._run(
+            partial(self._commands.execute_many, commands), "append %d event(s) to their streams", len(events)
+        )
+        return [text(reply) for reply in replies]
+
+    # -- reading -----------------------------------------------------------------------------
+
+    async def read(self, count: int, block_ms: int) -> list[Delivery]:
+        """This consumer's pending entries first, then new ones; see the module docstring."""
+        if not self.partitions:
+            raise RuntimeError("these streams own no partition to read")
+        reader = self._reader
+        if reader is None:
+            raise RuntimeError("open() the streams before reading them")
+        reply = await self._run(
+            partial(self._read_once, reader, count, block_ms), "read the partition streams"
+        )
+        by_stream = {text(stream): stream_entries(entries) for stream, entries in reply or ()}
+        deliveries: list[Delivery] = []
+        history: list[tuple[int, list[Delivery]]] = []
+        stale: list[tuple[int, str]] = []
+        for partition in self.partitions:
+            cursor = self._cursors[partition]
+            entries = by_stream.get(self.keys.stream(partition), [])
+            if cursor != ">":
+                self._cursors[partition] = entries[-1][0] if entries else ">"
+            mine: list[Delivery] = []
+            for entry_id, fields in entries:
+                if fields is None:  # pending, but trimmed from the stream: nothing left to process
+                    stale.append((partition, entry_id))
+                else:
+                    mine.append(_delivery(partition, entry_id, fields))
+            if cursor != ">" and mine:
+                history.append((partition, mine))
+            deliveries += mine
+        if stale:
+            await self._ack(stale)
+        if history:
+            await self._count_deliveries(history)
+        return await self._drop_committed(deliveries)
+
+    async def _read_once(self, reader: RedisCommands, count: int, block_ms: int) -> Any:
+        streams = [self.keys.stream(p) for p in self.partitions]
+        cursors = [self._cursors[p] for p in self.partitions]
+        args: list[Arg] = ["XREADGROUP", "GROUP", CONSUMER_GROUP, self.consumer, "COUNT", count]
+        if all(cursor == ">" for cursor in cursors):
+            args += ("BLOCK", block_ms)
+        try:
+            return await reader.execute(*args, "STREAMS", *streams, *cursors)
+        except ResponseError as exc:
+            if str(exc).startswith("NOGROUP"):  # a stream was deleted (or the data lost): start it again
+                _log.warning("partition stream or group missing (%s); creating it again", exc)
+                for partition in self.partitions:
+                    await self._create_group(partition)
+            raise
+        except BaseException:
+            # The reply may be lost while the server delivered entries: go over them again.
+            for partition in self.partitions:
+                self._cursors[partition] = "0"
+            raise
+
+    def receipt(self, delivery: Delivery, event_id: str) -> StreamReceipt:
+        """The receipt committing ``delivery``: the writes, ``event_id`` processed, the entry acked."""
+        return StreamReceipt(self.storage, delivery.partition, event_id, delivery.entry_id)
+
+    async def reclaim(self) -> list[Delivery]:
+        """Take over entries left idle longer than ``claim_idle_ms``, with their delivery counts."""
+        commands: list[Command] = [
+            (
+                "XAUTOCLAIM",
+                self.keys.stream(p),
+                CONSUMER_GROUP,
+                self.consumer,
+                self.claim_idle_ms,
+                self._claim_cursors[p],
+                "COUNT",
+                _CLAIM_COUNT,
+            )
+            for p in self.partitions
+        ]
+        if not commands:
+            return []
+        replies = await self._run(partial(self._commands.execute_many, commands), "reclaim idle entries")
+        claimed: list[tuple[int, list[Delivery]]] = []
+        for partition, reply in zip(self.partitions, replies, strict=True):
+            self._claim_cursors[partition] = text(reply[0])
+            found = [
+                _delivery(partition, entry_id, fields)
+                for entry_id, fields in stream_entries(reply[1])
+                if fields is not None
+            ]
+            if found:
+                claimed.append((partition, found))
+        if not claimed:
+            return []
+        await self._count_deliveries(claimed)
+        deliveries = [d for _, found in claimed for d in found]
+        _log.warning(
+            "reclaimed %d entr%s left idle over %d ms by a consumer",
+            len(deliveries),
+            "y" if len(deliveries) == 1 else "ies",
+            self.claim_idle_ms,
+        )
+        return await self._drop_committed(deliveries)
+
+    async def _count_deliveries(self, groups: list[tuple[int, list[Delivery]]]) -> None:
+        """Fill in the delivery counts of entries taken from a pending list (one XPENDING each group)."""
+        commands: list[Command] = [
+            (
+                "XPENDING",
+                self.keys.stream(p),
+                CONSUMER_GROUP,
+                found[0].entry_id,
+                found[-1].entry_id,
+                len(found),
+                self.consumer,
+            )
+            for p, found in groups
+        ]
+        replies = await self._run(partial(self._commands.execute_many, commands), "count deliveries")
+        for (_, found), reply in zip(groups, replies, strict=True):
+            counts = {text(row[0]): int(row[3]) for row in reply or ()}
+            for delivery in found:
+                delivery.deliveries = counts.get(delivery.entry_id, delivery.deliveries)
+
+    async def _drop_committed(self, deliveries: list[Delivery]) -> list[Delivery]:
+        """Acknowledge and leave out the deliveries whose event the partition committed before."""
+        by_partition: dict[int, list[Delivery]] = {}
+        for delivery in deliveries:
+            if delivery.event is not None:
+                by_partition.setdefault(delivery.partition, []).append(delivery)
+        if not by_partition:
+            return deliveries
+        groups = list(by_partition.items())
+        commands: list[Command] = [
+            ("ZMSCORE", self.keys.processed(p), *(d.event.id for d in found if d.event is not None))
+            for p, found in groups
+        ]
+        replies = await self._run(partial(self._commands.execute_many, commands), "check processed events")
+        done: set[tuple[int, str]] = set()
+        for (partition, found), scores in zip(groups, replies, strict=True):
+            for delivery, score in zip(found, scores, strict=True):
+                if score is not None:
+                    done.add((partition, delivery.entry_id))
+        if not done:
+            return deliveries
+        _log.info("dropping %d re-delivered event(s) committed before", len(done))
+        await self._ack(sorted(done))
+        return [d for d in deliveries if (d.partition, d.entry_id) not in done]
+
+    async def _ack(self, entries: Sequence[tuple[int, str]]) -> None:
+        commands: list[Command] = [
+            ("XACK", self.keys.stream(p), CONSUMER_GROUP, entry_id) for p, entry_id in entries
+        ]
+        await self._run(partial(self._commands.execute_many, commands), "acknowledge entries")
+
+    # -- what is not processed ---------------------------------------------------------------
+
+    async def forward(self, delivery: Delivery, partition: int) -> None:
+        """Append ``delivery``'s entry to ``partition``'s stream (``hops=1``), then acknowledge it."""
+        fields = {**delivery.fields, HOPS_FIELD: "1"}
+        flat: list[Arg] = []
+        for name, value in fields.items():
+            flat += (name, value)
+        commands: list[Command] = [
+            ("XADD", self.keys.stream(partition), "*", *flat),
+            ("XACK", self.keys.stream(delivery.partition), CONSUMER_GROUP, delivery.entry_id),
+        ]
+        await self._run(partial(self._commands.execute_many, commands), "forward entry %s", delivery.entry_id)
+        _log.info(
+            "forwarded stream entry %s from partition %d to partition %d (its subject's)",
+            delivery.entry_id,
+            delivery.partition,
+            partition,
+        )
+
+    # -- upkeep ------------------------------------------------------------------------------
+
+    async def maintain(self) -> dict[int, tuple[int | None, int]]:
+        """Refresh this consumer's registration; trim the owned streams to what is still needed.
+
+        Returns each owned partition's ``(lag, pending)``: entries not yet delivered to the group
+        (None when Redis cannot tell) and entries delivered but not acknowledged."""
+        seen = {"partitions": list(self.partitions), "seen": int(time.time() * 1000)}
+        commands: list[Command] = [("HSET", self.keys.instances(), self.consumer, json.dumps(seen))]
+        for p in self.partitions:
+            commands += [
+                ("XPENDING", self.keys.stream(p), CONSUMER_GROUP),
+                ("XINFO", "GROUPS", self.keys.stream(p)),
+            ]
+        replies = await self._run(partial(self._commands.execute_many, commands), "maintain the streams")
+        trims: list[Command] = []
+        figures: dict[int, tuple[int | None, int]] = {}
+        for i, p in enumerate(self.partitions):
+            pending, groups = replies[1 + 2 * i], replies[2 + 2 * i]
+            group = group_info(groups)
+            if group is None:
+                continue
+            lag = group.get("lag")
+            figures[p] = (None if lag is None else int(lag), int(pending[0]) if pending else 0)
+            keep = text(group.get("last-delivered-id", "0-0"))
+            if pending and int(pending[0]) > 0 and pending[1] is not None:
+                keep = min(keep, text(pending[1]), key=stream_id)
+            if keep != "0-0":
+                trims.append(("XTRIM", self.keys.stream(p), "MINID", "~", keep))
+        if trims:
+            await self._run(partial(self._commands.execute_many, trims), "trim the streams")
+        return figures
+
+    async def close(self) -> None:
+        """Unregister this consumer and close the reading connection (the storage stays open)."""
+        if self.partitions and self.consumer:
+            try:
+                await self._run(
+                    partial(self._commands.execute, "HDEL", self.keys.instances(), self.consumer),
+                    "unregister consumer %r",
+                    self.consumer,
+                )
+            except Exception as exc:  # the instance is stopping anyway; its entry just goes stale
+                _log.warning("could not unregister consumer %r: %s", self.consumer, exc)
+        reader, self._reader = self._reader, None
+        if reader is not None and reader is not self._commands:
+            await reader.aclose()
+
+    # -- inspection --------------------------------------------------------------------------
+
+    async def status(self) -> list[PartitionStatus]:
+        """Every partition's figures for ``krules partitions`` (see :mod:`krules.transport.redis_status`)."""
+        return await partition_status(self.storage)
+
+    # -- plumbing ----------------------------------------------------------------------------
+
+    async def _run(self, op: Any, action: str, *details: object) -> Any:
+        return await self.storage.run(op, action, *details)
+
+
+def _delivery(partition: int, entry_id: str, fields: dict[str, str]) -> Delivery:
+    try:
+        return Delivery(partition, entry_id, fields, decode_entry(fields))
+    except EventFormatError as exc:
+        return Delivery(partition, entry_id, fields, None, str(exc))

@@ -1,0 +1,125 @@
+"""What the Redis storage does with a driver error: retry it, or report it in one sentence.
+
+Connection failures, timeouts, a server still loading its data and a read-only replica are retried
+with jittered exponential backoff, then reported as :class:`~krules.errors.StorageUnavailableError`;
+rejected credentials and missing permissions are a :class:`~krules.errors.ConfigurationError`; any
+other refusal a :class:`~krules.errors.StorageError`.  Messages name the server by its URL without
+the password.  The loop that applies this is :meth:`storage.redis.store.RedisStorage.run`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from typing import Final
+from urllib.parse import urlsplit, urlunsplit
+
+from redis.exceptions import (
+    AuthenticationError,
+    AuthenticationWrongNumberOfArgsError,
+    AuthorizationError,
+    NoPermissionError,
+    ReadOnlyError,
+    RedisError,
+    TryAgainError,
+)
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from krules.errors import ConfigurationError, StorageError, StorageUnavailableError
+
+__all__ = [
+    "NOT_RETRIED",
+    "SCRIPT_RELOADS",
+    "TRANSIENT_ERRORS",
+    "back_off",
+    "reason",
+    "redact",
+    "refused",
+    "scripts_lost",
+    "unavailable",
+]
+
+_log = logging.getLogger("storage.redis")  # the storage's logger name since before the re-layout
+
+SCRIPT_RELOADS: Final = 3
+"""Times in a row one operation reloads the Lua scripts before giving up."""
+
+_CREDENTIAL_ERRORS: Final = (AuthenticationError, AuthenticationWrongNumberOfArgsError, AuthorizationError)
+
+NOT_RETRIED: Final = (NoPermissionError, *_CREDENTIAL_ERRORS)
+"""Errors that no retry can fix.  Catch them before :data:`TRANSIENT_ERRORS`: redis-py makes the
+authentication errors subclasses of its ``ConnectionError``."""
+
+# ConnectionError covers refused and dropped connections and BusyLoadingError (a restarted server
+# still loading its data); READONLY and TRYAGAIN are what a failover answers for a moment.
+TRANSIENT_ERRORS: Final = (RedisConnectionError, RedisTimeoutError, ReadOnlyError, TryAgainError)
+"""Errors worth retrying after a pause."""
+
+
+def refused(exc: RedisError, url: str, doing: str) -> StorageError | ConfigurationError:
+    """The error to raise for a driver error not retried; ``doing`` completes "could not ..."."""
+    if isinstance(exc, NoPermissionError):
+        return ConfigurationError(
+            f"Redis at {url} does not permit krules to {doing} ({reason(exc)}); "
+            "grant its user the hash, scripting and SCAN commands on the keys of its prefix."
+        )
+    if isinstance(exc, _CREDENTIAL_ERRORS):
+        return ConfigurationError(
+            f"Redis at {url} refused krules' credentials when asked to "
+            f"{doing} ({reason(exc)}); fix the user name or password in the Redis URL."
+        )
+    return StorageError(f"Redis at {url} refused to {doing}: {reason(exc)}.")
+
+
+def unavailable(
+    exc: Exception, url: str, doing: str, failures: int, started: float
+) -> StorageUnavailableError:
+    """The error to raise when retries are spent; ``started`` is the first attempt's monotonic time."""
+    return StorageUnavailableError(
+        f"Redis at {url} could not {doing} after {failures} attempts "
+        f"in {time.monotonic() - started:.1f} s ({reason(exc)}); check that the server "
+        "is running and reachable at that address."
+    )
+
+
+def scripts_lost(url: str, reloads: int, doing: str) -> StorageError:
+    """The error to raise when the server keeps forgetting the scripts."""
+    return StorageError(
+        f"Redis at {url} forgot krules' Lua scripts {reloads} times while trying to "
+        f"{doing}; check that nothing runs SCRIPT FLUSH in a loop."
+    )
+
+
+async def back_off(exc: Exception, url: str, failures: int, retries: int, backoff: float, cap: float) -> None:
+    """Log a transient failure and pause before retry number ``failures``: ``backoff`` doubling up
+    to ``cap`` seconds, jittered down by up to half so that retrying clients spread out."""
+    delay = min(cap, backoff * 2 ** (failures - 1))
+    delay *= 0.5 + random.random() / 2
+    _log.warning(
+        "Redis at %s failed (%s); retry %d of %d in %.2f s", url, reason(exc), failures, retries, delay
+    )
+    await asyncio.sleep(delay)
+
+
+def reason(exc: Exception) -> str:
+    """The driver's words for a failure, fit to sit inside one of our sentences."""
+    text = " ".join(str(exc).split()).rstrip(".").replace(". ", ": ")
+    return text or type(exc).__name__
+
+
+def redact(url: str) -> str:
+    """Return ``url`` without its password and query string (which may carry one)."""
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        port = parts.port
+    except ValueError:
+        scheme, _, rest = url.partition("://")
+        return f"{scheme}://{rest.rpartition('@')[2].partition('?')[0]}"
+    netloc = (f"[{host}]" if ":" in host else host) + (f":{port}" if port is not None else "")
+    if parts.username:
+        netloc = f"{parts.username}@{netloc}"
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
