@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test bench bench-compare lint install redis-server clean
+.PHONY: run test bench bench-compare bench-instructions lint install redis-server clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -46,6 +46,13 @@ bench-compare: $(STAMP) .venv-krules/bin/python
 	@command -v valgrind >/dev/null 2>&1 && $(BIN)/python -m bench.default_chain --instructions || true
 
 # ruff (lint and format), mypy strict, and the import-linter contracts of pyproject.toml (the layers)
+# Instructions per order under callgrind (the figure that survives a noisy machine): the memory
+# cascade, the default chain, and a Redis-mode drain of prefilled streams.
+bench-instructions: $(STAMP) redis-server
+	$(BIN)/python -m bench.instructions
+	$(BIN)/python -m bench.default_chain --instructions
+	$(BIN)/python -m bench.stream_instructions
+
 lint: $(STAMP)
 	$(BIN)/ruff check krules storage middleware rulesets tests bench
 	$(BIN)/ruff format --check krules storage middleware rulesets tests bench
