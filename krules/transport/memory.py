@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Sequence
 from typing import TYPE_CHECKING
 
 from krules.partitioning import partition_of
-from krules.transport.base import HOPS_FIELD, Delivery, decode_entry, encode_entry
+from krules.transport.base import HOPS_FIELD, Delivery, PartitionFigures, decode_entry, encode_entry
 
 if TYPE_CHECKING:
     from krules.changes import SubjectChanges
@@ -146,12 +146,14 @@ class MemoryStreams:
         self._delivered.discard((delivery.partition, delivery.entry_id))
         self._arrived.set()
 
-    async def maintain(self) -> dict[int, tuple[int | None, int]]:
-        """Each partition's ``(lag, pending)``: entries not delivered yet, and delivered not acked."""
-        figures: dict[int, tuple[int | None, int]] = {}
+    async def maintain(self) -> dict[int, PartitionFigures]:
+        """Each partition's lag and pending entries (entries not delivered yet, and delivered not
+        acked); acknowledged entries are gone at once, so the length is what is left."""
+        figures: dict[int, PartitionFigures] = {}
         for partition in self.partitions:
             pending = sum(1 for key in self._delivered if key[0] == partition)
-            figures[partition] = (len(self.entries[partition]) - pending, pending)
+            length = len(self.entries[partition])
+            figures[partition] = PartitionFigures(length - pending, pending, length)
         return figures
 
     async def close(self) -> None:

@@ -26,7 +26,7 @@ What a consumer does, per partition it owns:
   subject, committed with its ack through the storage: see :mod:`krules.transport.worker`);
 * :meth:`~RedisStreams.maintain`: refresh the registration, and trim each stream to its oldest
   entry still pending or not yet delivered (one consumer group per stream, so nothing before that
-  is needed again).
+  is needed again), ``XTRIM ... LIMIT`` repeated until done, so trimming keeps up at any rate.
 """
 
 from __future__ import annotations
@@ -42,7 +42,14 @@ from redis.exceptions import ResponseError
 
 from krules.errors import ConfigurationError, EventFormatError
 from krules.events import Event
-from krules.transport.base import ENTRY_FIELD, HOPS_FIELD, Delivery, decode_entry, encode_entry
+from krules.transport.base import (
+    ENTRY_FIELD,
+    HOPS_FIELD,
+    Delivery,
+    PartitionFigures,
+    decode_entry,
+    encode_entry,
+)
 from krules.transport.redis_replies import group_info, stream_entries, stream_id, text
 from krules.transport.redis_status import PartitionStatus, partition_status
 from storage.redis import RedisStorage
@@ -58,6 +65,8 @@ __all__ = ["RedisStreams", "StreamReceipt"]
 _log = logging.getLogger("storage.redis_streams")  # its name before the re-layout, kept for logging configs
 
 _CLAIM_COUNT: Final = 100
+_TRIM_LIMIT: Final = 10_000
+"""Entries one ``XTRIM`` may remove: a short call, repeated until the stream is trimmed."""
 
 
 class StreamReceipt:
@@ -336,11 +345,12 @@ class RedisStreams:
 
     # -- upkeep ------------------------------------------------------------------------------
 
-    async def maintain(self) -> dict[int, tuple[int | None, int]]:
+    async def maintain(self) -> dict[int, PartitionFigures]:
         """Refresh this consumer's registration; trim the owned streams to what is still needed.
 
-        Returns each owned partition's ``(lag, pending)``: entries not yet delivered to the group
-        (None when Redis cannot tell) and entries delivered but not acknowledged."""
+        Returns each owned partition's figures: its lag (entries not yet delivered to the group,
+        None when Redis cannot tell), its pending entries (delivered, not acknowledged), its length
+        after trimming and how many entries this upkeep trimmed."""
         seen = {"partitions": list(self.partitions), "seen": int(time.time() * 1000)}
         commands: list[Command] = [("HSET", self.keys.instances(), self.consumer, json.dumps(seen))]
         for p in self.partitions:
@@ -349,23 +359,57 @@ class RedisStreams:
                 ("XINFO", "GROUPS", self.keys.stream(p)),
             ]
         replies = await self._run(partial(self._commands.execute_many, commands), "maintain the streams")
-        trims: list[Command] = []
-        figures: dict[int, tuple[int | None, int]] = {}
+        keep: dict[int, str] = {}
+        measured: dict[int, tuple[int | None, int]] = {}
         for i, p in enumerate(self.partitions):
             pending, groups = replies[1 + 2 * i], replies[2 + 2 * i]
             group = group_info(groups)
             if group is None:
                 continue
             lag = group.get("lag")
-            figures[p] = (None if lag is None else int(lag), int(pending[0]) if pending else 0)
-            keep = text(group.get("last-delivered-id", "0-0"))
+            measured[p] = (None if lag is None else int(lag), int(pending[0]) if pending else 0)
+            oldest = text(group.get("last-delivered-id", "0-0"))
             if pending and int(pending[0]) > 0 and pending[1] is not None:
-                keep = min(keep, text(pending[1]), key=stream_id)
-            if keep != "0-0":
-                trims.append(("XTRIM", self.keys.stream(p), "MINID", "~", keep))
-        if trims:
-            await self._run(partial(self._commands.execute_many, trims), "trim the streams")
-        return figures
+                oldest = min(oldest, text(pending[1]), key=stream_id)
+            if oldest != "0-0":
+                keep[p] = oldest
+        trimmed, lengths = await self._trim(keep, list(measured))
+        return {
+            p: PartitionFigures(lag, pending, lengths[p], trimmed.get(p, 0))
+            for p, (lag, pending) in measured.items()
+        }
+
+    async def _trim(self, keep: dict[int, str], measure: list[int]) -> tuple[dict[int, int], dict[int, int]]:
+        """Trim each stream to the entry ``keep`` names (entries before it are all acknowledged and
+        delivered) with ``XTRIM MINID ~ LIMIT`` until nothing more goes; return the entries trimmed
+        per partition and the lengths of the streams of ``measure`` afterwards.
+
+        Approximate trimming frees whole stream nodes, so the node holding the kept entry stays;
+        ``LIMIT`` keeps each call short (Redis' default limit without it, 10,000 entries a call, is
+        what let a busy stream outgrow its trimming).  A call removing nothing ends a stream's
+        trimming, so every processed entry but those of the last node goes in one upkeep; the
+        ``XLEN`` of each round rides along, the last round's being the lengths after trimming."""
+        trimmed = dict.fromkeys(keep, 0)
+        left = dict(keep)
+        if not left and not measure:
+            return trimmed, {}
+        while True:
+            commands: list[Command] = [
+                ("XTRIM", self.keys.stream(p), "MINID", "~", oldest, "LIMIT", _TRIM_LIMIT)
+                for p, oldest in left.items()
+            ]
+            commands += [("XLEN", self.keys.stream(p)) for p in measure]
+            replies = await self._run(partial(self._commands.execute_many, commands), "trim the streams")
+            progress = False
+            for p, removed in zip(list(left), replies[: len(left)], strict=True):
+                if int(removed):
+                    trimmed[p] += int(removed)
+                    progress = True
+                else:
+                    del left[p]
+            if not progress:
+                lengths = replies[len(replies) - len(measure) :]
+                return trimmed, {p: int(length) for p, length in zip(measure, lengths, strict=True)}
 
     async def close(self) -> None:
         """Unregister this consumer and close the reading connection (the storage stays open)."""

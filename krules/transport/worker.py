@@ -45,7 +45,7 @@ from krules.transport.base import HOPS_FIELD
 
 if TYPE_CHECKING:
     from krules.engine import Engine
-    from krules.transport.base import Delivery, PartitionSource
+    from krules.transport.base import Delivery, PartitionFigures, PartitionSource
 
 __all__ = ["PartitionWorker"]
 
@@ -77,8 +77,8 @@ class PartitionWorker:
         self._reading: asyncio.Task[list[Delivery]] | None = None
         self.processed = 0
         """Entries handled by this worker (turns committed, duplicates dropped, dead letters)."""
-        self.partition_observers: list[Callable[[int, int | None, int], None]] = []
-        """Called with ``(partition, lag, pending)`` at each upkeep (e.g. to export metrics)."""
+        self.partition_observers: list[Callable[[int, PartitionFigures], None]] = []
+        """Called with ``(partition, figures)`` at each upkeep (e.g. to export metrics)."""
         self.dead_letter_observers: list[Callable[[str, str], object]] = []
         """Called with ``("", reason)`` for each entry dead-lettered (the handler is "": none ran),
         e.g. ``MetricsMiddleware.record_dead_letter``."""
@@ -157,10 +157,10 @@ class PartitionWorker:
             except KRulesError as exc:
                 logger.warning("stream upkeep failed (%s); trying again later", exc)
                 continue
-            for partition, (lag, pending) in figures.items():
+            for partition, measured in figures.items():
                 for observe in self.partition_observers:
                     try:
-                        observe(partition, lag, pending)
+                        observe(partition, measured)
                     except Exception:
                         logger.exception("a partition observer failed")
             if reclaimed and not self._stopping:
