@@ -25,12 +25,14 @@ from types import FrameType, TracebackType
 from typing import Any, Final
 
 import uvicorn
+from prometheus_client import CollectorRegistry
 from starlette.routing import BaseRoute
 
 from krules.engine import Engine
 from krules.errors import ServerError
 from krules.http.client import default_url
 from krules.http.ingress import create_ingress_app
+from krules.http.stats import ServerCollector, ServerStats
 
 __all__ = ["KRulesServer", "ServerThread", "bind_socket", "run", "serve_in_background"]
 
@@ -82,11 +84,17 @@ class KRulesServer:
         routes: Sequence[BaseRoute] = (),
         graceful_timeout: int = GRACEFUL_SHUTDOWN_SECONDS,
         access_log: bool = False,
+        metrics_registry: CollectorRegistry | None = None,
     ) -> None:
+        """``metrics_registry``: where to export what the server bounds (:mod:`krules.http.stats`)."""
         self.engine = engine
         self.host = host if host is not None else engine.settings.http_host
         self.port = port if port is not None else engine.settings.http_port
-        self.app = create_ingress_app(engine, routes=routes)
+        self.stats = ServerStats()
+        """What the server refused and closed (exported to ``metrics_registry``, if given)."""
+        if metrics_registry is not None:
+            metrics_registry.register(ServerCollector(self.stats, engine))
+        self.app = create_ingress_app(engine, routes=routes, stats=self.stats)
         self._config = uvicorn.Config(
             self.app,
             log_config=None,  # the process's logging configuration applies (see krules.cli)
@@ -220,14 +228,16 @@ def run(
     *,
     on_started: Callable[[KRulesServer], Any] | None = None,
     routes: Sequence[BaseRoute] = (),
+    metrics_registry: CollectorRegistry | None = None,
 ) -> None:
     """Serve ``engine`` until SIGTERM/SIGINT, then shut down gracefully and return (blocking).
 
     ``on_started(server)`` runs on the event loop once requests are served; a coroutine it
     returns runs alongside until shutdown (see :meth:`KRulesServer.serve`).  ``routes`` are served
-    next to the ingress's own (e.g. ``/metrics``).
+    next to the ingress's own (e.g. ``/metrics``), and ``metrics_registry`` gets the server's own
+    metrics (:mod:`krules.http.stats`).
     """
-    server = KRulesServer(engine, host, port, routes=routes)
+    server = KRulesServer(engine, host, port, routes=routes, metrics_registry=metrics_registry)
     sock = server.bind()
 
     def started() -> Any:

@@ -17,6 +17,7 @@ import itertools
 from collections.abc import Awaitable, Sequence
 from typing import TYPE_CHECKING
 
+from krules.errors import OverloadedError
 from krules.partitioning import partition_of
 from krules.transport.base import HOPS_FIELD, Delivery, PartitionFigures, decode_entry, encode_entry
 
@@ -47,8 +48,11 @@ class MemoryReceipt:
 class MemoryStreams:
     """``partitions`` streams in this process, read by one consumer that owns them all."""
 
-    def __init__(self, storage: SubjectStorage, partitions: int = 1) -> None:
+    def __init__(self, storage: SubjectStorage, partitions: int = 1, max_backlog: int | None = None) -> None:
+        """``max_backlog``: the unacknowledged entries a partition may hold before :meth:`admit`
+        refuses events for it (None: no bound)."""
         self.storage = storage
+        self.max_backlog = max_backlog
         self.total = partitions
         self.partitions = tuple(range(partitions))
         self.entries: dict[int, dict[str, dict[str, str]]] = {p: {} for p in self.partitions}
@@ -64,6 +68,19 @@ class MemoryStreams:
     # -- transport ---------------------------------------------------------------------------
     async def check(self) -> None:
         """Nothing to verify in memory."""
+
+    async def admit(self, events: Sequence[Event]) -> None:
+        """Refuse (OverloadedError) events for a partition holding ``max_backlog`` entries or more."""
+        if self.max_backlog is None:
+            return
+        for partition in {partition_of(event.subject, self.total) for event in events}:
+            backlog = len(self.entries[partition])
+            if backlog >= self.max_backlog:
+                raise OverloadedError(
+                    f"Partition {partition} holds {backlog} unprocessed events, its bound is "
+                    f"{self.max_backlog}; retry later.",
+                    "stream_backlog",
+                )
 
     async def send(self, events: Sequence[Event]) -> list[str]:
         """Append each event to its subject's partition; return the entry ids."""
