@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import errno
 import logging
+import math
 import signal
 import socket
 import threading
@@ -31,6 +32,7 @@ from starlette.routing import BaseRoute
 from krules.engine import Engine
 from krules.errors import ServerError
 from krules.http.client import default_url
+from krules.http.connections import MAX_HEADER_BYTES, ConnectionGuard
 from krules.http.ingress import create_ingress_app
 from krules.http.stats import ServerCollector, ServerStats
 
@@ -94,14 +96,18 @@ class KRulesServer:
         """What the server refused and closed (exported to ``metrics_registry``, if given)."""
         if metrics_registry is not None:
             metrics_registry.register(ServerCollector(self.stats, engine))
+        self.guard = ConnectionGuard(engine.settings, self.stats)
         self.app = create_ingress_app(engine, routes=routes, stats=self.stats)
         self._config = uvicorn.Config(
             self.app,
+            http=self.guard.protocol(),  # h11 with a connection cap and header/idle deadlines
             log_config=None,  # the process's logging configuration applies (see krules.cli)
             lifespan="off",  # the engine's lifecycle is ours, so its errors are ours to report
             access_log=access_log,
             server_header=False,
             timeout_graceful_shutdown=graceful_timeout,
+            timeout_keep_alive=math.ceil(engine.settings.http_idle_timeout) + 1,  # the guard's is first
+            h11_max_incomplete_event_size=MAX_HEADER_BYTES,
         )
         self._uvicorn = uvicorn.Server(self._config)
         self._stop_requested = False
@@ -141,6 +147,10 @@ class KRulesServer:
         except BaseException:
             sock.close()
             raise
+        self.guard.check_descriptor_limit()
+        loop = asyncio.get_running_loop()
+        previous_handler = loop.get_exception_handler()
+        loop.set_exception_handler(self.guard.exception_handler(previous_handler))
         companions: list[asyncio.Future[Any]] = []
         try:
             if self._stop_requested:
@@ -155,6 +165,7 @@ class KRulesServer:
             await asyncio.gather(*companions, return_exceptions=True)
             sock.close()
             await self.engine.close()
+            loop.set_exception_handler(previous_handler)
             logger.info("krules ingress on %s stopped", self.url)
         if self._companion_error is not None:
             raise self._companion_error
