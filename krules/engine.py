@@ -487,9 +487,11 @@ class Engine:
         if self.transport is not None:
             await self.transport.check()
 
-    async def close(self) -> None:
-        """Wait for running turns, then release the storage (once; later calls do nothing)."""
-        await self.settled()
+    async def close(self, *, wait: bool = True) -> None:
+        """Wait for running turns (unless ``wait`` is false: a shutdown past its deadline), then release
+        the storage (once; later calls do nothing)."""
+        if wait:
+            await self.settled()
         if not self._closed:
             self._closed = True
             await self.storage.close()

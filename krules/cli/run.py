@@ -126,7 +126,7 @@ def command_run(args: argparse.Namespace) -> int:
 
     metrics = chain.metrics if chain is not None else None
     try:
-        run(
+        abandoned = run(
             engine,
             on_started=on_started,
             routes=instance.routes,
@@ -134,4 +134,4 @@ def command_run(args: argparse.Namespace) -> int:
         )
     finally:
         instance.close()  # flushes the spans still buffered
-    return 0
+    return 1 if abandoned else 0  # not a clean stop: turns were cut short

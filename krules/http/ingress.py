@@ -108,6 +108,7 @@ class _Ingress:
         self.body_timeout = settings.http_body_timeout
         self._refusals = LogEvery(logger, REFUSAL_LOG_SECONDS)
         self._starting = 0  # turns admitted whose task has not started yet (not in engine.queued)
+        self._abandoned = False
         # Turns run in their own tasks, shielded from a cancelled request (client gone, forced
         # shutdown), so a turn is never cut in the middle of its cascade or its commit.
         self._turns: set[asyncio.Future[Any]] = set()
@@ -308,6 +309,38 @@ class _Ingress:
         self.hold(task, size)
         return await asyncio.shield(task)
 
+    def abandon(self) -> None:
+        """The server gave up waiting (shutdown deadline): cancel the turns and sends still held; their
+        requests are answered 503."""
+        self._abandoned = True
+        for task in list(self._turns):
+            task.cancel()
+
+    def abandoned(self, request: Request, events: list[Event]) -> Response:
+        """The 503 for a request whose events a shutdown abandoned (logged at most once per interval)."""
+        if self.engine.transport is not None:
+            reason = (
+                f"This krules instance stopped before the {len(events)} event(s) of the request were surely "
+                "queued; retry the request (a partition drops an event id it has processed)."
+            )
+        else:
+            reason = (
+                f"This krules instance stopped before the {len(events)} event(s) of the request were "
+                "processed (a turn cut short stores none of its cached writes); retry the request."
+            )
+        self._refusals.log(
+            logging.WARNING,
+            "ingress: answered %s from %s with 503: %s",
+            request.url.path,
+            _peer(request),
+            reason,
+        )
+        return JSONResponse(
+            {"error": reason, "ids": [], "failed": [event.id for event in events]},
+            503,
+            headers={"Retry-After": "1", "Connection": "close"},
+        )
+
     async def _start(self, event: Event) -> Turn:
         self._starting -= 1  # from here on the engine counts the turn (engine.queued)
         return await self.engine.process(event)
@@ -327,9 +360,15 @@ class _Ingress:
         except ClientDisconnect:
             logger.warning("ingress: client %s disconnected before sending the whole body", _peer(request))
             return Response(status_code=400)
-        if self.engine.transport is not None:
-            return await self.enqueue(request, events, size)
-        outcomes = await self.process(events, size)
+        try:
+            if self.engine.transport is not None:
+                return await self.enqueue(request, events, size)
+            outcomes = await self.process(events, size)
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if self._abandoned and current is not None and not current.cancelling():
+                return self.abandoned(request, events)
+            raise
         accepted: list[str] = []
         storage_failures: list[tuple[Event, StorageError]] = []
         other_failures: list[tuple[Event, BaseException]] = []
@@ -490,4 +529,5 @@ def create_ingress_app(
     )
     app.state.engine = engine
     app.state.stats = stats
+    app.state.abandon = ingress.abandon
     return app

@@ -84,7 +84,8 @@ class PartitionWorker:
         e.g. ``MetricsMiddleware.record_dead_letter``."""
 
     async def run(self) -> None:
-        """Open the source and process until :meth:`stop` or cancellation (turns under way go on)."""
+        """Open the source and process until :meth:`stop` or cancellation (turns under way go on; a
+        second cancellation, while they drain, cancels them: their entries stay pending)."""
         await self.source.open()
         logger.info(
             "reading partition(s) %s as consumer %r",
@@ -97,8 +98,14 @@ class PartitionWorker:
         finally:
             upkeep.cancel()
             await asyncio.gather(upkeep, return_exceptions=True)
-            await self.drain()
-            await self.source.close()
+            try:
+                await self.drain()
+            except asyncio.CancelledError:  # cut short (a shutdown deadline): the turns are abandoned,
+                for task in list(self._inflight.values()):  # their entries stay pending
+                    task.cancel()
+                raise
+            finally:
+                await self.source.close()
 
     def stop(self) -> None:
         """Stop reading (an entry being read stays pending, for the next run); turns under way go on."""
