@@ -159,7 +159,8 @@ class KRulesServer:
     async def serve(
         self, sock: socket.socket | None = None, on_started: Callable[[], Any] | None = None
     ) -> None:
-        """Start the engine, serve until :meth:`stop` (or a signal uvicorn catches), then close the engine.
+        """Start the engine, serve until :meth:`stop`, then shut down within the deadline (see the
+        module docstring) and close the engine.
 
         Raises ServerError when the address cannot be bound and StorageError when the storage is
         unreachable.  ``on_started()`` is called once requests are being served; if it returns a

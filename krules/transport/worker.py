@@ -26,7 +26,8 @@ in between only means the entry is taken again and the same dead letter rewritte
 A maintenance task reclaims entries other consumers left idle longer than ``KRULES_CLAIM_IDLE_MS``
 (they died) and keeps the streams trimmed.  :meth:`PartitionWorker.stop` (or cancelling
 :meth:`PartitionWorker.run`) stops reading; the turns under way finish and commit, and
-:meth:`krules.engine.Engine.close` waits for them.
+:meth:`krules.engine.Engine.close` waits for them (cancelling ``run`` again while they drain, as a
+shutdown past its deadline does, cancels them: their entries stay pending, taken again later).
 """
 
 from __future__ import annotations
