@@ -201,7 +201,8 @@ def test_failed_accepts_are_counted_and_logged_once_per_interval_not_per_attempt
             client.close()
         clients.clear()
 
-        assert len([line for line in lines if "cannot accept connections" in line]) == 1
+        logged = [line for line in lines if "cannot accept connections" in line]
+        assert 1 <= len(logged) <= 2  # once per 10 s (two if the machine is slow enough to cross one)
         assert not any("Traceback" in line or "out of system resource" in line for line in lines)
         assert any("may open 48 files, less than KRULES_HTTP_MAX_CONNECTIONS=1000" in line for line in lines)
         with httpx.Client(timeout=GUARD) as http:  # descriptors free again: served, and counted
