@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 
     from krules.engine import Engine
     from krules.ports import SubjectStorage
+    from krules.transport.base import PartitionFigures
     from krules.transport.worker import PartitionWorker
     from middleware.registry import DefaultChain as BuiltChain
 
@@ -163,10 +164,14 @@ def _install_chain(settings: Settings, container: KRulesContainer) -> BuiltChain
     return chain
 
 
-def _partition_exporter(metrics: Any) -> Callable[[int, int | None, int], None]:
-    def export(partition: int, lag: int | None, pending: int) -> None:
-        if lag is not None:
-            metrics.record_partition_lag(partition, lag)
-        metrics.record_partition_pending(partition, pending)
+def _partition_exporter(metrics: Any) -> Callable[[int, PartitionFigures], None]:
+    def export(partition: int, figures: PartitionFigures) -> None:
+        if figures.lag is not None:
+            metrics.record_partition_lag(partition, figures.lag)
+        metrics.record_partition_pending(partition, figures.pending)
+        if figures.length is not None:
+            metrics.record_stream_length(partition, figures.length)
+        if figures.trimmed:
+            metrics.record_stream_trimmed(partition, figures.trimmed)
 
     return export

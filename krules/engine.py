@@ -306,6 +306,17 @@ class Engine:
             if not self._inflight and self._idle is not None:
                 self._idle.set()
 
+    @property
+    def inflight(self) -> int:
+        """Root turns started and not finished: running, or waiting for their subject or a slot."""
+        return self._inflight
+
+    @property
+    def queued(self) -> int:
+        """Root turns waiting for their subject's lane or a slot (what ``KRULES_MAX_QUEUED_TURNS``
+        bounds at the ingress); counted from figures the turns keep anyway, so it costs them nothing."""
+        return self._inflight - self._admission.running
+
     async def settled(self) -> None:
         """Wait until no turn is running or waiting."""
         while self._inflight:
@@ -476,9 +487,11 @@ class Engine:
         if self.transport is not None:
             await self.transport.check()
 
-    async def close(self) -> None:
-        """Wait for running turns, then release the storage (once; later calls do nothing)."""
-        await self.settled()
+    async def close(self, *, wait: bool = True) -> None:
+        """Wait for running turns (unless ``wait`` is false: a shutdown past its deadline), then release
+        the storage (once; later calls do nothing)."""
+        if wait:
+            await self.settled()
         if not self._closed:
             self._closed = True
             await self.storage.close()

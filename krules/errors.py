@@ -62,6 +62,20 @@ class UpdateConflictError(StorageError):
     """Raised when an atomic update keeps losing to concurrent writers beyond the retry bound."""
 
 
+class OverloadedError(KRulesError):
+    """Raised when new events are refused because a bound on what waits is reached (queued turns,
+    a partition stream's backlog): nothing of them was accepted, so the sender retries later.
+
+    ``reason`` names the bound (``queued_turns``, ``queued_bytes``, ``stream_backlog``);
+    ``retry_after`` is the seconds to wait before trying again.
+    """
+
+    def __init__(self, message: str, reason: str, retry_after: int = 1) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.retry_after = retry_after
+
+
 class IngressError(KRulesError):
     """Raised when an event cannot be delivered to a krules instance over HTTP.
 

@@ -99,6 +99,14 @@ class EventTransport(Protocol):
         """Verify the transport can be used (e.g. the partition count matches); raise a KRulesError."""
         ...
 
+    async def admit(self, events: Sequence[Event]) -> None:
+        """Raise :class:`~krules.errors.OverloadedError` when a partition ``events`` go to holds more
+        unprocessed events than the transport's bound (what the ingress asks before accepting them).
+
+        Cheap: it reads figures measured along earlier sends, with a round trip at most about once
+        a second per partition found over its bound (to see it drain)."""
+        ...
+
     async def send(self, events: Sequence[Event]) -> list[str]:
         """Append ``events`` (each to its partition's stream); return the entry ids.
 

@@ -19,6 +19,9 @@ and tests never collide); ``registry=`` injects one.  Metrics:
   (:meth:`MetricsMiddleware.record_circuit_state`).
 - ``krules_partition_lag{partition}`` and ``krules_partition_pending{partition}``:
   :meth:`MetricsMiddleware.record_partition_lag` and :meth:`MetricsMiddleware.record_partition_pending`.
+- ``krules_stream_length{partition}`` and ``krules_stream_trimmed_total{partition}``: a partition
+  stream's length after each upkeep's trimming, and the entries trimmed
+  (:meth:`MetricsMiddleware.record_stream_length`, :meth:`MetricsMiddleware.record_stream_trimmed`).
 - ``krules_rerouted_total{partition}``: events the partitioning middleware sent to their owner's
   partition (:meth:`MetricsMiddleware.record_reroute`).
 
@@ -114,6 +117,18 @@ class MetricsMiddleware(Observer):
                 ["partition"],
                 registry=registry,
             )
+            self.stream_length = Gauge(
+                "krules_stream_length",
+                "Entries in a partition stream after trimming, per partition",
+                ["partition"],
+                registry=registry,
+            )
+            self.stream_trimmed = Counter(
+                "krules_stream_trimmed",
+                "Processed entries trimmed from a partition stream, per partition",
+                ["partition"],
+                registry=registry,
+            )
             self.rerouted = Counter(
                 "krules_rerouted",
                 "Events re-routed to the partition that owns their subject",
@@ -180,6 +195,14 @@ class MetricsMiddleware(Observer):
     def record_partition_pending(self, partition: int, pending: int) -> None:
         """Set how many events of ``partition`` were delivered but are not acknowledged yet."""
         self.partition_pending.labels(str(partition)).set(pending)
+
+    def record_stream_length(self, partition: int, length: int) -> None:
+        """Set how many entries ``partition``'s stream holds after trimming."""
+        self.stream_length.labels(str(partition)).set(length)
+
+    def record_stream_trimmed(self, partition: int, entries: int) -> None:
+        """Count ``entries`` trimmed from ``partition``'s stream (all of them processed)."""
+        self.stream_trimmed.labels(str(partition)).inc(entries)
 
     def record_reroute(self, partition: int) -> None:
         """Count an event re-routed to ``partition``, which owns its subject."""

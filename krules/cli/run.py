@@ -124,8 +124,14 @@ def command_run(args: argparse.Namespace) -> int:
     def on_started(server: KRulesServer) -> Any:
         return alongside(server) if companions else None
 
+    metrics = chain.metrics if chain is not None else None
     try:
-        run(engine, on_started=on_started, routes=instance.routes)
+        abandoned = run(
+            engine,
+            on_started=on_started,
+            routes=instance.routes,
+            metrics_registry=metrics.registry if metrics is not None else None,
+        )
     finally:
         instance.close()  # flushes the spans still buffered
-    return 0
+    return 1 if abandoned else 0  # not a clean stop: turns were cut short

@@ -18,7 +18,16 @@ Routes of :func:`create_ingress_app`:
 
 When ``KRULES_INGRESS_TOKEN`` is set, every route but ``/healthz`` needs ``Authorization: Bearer
 <token>``.  Bodies over ``KRULES_INGRESS_MAX_BYTES`` are refused with 413, by ``Content-Length``
-and again while the body streams in.  Every error is ``{"error": "<one sentence>"}``.
+and again while the body streams in; a body not in within ``KRULES_HTTP_BODY_TIMEOUT`` is a 408
+(and the connection is closed).  Every error is ``{"error": "<one sentence>"}``.
+
+Admission: before anything of a request is accepted, it is refused with ``503`` and ``Retry-After``
+when accepting it would pass a bound on what waits: the request bytes accepted and not yet answered
+(``KRULES_INGRESS_MAX_QUEUED_BYTES``), in embedded mode the turns waiting to run
+(``KRULES_MAX_QUEUED_TURNS``), in Redis mode the unprocessed events of a partition stream it goes
+to (``KRULES_MAX_STREAM_BACKLOG``, as the transport last measured it).  A bound lets one request in
+when nothing waits, whatever its size.  Refusals are counted (:mod:`krules.http.stats`) and logged
+at most once per ``REFUSAL_LOG_SECONDS``.
 """
 
 from __future__ import annotations
@@ -40,8 +49,9 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from krules.engine import Engine
-from krules.errors import EventFormatError, StorageError
+from krules.errors import EventFormatError, OverloadedError, StorageError
 from krules.events import Event, event_from_cloudevent, event_from_dict
+from krules.http.stats import LogEvery, ServerStats
 from krules.turn import Turn
 
 __all__ = ["BATCH_CONTENT_TYPE", "STRUCTURED_CONTENT_TYPE", "create_ingress_app"]
@@ -53,6 +63,10 @@ BATCH_CONTENT_TYPE: Final = "application/cloudevents-batch+json"
 
 _JSON_FORMAT: Final = JSONFormat()
 _BINARY_REQUIRED: Final = ("specversion", "id", "source", "type", "subject")
+_BODY_BYTES: Final = "krules.body_bytes"  # the scope key read_body records the body's size under
+
+REFUSAL_LOG_SECONDS: Final = 10.0
+"""At most one log line per this many seconds about requests refused by admission."""
 
 
 class _Rejected(Exception):
@@ -83,11 +97,18 @@ def _clause(text: str) -> str:
 class _Ingress:
     """The request handlers, bound to one engine and its settings."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, stats: ServerStats) -> None:
         self.engine = engine
         settings = engine.settings
         self.max_bytes = settings.ingress_max_bytes
         self.token = settings.ingress_token.encode() if settings.ingress_token else None
+        self.stats = stats
+        self.max_queued_bytes = settings.ingress_max_queued_bytes
+        self.max_queued_turns = settings.max_queued_turns
+        self.body_timeout = settings.http_body_timeout
+        self._refusals = LogEvery(logger, REFUSAL_LOG_SECONDS)
+        self._starting = 0  # turns admitted whose task has not started yet (not in engine.queued)
+        self._abandoned = False
         # Turns run in their own tasks, shielded from a cancelled request (client gone, forced
         # shutdown), so a turn is never cut in the middle of its cascade or its commit.
         self._turns: set[asyncio.Future[Any]] = set()
@@ -124,11 +145,22 @@ class _Ingress:
                 raise self.too_large()
         chunks: list[bytes] = []
         size = 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > self.max_bytes:
-                raise self.too_large()
-            chunks.append(chunk)
+        try:
+            async with asyncio.timeout(self.body_timeout):
+                async for chunk in request.stream():
+                    size += len(chunk)
+                    if size > self.max_bytes:
+                        raise self.too_large()
+                    chunks.append(chunk)
+        except TimeoutError:
+            self.stats.timeouts["body"] += 1
+            raise _Rejected(
+                408,
+                f"The request body did not arrive within {self.body_timeout:g} seconds "
+                "(KRULES_HTTP_BODY_TIMEOUT); send it at once, or in smaller requests.",
+                {"Connection": "close"},
+            ) from None
+        request.scope[_BODY_BYTES] = size
         return b"".join(chunks)
 
     def too_large(self) -> _Rejected:
@@ -137,6 +169,67 @@ class _Ingress:
             f"The request body is larger than {self.max_bytes} bytes (KRULES_INGRESS_MAX_BYTES); "
             "send smaller batches or raise the limit.",
         )
+
+    # -- admission -------------------------------------------------------------------------------
+    def check_room(self, turns: int, size: int) -> None:
+        """Raise OverloadedError when ``turns`` more turns (embedded) or ``size`` more request bytes
+        would pass their bound; each bound lets a request in when nothing waits."""
+        queued_bytes = self.stats.queued_bytes
+        if queued_bytes and queued_bytes + size > self.max_queued_bytes:
+            raise OverloadedError(
+                f"This krules instance holds {queued_bytes} bytes of requests not yet answered and "
+                f"{size} more would pass KRULES_INGRESS_MAX_QUEUED_BYTES={self.max_queued_bytes}; "
+                "nothing of the request was accepted, so retry it after the time in Retry-After.",
+                "queued_bytes",
+            )
+        engine = self.engine
+        if engine.transport is None:
+            queued = engine.queued + self._starting
+            if queued and queued + turns > self.max_queued_turns:
+                raise OverloadedError(
+                    f"This krules instance has {queued} turns waiting to run and {turns} more would pass "
+                    f"KRULES_MAX_QUEUED_TURNS={self.max_queued_turns}; nothing of the request was "
+                    "accepted, so retry it after the time in Retry-After.",
+                    "queued_turns",
+                )
+
+    def check_declared_room(self, request: Request) -> None:
+        """:meth:`check_room` before reading the body: one turn and the declared ``Content-Length``."""
+        declared = request.headers.get("content-length")
+        self.check_room(1, int(declared) if declared is not None and declared.isdigit() else 0)
+
+    async def admit(self, events: list[Event], size: int) -> None:
+        """Raise OverloadedError when the request's events may not be accepted now (see the module
+        docstring); in Redis mode the transport judges its streams' backlog."""
+        self.check_room(len(events), size)
+        transport = self.engine.transport
+        if transport is not None:
+            await transport.admit(events)
+
+    def refuse(self, request: Request, error: OverloadedError) -> Response:
+        """The 503 telling the sender to retry; counted, and logged at most once per interval."""
+        self.stats.refused[error.reason] = self.stats.refused.get(error.reason, 0) + 1
+        self._refusals.log(
+            logging.WARNING,
+            "ingress: refused %s %s from %s with 503: %s",
+            request.method,
+            request.url.path,
+            _peer(request),
+            error,
+        )
+        return JSONResponse({"error": str(error)}, 503, headers={"Retry-After": str(error.retry_after)})
+
+    def hold(self, task: asyncio.Future[Any], size: int) -> None:
+        """Keep ``task`` (turns or a send, shielded from the request) and its request's bytes
+        counted as queued until it is done."""
+        self.stats.queued_bytes += size
+        self._turns.add(task)
+
+        def done(task: asyncio.Future[Any]) -> None:
+            self._turns.discard(task)
+            self.stats.queued_bytes -= size
+
+        task.add_done_callback(done)
 
     # -- decoding --------------------------------------------------------------------------------
     async def decode(self, request: Request) -> list[Event]:
@@ -208,27 +301,74 @@ class _Ingress:
             ) from None
 
     # -- processing ------------------------------------------------------------------------------
-    async def process(self, events: list[Event]) -> list[Turn | BaseException]:
+    async def process(self, events: list[Event], size: int = 0) -> list[Turn | BaseException]:
         """Run every event as a turn (concurrently) and wait for all of them, even if cancelled."""
-        runs: list[Awaitable[Turn]] = [self.engine.process(event) for event in events]
+        self._starting += len(events)
+        runs: list[Awaitable[Turn]] = [self._start(event) for event in events]
         task: asyncio.Future[list[Turn | BaseException]] = asyncio.gather(*runs, return_exceptions=True)
-        self._turns.add(task)
-        task.add_done_callback(self._turns.discard)
+        self.hold(task, size)
         return await asyncio.shield(task)
+
+    def abandon(self) -> None:
+        """The server gave up waiting (shutdown deadline): cancel the turns and sends still held; their
+        requests are answered 503."""
+        self._abandoned = True
+        for task in list(self._turns):
+            task.cancel()
+
+    def abandoned(self, request: Request, events: list[Event]) -> Response:
+        """The 503 for a request whose events a shutdown abandoned (logged at most once per interval)."""
+        if self.engine.transport is not None:
+            reason = (
+                f"This krules instance stopped before the {len(events)} event(s) of the request were surely "
+                "queued; retry the request (a partition drops an event id it has processed)."
+            )
+        else:
+            reason = (
+                f"This krules instance stopped before the {len(events)} event(s) of the request were "
+                "processed (a turn cut short stores none of its cached writes); retry the request."
+            )
+        self._refusals.log(
+            logging.WARNING,
+            "ingress: answered %s from %s with 503: %s",
+            request.url.path,
+            _peer(request),
+            reason,
+        )
+        return JSONResponse(
+            {"error": reason, "ids": [], "failed": [event.id for event in events]},
+            503,
+            headers={"Retry-After": "1", "Connection": "close"},
+        )
+
+    async def _start(self, event: Event) -> Turn:
+        self._starting -= 1  # from here on the engine counts the turn (engine.queued)
+        return await self.engine.process(event)
 
     # -- endpoints -------------------------------------------------------------------------------
     async def receive(self, request: Request) -> Response:
         try:
             self.authorize(request)
+            self.check_declared_room(request)
             events = await self.decode(request)
+            size: int = request.scope.get(_BODY_BYTES, 0)
+            await self.admit(events, size)
         except _Rejected as rejected:
             return _reject(request, rejected)
+        except OverloadedError as overloaded:
+            return self.refuse(request, overloaded)
         except ClientDisconnect:
             logger.warning("ingress: client %s disconnected before sending the whole body", _peer(request))
             return Response(status_code=400)
-        if self.engine.transport is not None:
-            return await self.enqueue(request, events)
-        outcomes = await self.process(events)
+        try:
+            if self.engine.transport is not None:
+                return await self.enqueue(request, events, size)
+            outcomes = await self.process(events, size)
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if self._abandoned and current is not None and not current.cancelling():
+                return self.abandoned(request, events)
+            raise
         accepted: list[str] = []
         storage_failures: list[tuple[Event, StorageError]] = []
         other_failures: list[tuple[Event, BaseException]] = []
@@ -279,14 +419,13 @@ class _Ingress:
         logger.debug("ingress: accepted %d event(s) from %s", len(accepted), _peer(request))
         return JSONResponse({"accepted": len(accepted), "ids": accepted})
 
-    async def enqueue(self, request: Request, events: list[Event]) -> Response:
+    async def enqueue(self, request: Request, events: list[Event], size: int = 0) -> Response:
         """Redis mode: append the events to their partitions' streams (shielded from a cancelled request)."""
         transport = self.engine.transport
         if transport is None:
             raise RuntimeError("enqueue needs an engine with a transport")
         task = asyncio.ensure_future(transport.send(events))
-        self._turns.add(task)
-        task.add_done_callback(self._turns.discard)
+        self.hold(task, size)
         try:
             await asyncio.shield(task)
         except StorageError as exc:
@@ -370,9 +509,14 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     return _reject(request, _Rejected(status, reason, dict(headers) if headers else None))
 
 
-def create_ingress_app(engine: Engine, *, routes: Sequence[BaseRoute] = ()) -> Starlette:
-    """The Starlette app that feeds ``engine`` from HTTP; ``routes`` are added after the built-in ones."""
-    ingress = _Ingress(engine)
+def create_ingress_app(
+    engine: Engine, *, routes: Sequence[BaseRoute] = (), stats: ServerStats | None = None
+) -> Starlette:
+    """The Starlette app that feeds ``engine`` from HTTP; ``routes`` are added after the built-in ones.
+
+    ``stats`` is where it counts what it refuses (``app.state.stats``; a new one by default)."""
+    stats = stats if stats is not None else ServerStats()
+    ingress = _Ingress(engine, stats)
     app = Starlette(
         routes=[
             Route("/", ingress.receive, methods=["POST"]),
@@ -384,4 +528,6 @@ def create_ingress_app(engine: Engine, *, routes: Sequence[BaseRoute] = ()) -> S
         exception_handlers={HTTPException: _http_error},
     )
     app.state.engine = engine
+    app.state.stats = stats
+    app.state.abandon = ingress.abandon
     return app

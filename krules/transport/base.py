@@ -27,7 +27,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Final, Protocol
+from typing import Any, Final, NamedTuple, Protocol
 
 from krules.errors import EventFormatError
 from krules.events import Event, event_from_dict
@@ -38,6 +38,7 @@ __all__ = [
     "HOPS_FIELD",
     "Delivery",
     "EventTransport",
+    "PartitionFigures",
     "PartitionSource",
     "decode_entry",
     "encode_entry",
@@ -91,6 +92,19 @@ class Delivery:
     """How many times the entry has been delivered, this time included."""
 
 
+class PartitionFigures(NamedTuple):
+    """One owned partition's figures, measured at upkeep (see :meth:`PartitionSource.maintain`)."""
+
+    lag: int | None
+    """Entries not yet delivered to the consumer group (None when the source cannot tell)."""
+    pending: int
+    """Entries delivered but not yet acknowledged."""
+    length: int | None = None
+    """Entries in the stream after trimming (None when the source keeps no such thing)."""
+    trimmed: int = 0
+    """Entries removed by this upkeep (all processed: trimming stops at the oldest one still needed)."""
+
+
 class PartitionSource(Protocol):
     """The partitions an instance owns, as a source of deliveries (Redis Streams in practice)."""
 
@@ -120,9 +134,9 @@ class PartitionSource(Protocol):
         """Append the entry to ``partition``'s stream (marked as forwarded), then acknowledge it."""
         ...
 
-    async def maintain(self) -> dict[int, tuple[int | None, int]]:
+    async def maintain(self) -> dict[int, PartitionFigures]:
         """Periodic upkeep: refresh this consumer's registration, trim what every consumer has read;
-        return each owned partition's ``(lag, pending)`` (lag None when unknown)."""
+        return each owned partition's figures."""
         ...
 
     async def close(self) -> None:

@@ -17,8 +17,9 @@ import itertools
 from collections.abc import Awaitable, Sequence
 from typing import TYPE_CHECKING
 
+from krules.errors import OverloadedError
 from krules.partitioning import partition_of
-from krules.transport.base import HOPS_FIELD, Delivery, decode_entry, encode_entry
+from krules.transport.base import HOPS_FIELD, Delivery, PartitionFigures, decode_entry, encode_entry
 
 if TYPE_CHECKING:
     from krules.changes import SubjectChanges
@@ -47,8 +48,11 @@ class MemoryReceipt:
 class MemoryStreams:
     """``partitions`` streams in this process, read by one consumer that owns them all."""
 
-    def __init__(self, storage: SubjectStorage, partitions: int = 1) -> None:
+    def __init__(self, storage: SubjectStorage, partitions: int = 1, max_backlog: int | None = None) -> None:
+        """``max_backlog``: the unacknowledged entries a partition may hold before :meth:`admit`
+        refuses events for it (None: no bound)."""
         self.storage = storage
+        self.max_backlog = max_backlog
         self.total = partitions
         self.partitions = tuple(range(partitions))
         self.entries: dict[int, dict[str, dict[str, str]]] = {p: {} for p in self.partitions}
@@ -64,6 +68,19 @@ class MemoryStreams:
     # -- transport ---------------------------------------------------------------------------
     async def check(self) -> None:
         """Nothing to verify in memory."""
+
+    async def admit(self, events: Sequence[Event]) -> None:
+        """Refuse (OverloadedError) events for a partition holding ``max_backlog`` entries or more."""
+        if self.max_backlog is None:
+            return
+        for partition in {partition_of(event.subject, self.total) for event in events}:
+            backlog = len(self.entries[partition])
+            if backlog >= self.max_backlog:
+                raise OverloadedError(
+                    f"Partition {partition} holds {backlog} unprocessed events, its bound is "
+                    f"{self.max_backlog}; retry later.",
+                    "stream_backlog",
+                )
 
     async def send(self, events: Sequence[Event]) -> list[str]:
         """Append each event to its subject's partition; return the entry ids."""
@@ -146,12 +163,14 @@ class MemoryStreams:
         self._delivered.discard((delivery.partition, delivery.entry_id))
         self._arrived.set()
 
-    async def maintain(self) -> dict[int, tuple[int | None, int]]:
-        """Each partition's ``(lag, pending)``: entries not delivered yet, and delivered not acked."""
-        figures: dict[int, tuple[int | None, int]] = {}
+    async def maintain(self) -> dict[int, PartitionFigures]:
+        """Each partition's lag and pending entries (entries not delivered yet, and delivered not
+        acked); acknowledged entries are gone at once, so the length is what is left."""
+        figures: dict[int, PartitionFigures] = {}
         for partition in self.partitions:
             pending = sum(1 for key in self._delivered if key[0] == partition)
-            figures[partition] = (len(self.entries[partition]) - pending, pending)
+            length = len(self.entries[partition])
+            figures[partition] = PartitionFigures(length - pending, pending, length)
         return figures
 
     async def close(self) -> None:

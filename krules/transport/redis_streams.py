@@ -72,6 +72,7 @@ def stream_worker(engine: Engine, storage: RedisStorage) -> PartitionWorker:
         consumer=settings.consumer or default_consumer(owned, settings.partitions),
         claim_idle_ms=settings.claim_idle_ms,
         block_timeout=settings.stream_block_ms / 1000,
+        max_backlog=settings.max_stream_backlog,
     )
     engine.transport = streams
     return PartitionWorker(engine, streams)

@@ -26,7 +26,7 @@ What a consumer does, per partition it owns:
   subject, committed with its ack through the storage: see :mod:`krules.transport.worker`);
 * :meth:`~RedisStreams.maintain`: refresh the registration, and trim each stream to its oldest
   entry still pending or not yet delivered (one consumer group per stream, so nothing before that
-  is needed again).
+  is needed again), ``XTRIM ... LIMIT`` repeated until done, so trimming keeps up at any rate.
 """
 
 from __future__ import annotations
@@ -40,9 +40,16 @@ from typing import TYPE_CHECKING, Any, Final
 
 from redis.exceptions import ResponseError
 
-from krules.errors import ConfigurationError, EventFormatError
+from krules.errors import ConfigurationError, EventFormatError, KRulesError, OverloadedError
 from krules.events import Event
-from krules.transport.base import ENTRY_FIELD, HOPS_FIELD, Delivery, decode_entry, encode_entry
+from krules.transport.base import (
+    ENTRY_FIELD,
+    HOPS_FIELD,
+    Delivery,
+    PartitionFigures,
+    decode_entry,
+    encode_entry,
+)
 from krules.transport.redis_replies import group_info, stream_entries, stream_id, text
 from krules.transport.redis_status import PartitionStatus, partition_status
 from storage.redis import RedisStorage
@@ -58,6 +65,10 @@ __all__ = ["RedisStreams", "StreamReceipt"]
 _log = logging.getLogger("storage.redis_streams")  # its name before the re-layout, kept for logging configs
 
 _CLAIM_COUNT: Final = 100
+_MEASURE_EVERY: Final = 1.0
+"""Seconds a partition's measured backlog is trusted before it is measured again."""
+_TRIM_LIMIT: Final = 10_000
+"""Entries one ``XTRIM`` may remove: a short call, repeated until the stream is trimmed."""
 
 
 class StreamReceipt:
@@ -89,8 +100,11 @@ class RedisStreams:
         claim_idle_ms: int = 30_000,
         block_timeout: float = 1.0,
         count_checked: bool = False,
+        max_backlog: int | None = None,
     ) -> None:
-        """``count_checked``: the storage's partition count was read from Redis, no need to check it."""
+        """``count_checked``: the storage's partition count was read from Redis, no need to check it.
+        ``max_backlog``: the unprocessed entries (lag + pending) a partition's stream may hold before
+        :meth:`admit` refuses events for it (None: no bound, and no measuring)."""
         self.storage = storage
         self.keys = storage.keys
         self.partitions = tuple(partitions)
@@ -102,6 +116,9 @@ class RedisStreams:
         self._cursors = dict.fromkeys(self.partitions, "0")  # "0": own pending entries first
         self._claim_cursors = dict.fromkeys(self.partitions, "0-0")
         self._count_checked = count_checked
+        self.max_backlog = max_backlog
+        self._backlog: dict[int, tuple[int, float]] = {}  # partition -> (unprocessed, measured at)
+        self._full: set[int] = set()  # partitions measured at or over max_backlog
 
     # -- the deployment ----------------------------------------------------------------------
 
@@ -145,23 +162,87 @@ class RedisStreams:
 
     # -- sending -----------------------------------------------------------------------------
 
+    async def admit(self, events: Sequence[Event]) -> None:
+        """Refuse (OverloadedError) events for a partition whose stream was last measured holding
+        ``max_backlog`` unprocessed entries or more (see :class:`krules.ports.EventTransport`).
+
+        The measures ride along with :meth:`send` (at most one a second per partition); a partition
+        found full is measured again here when its measure is a second old, so it is let in again
+        once its owner has worked the backlog down."""
+        if not self._full:
+            return
+        keys = self.keys
+        full = {p for p in {keys.partition(event.subject) for event in events} if p in self._full}
+        if not full:
+            return
+        stale = [p for p in full if time.monotonic() - self._backlog[p][1] >= _MEASURE_EVERY]
+        if stale:
+            commands: list[Command] = []
+            for p in stale:
+                commands += _measure(keys.stream(p))
+            try:
+                replies = await self._run(
+                    partial(self._commands.execute_many, commands), "measure the backlog of the streams"
+                )
+            except KRulesError:  # the bound is a guard, not a gate: let the send tell what is wrong
+                self._full.difference_update(stale)
+                return
+            self._measured(stale, replies)
+        for p in sorted(full & self._full):
+            backlog = self._backlog[p][0]
+            raise OverloadedError(
+                f"Partition {p}'s stream holds {backlog} events not yet processed, at its bound "
+                f"(KRULES_MAX_STREAM_BACKLOG={self.max_backlog}); nothing was queued, so retry after "
+                "a while.",
+                "stream_backlog",
+            )
+
     async def send(self, events: Sequence[Event]) -> list[str]:
-        """Append each event to its partition's stream, in one round trip; return the entry ids."""
+        """Append each event to its partition's stream, in one round trip; return the entry ids.
+
+        With a ``max_backlog``, the backlog of the streams appended to is measured in the same round
+        trip, at most once a second per partition (for :meth:`admit`)."""
         if not events:
             return []
         if not self._count_checked:
             await self.check_partition_count()
         keys = self.keys
         commands: list[Command] = []
+        partitions: set[int] = set()
         for event in events:
-            entry = encode_entry(event)
+            partition = keys.partition(event.subject)
+            partitions.add(partition)
             commands.append(
-                ("XADD", keys.stream(keys.partition(event.subject)), "*", ENTRY_FIELD, entry[ENTRY_FIELD])
+                ("XADD", keys.stream(partition), "*", ENTRY_FIELD, encode_entry(event)[ENTRY_FIELD])
             )
+        measure: list[int] = []
+        if self.max_backlog is not None:
+            now = time.monotonic()
+            backlog = self._backlog
+            measure = [p for p in partitions if p not in backlog or now - backlog[p][1] >= _MEASURE_EVERY]
+            for p in measure:
+                commands += _measure(keys.stream(p))  # after the XADDs: the stream exists by then
         replies = await self._run(
             partial(self._commands.execute_many, commands), "append %d event(s) to their streams", len(events)
         )
-        return [text(reply) for reply in replies]
+        if measure:
+            self._measured(measure, replies[len(events) :])
+        return [text(reply) for reply in replies[: len(events)]]
+
+    def _measured(self, partitions: list[int], replies: Sequence[Any]) -> None:
+        """Record the backlog of ``partitions`` from their :func:`_measure` replies."""
+        now = time.monotonic()
+        limit = self.max_backlog
+        for i, p in enumerate(partitions):
+            group, length = group_info(replies[2 * i]), int(replies[2 * i + 1])
+            lag = None if group is None else group.get("lag")
+            # no group yet, or Redis cannot tell its lag: the length bounds the backlog
+            backlog = length if group is None or lag is None else int(lag) + int(group.get("pending", 0))
+            self._backlog[p] = (backlog, now)
+            if limit is not None and backlog >= limit:
+                self._full.add(p)
+            else:
+                self._full.discard(p)
 
     # -- reading -----------------------------------------------------------------------------
 
@@ -336,11 +417,12 @@ class RedisStreams:
 
     # -- upkeep ------------------------------------------------------------------------------
 
-    async def maintain(self) -> dict[int, tuple[int | None, int]]:
+    async def maintain(self) -> dict[int, PartitionFigures]:
         """Refresh this consumer's registration; trim the owned streams to what is still needed.
 
-        Returns each owned partition's ``(lag, pending)``: entries not yet delivered to the group
-        (None when Redis cannot tell) and entries delivered but not acknowledged."""
+        Returns each owned partition's figures: its lag (entries not yet delivered to the group,
+        None when Redis cannot tell), its pending entries (delivered, not acknowledged), its length
+        after trimming and how many entries this upkeep trimmed."""
         seen = {"partitions": list(self.partitions), "seen": int(time.time() * 1000)}
         commands: list[Command] = [("HSET", self.keys.instances(), self.consumer, json.dumps(seen))]
         for p in self.partitions:
@@ -349,23 +431,57 @@ class RedisStreams:
                 ("XINFO", "GROUPS", self.keys.stream(p)),
             ]
         replies = await self._run(partial(self._commands.execute_many, commands), "maintain the streams")
-        trims: list[Command] = []
-        figures: dict[int, tuple[int | None, int]] = {}
+        keep: dict[int, str] = {}
+        measured: dict[int, tuple[int | None, int]] = {}
         for i, p in enumerate(self.partitions):
             pending, groups = replies[1 + 2 * i], replies[2 + 2 * i]
             group = group_info(groups)
             if group is None:
                 continue
             lag = group.get("lag")
-            figures[p] = (None if lag is None else int(lag), int(pending[0]) if pending else 0)
-            keep = text(group.get("last-delivered-id", "0-0"))
+            measured[p] = (None if lag is None else int(lag), int(pending[0]) if pending else 0)
+            oldest = text(group.get("last-delivered-id", "0-0"))
             if pending and int(pending[0]) > 0 and pending[1] is not None:
-                keep = min(keep, text(pending[1]), key=stream_id)
-            if keep != "0-0":
-                trims.append(("XTRIM", self.keys.stream(p), "MINID", "~", keep))
-        if trims:
-            await self._run(partial(self._commands.execute_many, trims), "trim the streams")
-        return figures
+                oldest = min(oldest, text(pending[1]), key=stream_id)
+            if oldest != "0-0":
+                keep[p] = oldest
+        trimmed, lengths = await self._trim(keep, list(measured))
+        return {
+            p: PartitionFigures(lag, pending, lengths[p], trimmed.get(p, 0))
+            for p, (lag, pending) in measured.items()
+        }
+
+    async def _trim(self, keep: dict[int, str], measure: list[int]) -> tuple[dict[int, int], dict[int, int]]:
+        """Trim each stream to the entry ``keep`` names (entries before it are all acknowledged and
+        delivered) with ``XTRIM MINID ~ LIMIT`` until nothing more goes; return the entries trimmed
+        per partition and the lengths of the streams of ``measure`` afterwards.
+
+        Approximate trimming frees whole stream nodes, so the node holding the kept entry stays;
+        ``LIMIT`` keeps each call short (Redis' default limit without it, 10,000 entries a call, is
+        what let a busy stream outgrow its trimming).  A call removing nothing ends a stream's
+        trimming, so every processed entry but those of the last node goes in one upkeep; the
+        ``XLEN`` of each round rides along, the last round's being the lengths after trimming."""
+        trimmed = dict.fromkeys(keep, 0)
+        left = dict(keep)
+        if not left and not measure:
+            return trimmed, {}
+        while True:
+            commands: list[Command] = [
+                ("XTRIM", self.keys.stream(p), "MINID", "~", oldest, "LIMIT", _TRIM_LIMIT)
+                for p, oldest in left.items()
+            ]
+            commands += [("XLEN", self.keys.stream(p)) for p in measure]
+            replies = await self._run(partial(self._commands.execute_many, commands), "trim the streams")
+            progress = False
+            for p, removed in zip(list(left), replies[: len(left)], strict=True):
+                if int(removed):
+                    trimmed[p] += int(removed)
+                    progress = True
+                else:
+                    del left[p]
+            if not progress:
+                lengths = replies[len(replies) - len(measure) :]
+                return trimmed, {p: int(length) for p, length in zip(measure, lengths, strict=True)}
 
     async def close(self) -> None:
         """Unregister this consumer and close the reading connection (the storage stays open)."""
@@ -392,6 +508,11 @@ class RedisStreams:
 
     async def _run(self, op: Any, action: str, *details: object) -> Any:
         return await self.storage.run(op, action, *details)
+
+
+def _measure(stream: str) -> list[Command]:
+    """The commands measuring a stream's backlog: its consumer group's lag and pending, its length."""
+    return [("XINFO", "GROUPS", stream), ("XLEN", stream)]
 
 
 def _delivery(partition: int, entry_id: str, fields: dict[str, str]) -> Delivery:

@@ -26,7 +26,8 @@ in between only means the entry is taken again and the same dead letter rewritte
 A maintenance task reclaims entries other consumers left idle longer than ``KRULES_CLAIM_IDLE_MS``
 (they died) and keeps the streams trimmed.  :meth:`PartitionWorker.stop` (or cancelling
 :meth:`PartitionWorker.run`) stops reading; the turns under way finish and commit, and
-:meth:`krules.engine.Engine.close` waits for them.
+:meth:`krules.engine.Engine.close` waits for them (cancelling ``run`` again while they drain, as a
+shutdown past its deadline does, cancels them: their entries stay pending, taken again later).
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ from krules.transport.base import HOPS_FIELD
 
 if TYPE_CHECKING:
     from krules.engine import Engine
-    from krules.transport.base import Delivery, PartitionSource
+    from krules.transport.base import Delivery, PartitionFigures, PartitionSource
 
 __all__ = ["PartitionWorker"]
 
@@ -77,14 +78,15 @@ class PartitionWorker:
         self._reading: asyncio.Task[list[Delivery]] | None = None
         self.processed = 0
         """Entries handled by this worker (turns committed, duplicates dropped, dead letters)."""
-        self.partition_observers: list[Callable[[int, int | None, int], None]] = []
-        """Called with ``(partition, lag, pending)`` at each upkeep (e.g. to export metrics)."""
+        self.partition_observers: list[Callable[[int, PartitionFigures], None]] = []
+        """Called with ``(partition, figures)`` at each upkeep (e.g. to export metrics)."""
         self.dead_letter_observers: list[Callable[[str, str], object]] = []
         """Called with ``("", reason)`` for each entry dead-lettered (the handler is "": none ran),
         e.g. ``MetricsMiddleware.record_dead_letter``."""
 
     async def run(self) -> None:
-        """Open the source and process until :meth:`stop` or cancellation (turns under way go on)."""
+        """Open the source and process until :meth:`stop` or cancellation (turns under way go on; a
+        second cancellation, while they drain, cancels them: their entries stay pending)."""
         await self.source.open()
         logger.info(
             "reading partition(s) %s as consumer %r",
@@ -97,8 +99,14 @@ class PartitionWorker:
         finally:
             upkeep.cancel()
             await asyncio.gather(upkeep, return_exceptions=True)
-            await self.drain()
-            await self.source.close()
+            try:
+                await self.drain()
+            except asyncio.CancelledError:  # cut short (a shutdown deadline): the turns are abandoned,
+                for task in list(self._inflight.values()):  # their entries stay pending
+                    task.cancel()
+                raise
+            finally:
+                await self.source.close()
 
     def stop(self) -> None:
         """Stop reading (an entry being read stays pending, for the next run); turns under way go on."""
@@ -157,10 +165,10 @@ class PartitionWorker:
             except KRulesError as exc:
                 logger.warning("stream upkeep failed (%s); trying again later", exc)
                 continue
-            for partition, (lag, pending) in figures.items():
+            for partition, measured in figures.items():
                 for observe in self.partition_observers:
                     try:
-                        observe(partition, lag, pending)
+                        observe(partition, measured)
                     except Exception:
                         logger.exception("a partition observer failed")
             if reclaimed and not self._stopping:

@@ -14,6 +14,7 @@ from krules.container import KRulesContainer
 from krules.context import EventContext
 from krules.dead_letters import DeadLetters
 from krules.engine import Engine
+from krules.errors import OverloadedError
 from krules.partitioning import partition_of
 from krules.testing import wait_until
 from krules.transport.base import ENTRY_FIELD, encode_entry
@@ -105,3 +106,18 @@ async def test_an_entry_in_the_wrong_partition_is_forwarded_to_its_subjects_and_
     props, _ = await deployment.storage.load(subject)
     assert props["n"] == 1
     assert await DeadLetters(deployment.storage).list() == []
+
+
+async def test_the_memory_transport_refuses_events_for_a_partition_at_its_backlog_bound() -> None:
+    streams = MemoryStreams(MemoryStorage(), PARTITIONS, max_backlog=3)
+    engine = Engine(KRulesContainer().registry(), streams.storage)
+    full = [e for e in (engine.new_event("t", f"s{i}") for i in range(50)) if partition_of(e.subject, 2) == 0]
+    other = next(e for e in (engine.new_event("t", f"o{i}") for i in range(50)) if partition_of(e.subject, 2))
+    await streams.admit(full[:5])  # nothing waits yet: let in, whatever its size
+    await streams.send(full[:5])
+
+    with pytest.raises(OverloadedError, match="Partition 0 holds 5 unprocessed events") as refused:
+        await streams.admit([other, full[5]])
+    await streams.admit([other])
+
+    assert refused.value.reason == "stream_backlog"
