@@ -40,7 +40,7 @@ from krules.clock import Clock, SystemClock
 from krules.config import Settings
 from krules.context import EventContext, _current
 from krules.errors import CascadeDepthExceeded, EventFormatError, TurnEndedError, aborts_turn
-from krules.events import REPLAY_EXTENSION, Event, IdGenerator
+from krules.events import REPLAY_EXTENSION, TRACEPARENT_EXTENSION, Event, IdGenerator, trace_context
 from krules.partitioning import partition_of
 from krules.subject import Subject
 from krules.turn import HandlerFailure, Turn
@@ -202,6 +202,11 @@ class Engine:
         extensions = check_extensions(extensions) if extensions else None
         if ctx.emit_extensions is not None:
             extensions = {**ctx.emit_extensions, **extensions} if extensions else ctx.emit_extensions
+        if parent.extensions is not None and (extensions is None or TRACEPARENT_EXTENSION not in extensions):
+            # No span of ours (tracing off): the caller's trace goes on, unchanged.
+            carried = trace_context(parent.extensions)
+            if carried is not None:
+                extensions = {**carried, **extensions} if extensions else carried
         child = Event(
             event_type,
             name,

@@ -30,10 +30,13 @@ __all__ = [
     "DEAD_LETTER_EXTENSION",
     "DEPTH_EXTENSION",
     "REPLAY_EXTENSION",
+    "TRACEPARENT_EXTENSION",
+    "TRACESTATE_EXTENSION",
     "Event",
     "IdGenerator",
     "event_from_cloudevent",
     "event_from_dict",
+    "trace_context",
 ]
 
 DEPTH_EXTENSION: Final = "krulesdepth"
@@ -45,6 +48,23 @@ REPLAY_EXTENSION: Final = "krulesreplay"
 
 DEAD_LETTER_EXTENSION: Final = "krulesdlq"
 """CloudEvents extension of a replayed event: the name of the dead letter it replays."""
+
+TRACEPARENT_EXTENSION: Final = "traceparent"
+TRACESTATE_EXTENSION: Final = "tracestate"
+"""The CloudEvents distributed-tracing extension (W3C Trace Context), carried by every event."""
+
+
+def trace_context(extensions: dict[str, Any]) -> dict[str, Any] | None:
+    """The ``traceparent``/``tracestate`` of ``extensions`` (None without a ``traceparent``): what the
+    events a handler emits inherit from the event it handles when no middleware sets its own."""
+    traceparent = extensions.get(TRACEPARENT_EXTENSION)
+    if traceparent is None:
+        return None
+    tracestate = extensions.get(TRACESTATE_EXTENSION)
+    if tracestate is None:
+        return {TRACEPARENT_EXTENSION: traceparent}
+    return {TRACEPARENT_EXTENSION: traceparent, TRACESTATE_EXTENSION: tracestate}
+
 
 _MAX_ID_LENGTH: Final = 96
 _CORE_ATTRIBUTES: Final = frozenset(

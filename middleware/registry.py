@@ -19,7 +19,8 @@ configured from its own settings, or None to leave it out (costs nothing):
 =============== =================================================================================
 tracing         on when ``OTEL_TRACES_EXPORTER`` is ``otlp`` or ``console``
                 (:func:`middleware.tracing_setup.configure_tracing`); without an exporter there is
-                nothing to record, and it is left out
+                nothing to record, and it is left out (the engine still passes an incoming
+                ``traceparent``/``tracestate`` on to the events a handler emits)
 logging         ``KRULES_HANDLER_LOG_LEVEL`` (INFO), ``KRULES_LOG_JSON``; one line per handler call
 metrics         served at ``/metrics`` on the instance's HTTP port
 partitioning    Redis mode, when this instance owns only some of the partitions
