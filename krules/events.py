@@ -30,6 +30,7 @@ __all__ = [
     "DEAD_LETTER_EXTENSION",
     "DEPTH_EXTENSION",
     "REPLAY_EXTENSION",
+    "REPLAY_SIGNATURE_EXTENSION",
     "TRACEPARENT_EXTENSION",
     "TRACESTATE_EXTENSION",
     "Event",
@@ -48,6 +49,10 @@ REPLAY_EXTENSION: Final = "krulesreplay"
 
 DEAD_LETTER_EXTENSION: Final = "krulesdlq"
 """CloudEvents extension of a replayed event: the name of the dead letter it replays."""
+
+REPLAY_SIGNATURE_EXTENSION: Final = "krulesreplaysig"
+"""CloudEvents extension of a replay sent through a partition stream: its authentication (an HMAC
+by the deployment's replay key, :mod:`krules.dead_letters.signing`)."""
 
 TRACEPARENT_EXTENSION: Final = "traceparent"
 TRACESTATE_EXTENSION: Final = "tracestate"

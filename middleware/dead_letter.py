@@ -31,9 +31,11 @@ but emits nothing more, and an event at the cascade depth limit cannot have a ch
 ``error.handler_failed`` is logged instead of emitted.  A failure of this middleware itself (the
 record cannot be written) is logged and the original exception still propagates.
 
-Replays (``krules dlq replay``): the root event of a replay turn runs only the failed handler.  When
-that call succeeds, its dead letter and index line are deleted in the same turn; when it fails
-again, the same dead letter is rewritten (the original event kept, ``replays`` counted).
+Replays (``krules dlq replay``): the root event of a replay turn runs only the failed handler (a
+handler the app lacks is stood in for by a call that raises a ``no_handler``
+:class:`~middleware.base.DeadLetterEvent`).  When that call succeeds, its dead letter and index
+line are deleted in the same turn; when it fails again, the same dead letter is rewritten (the
+original event kept, ``replays`` and ``replays_failed`` counted).
 
 Place it outside the circuit breaker, retry and time-out middleware (registered before them), so it
 sees only what finally failed::

@@ -27,8 +27,8 @@ from krules.cli.common import (
 from krules.config import Settings
 from krules.container import settings_from_env
 from krules.dead_letters.admin import DeadLetters
-from krules.dead_letters.record import DeadLetter
-from krules.errors import DeadLetterError
+from krules.dead_letters.record import PREFIX, DeadLetter
+from krules.errors import DeadLetterError, ReplayInFlightError
 
 if TYPE_CHECKING:
     from krules.transport.redis_streams import RedisStreams
@@ -148,10 +148,16 @@ def _dlq_replay(args: argparse.Namespace, settings: Settings) -> int:
 
     async def work(dead: DeadLetters, streams: RedisStreams) -> int:
         idents = [args.id] if args.id else [r.name for r in await dead.list(handler=args.only_handler)]
+        replay_key = await streams.replay_key()  # the workers run only replays signed with it
         replayed = 0
         for ident in idents:
             try:
-                record, event = await dead.replay(ident, streams.send)
+                record, event = await dead.replay(
+                    ident, streams.send, replay_key=replay_key, force=args.force
+                )
+            except ReplayInFlightError as exc:  # idempotent: what was asked for is under way
+                print(f"not replayed {ident.removeprefix(PREFIX)}: replay {exc.replay_id} is still in flight")
+                continue
             except DeadLetterError as exc:
                 if args.id:
                     raise
@@ -250,12 +256,18 @@ def add_dlq_commands(commands: Any) -> None:
         "replay",
         help="send dead letters' events again, to the handler that failed",
         description="Append each dead letter's original event to its partition's stream again, with a "
-        "new id, for the handler that failed only; the dead letter is deleted once that handler succeeds.",
+        "new id, for the handler that failed only; the dead letter is deleted once that handler succeeds. "
+        "While a replay of a dead letter is in flight, replaying it again sends nothing (it is idempotent).",
     )
     replay.add_argument("id", metavar="ID", nargs="?", help="the dead letter to replay")
     replay.add_argument("--all", action="store_true", help="replay every dead letter (see --handler)")
     replay.add_argument(
         "--handler", dest="only_handler", metavar="H", help="with --all: only this handler's (name or glob)"
+    )
+    replay.add_argument(
+        "--force",
+        action="store_true",
+        help="send a replay even while an earlier one is in flight (the handler may then run twice)",
     )
     purge = sub.add_parser(
         "purge", help="delete dead letters", description="Delete dead letters (all, or the old ones)."

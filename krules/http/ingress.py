@@ -16,6 +16,9 @@ Routes of :func:`create_ingress_app`:
 * ``GET /subjects/{name}``: ``{"name", "properties", "ext"}`` of a stored subject (404 when unknown).
 * ``GET /healthz``: liveness, never behind the token.
 
+An event carrying a ``krules*`` extension (``krulesreplay``, ``krulesdlq``, ``krulesdepth``...)
+is refused with 400: those are the engine's own (a replay is written by ``krules dlq replay``).
+
 When ``KRULES_INGRESS_TOKEN`` is set, every route but ``/healthz`` needs ``Authorization: Bearer
 <token>``.  Bodies over ``KRULES_INGRESS_MAX_BYTES`` are refused with 413, by ``Content-Length``
 and again while the body streams in.  Every error is ``{"error": "<one sentence>"}``.
@@ -43,6 +46,7 @@ from krules.engine import Engine
 from krules.errors import EventFormatError, StorageError
 from krules.events import Event, event_from_cloudevent, event_from_dict
 from krules.turn import Turn
+from krules.validation import RESERVED_PREFIX, reserved_attribute
 
 __all__ = ["BATCH_CONTENT_TYPE", "STRUCTURED_CONTENT_TYPE", "create_ingress_app"]
 
@@ -221,6 +225,7 @@ class _Ingress:
         try:
             self.authorize(request)
             events = await self.decode(request)
+            _refuse_reserved(events)
         except _Rejected as rejected:
             return _reject(request, rejected)
         except ClientDisconnect:
@@ -324,6 +329,20 @@ class _Ingress:
     @staticmethod
     async def healthz(request: Request) -> Response:
         return JSONResponse({"status": "ok"})
+
+
+def _refuse_reserved(events: list[Event]) -> None:
+    """400 for an event carrying a ``krules*`` extension: those steer the engine (a replay, the
+    cascade depth), so only the engine sets them, never a sender."""
+    for index, event in enumerate(events):
+        name = reserved_attribute(event)
+        if name is not None:
+            which = "The event" if len(events) == 1 else f"Event {index} of the batch (counting from 0)"
+            raise _Rejected(
+                400,
+                f"{which} carries the extension {name!r}; extensions named {RESERVED_PREFIX}* are the "
+                "krules engine's own and are not accepted from senders.",
+            )
 
 
 def _parse_json(body: bytes) -> Any:
