@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import re
 import sys
 import time
@@ -21,8 +20,11 @@ from krules.cli.common import (
     UsageError,
     configure_quiet_logging,
     format_table,
+    printable,
     redis_storage,
     require_redis,
+    say,
+    say_json,
 )
 from krules.config import Settings
 from krules.container import settings_from_env
@@ -103,14 +105,14 @@ def _dlq_list(args: argparse.Namespace, settings: Settings) -> int:
 
     records = asyncio.run(_on_dead_letters(settings, work))
     if args.json:
-        print(json.dumps([r.to_dict() for r in records], indent=2, ensure_ascii=False))
+        say_json([r.to_dict() for r in records])
         return 0
     filtered = any(v is not None for v in (args.only_handler, args.type, args.reason, since, until))
     where = f"under key prefix {settings.key_prefix!r}"
     if not records:
-        print(f"No dead letters{' match' if filtered else ''} {where}.")
+        say(f"No dead letters{' match' if filtered else ''} {where}.")
         return 0
-    print(f"{len(records)} dead letter(s) {where}{' matching' if filtered else ''}, oldest first")
+    say(f"{len(records)} dead letter(s) {where}{' matching' if filtered else ''}, oldest first")
     rows = [
         [
             r.id,
@@ -135,7 +137,7 @@ def _dlq_show(args: argparse.Namespace, settings: Settings) -> int:
         return await dead.find(args.id)
 
     record = asyncio.run(_on_dead_letters(settings, work))
-    print(json.dumps(record.to_dict(), indent=2, ensure_ascii=False))
+    say_json(record.to_dict())
     return 0
 
 
@@ -156,7 +158,7 @@ def _dlq_replay(args: argparse.Namespace, settings: Settings) -> int:
                     ident, streams.send, replay_key=replay_key, force=args.force
                 )
             except ReplayInFlightError as exc:  # idempotent: what was asked for is under way
-                print(f"not replayed {ident.removeprefix(PREFIX)}: replay {exc.replay_id} is still in flight")
+                say(f"not replayed {ident.removeprefix(PREFIX)}: replay {exc.replay_id} is still in flight")
                 continue
             except DeadLetterError as exc:
                 if args.id:
@@ -165,7 +167,7 @@ def _dlq_replay(args: argparse.Namespace, settings: Settings) -> int:
                 continue
             replayed += 1
             target = f"handler {record.handler}" if record.handler else "every handler"
-            print(
+            say(
                 f"replayed {record.id}: {record.event_type} for subject {record.subject!r} to {target} "
                 f"as event {event.id}"
             )
@@ -173,13 +175,46 @@ def _dlq_replay(args: argparse.Namespace, settings: Settings) -> int:
 
     replayed = asyncio.run(_on_dead_letters(settings, work))
     for reason in refused:
-        print(f"krules: skipped: {reason}", file=sys.stderr)
+        say(f"krules: skipped: {reason}", err=True)
     if args.all and not replayed and not refused:
-        print(f"No dead letters to replay under key prefix {settings.key_prefix!r}.")
+        say(f"No dead letters to replay under key prefix {settings.key_prefix!r}.")
     return 1 if refused else 0
 
 
+def _confirm(what: str, yes: bool) -> bool:
+    """Whether to delete ``what``: ``--yes``, or the operator says so (a usage error off a terminal)."""
+    if yes:
+        return True
+    if not sys.stdin.isatty():
+        raise UsageError(f"This would delete {what}; add --yes to delete them.")
+    if input(f"Delete {printable(what)}? [y/N] ").strip().lower() in {"y", "yes"}:
+        return True
+    say("Nothing deleted.")
+    return False
+
+
+def _dlq_purge_one(args: argparse.Namespace, settings: Settings) -> int:
+    if args.older_than is not None:
+        raise UsageError("Give 'krules dlq purge' either one dead letter ID or --older-than, not both.")
+
+    async def find(dead: DeadLetters, streams: RedisStreams) -> DeadLetter:
+        return await dead.find(args.id)
+
+    record = asyncio.run(_on_dead_letters(settings, find))
+    if not _confirm(f"dead letter {record.id} ({record.event_type or '-'} for {record.subject!r})", args.yes):
+        return 0
+
+    async def delete(dead: DeadLetters, streams: RedisStreams) -> bool:
+        return await dead.delete(record.name)
+
+    deleted = asyncio.run(_on_dead_letters(settings, delete))
+    say(f"Deleted dead letter {record.id}." if deleted else f"Dead letter {record.id} was already gone.")
+    return 0
+
+
 def _dlq_purge(args: argparse.Namespace, settings: Settings) -> int:
+    if args.id is not None:
+        return _dlq_purge_one(args, settings)
     older_than = None if args.older_than is None else parse_duration(args.older_than, "--older-than")
     age = "" if older_than is None else f" that failed more than {args.older_than} ago"
 
@@ -191,20 +226,16 @@ def _dlq_purge(args: argparse.Namespace, settings: Settings) -> int:
     if not args.yes:
         n = asyncio.run(_on_dead_letters(settings, count))
         if not n:
-            print(f"No dead letters{age} under key prefix {settings.key_prefix!r}.")
+            say(f"No dead letters{age} under key prefix {settings.key_prefix!r}.")
             return 0
-        what = f"{n} dead letter(s){age} under key prefix {settings.key_prefix!r}"
-        if not sys.stdin.isatty():
-            raise UsageError(f"This would delete {what}; add --yes to delete them.")
-        if input(f"Delete {what}? [y/N] ").strip().lower() not in {"y", "yes"}:
-            print("Nothing deleted.")
+        if not _confirm(f"{n} dead letter(s){age} under key prefix {settings.key_prefix!r}", False):
             return 0
 
     async def purge(dead: DeadLetters, streams: RedisStreams) -> list[str]:
         return await dead.purge(older_than)
 
     deleted = asyncio.run(_on_dead_letters(settings, purge))
-    print(f"Deleted {len(deleted)} dead letter(s){age}.")
+    say(f"Deleted {len(deleted)} dead letter(s){age}.")
     return 0
 
 
@@ -270,8 +301,11 @@ def add_dlq_commands(commands: Any) -> None:
         help="send a replay even while an earlier one is in flight (the handler may then run twice)",
     )
     purge = sub.add_parser(
-        "purge", help="delete dead letters", description="Delete dead letters (all, or the old ones)."
+        "purge",
+        help="delete dead letters",
+        description="Delete one dead letter (ID), or dead letters: all, or the old ones.",
     )
+    purge.add_argument("id", metavar="ID", nargs="?", help="only this dead letter (or an unambiguous start)")
     purge.add_argument("--older-than", metavar="DURATION", help="only those older than this, e.g. 7d")
     purge.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     for parser, handler in ((listing, "list"), (show, "show"), (replay, "replay"), (purge, "purge")):

@@ -133,12 +133,16 @@ class DeadLetters:
 
     async def purge(self, older_than: float | None = None) -> _Names:
         """Delete every dead letter that failed more than ``older_than`` seconds ago (None: all of
-        them); return their names."""
+        them); return the names of those deleted."""
         index = await self.index()
         cutoff = None if older_than is None else self._clock() - older_than
         names = sorted(n for n, at in index.items() if cutoff is None or at < cutoff)
-        await self._delete(names)
-        return names
+        if cutoff is None:  # everything: index lines naming no dead letter too (written by hand)
+            lines, _ = await self.storage.load(INDEX_SUBJECT)
+            junk = [name for name in lines if name not in index]
+            if junk:
+                await self.storage.store([SubjectChanges(INDEX_SUBJECT, dict.fromkeys(junk, DELETE))])
+        return await self._delete(names)  # the index lines all; the subjects that are dead letters
 
     async def _delete(self, names: Sequence[str]) -> _Names:
         if not names:
