@@ -30,7 +30,8 @@ Options (keyword-only): ``registry``, the :class:`~prometheus_client.CollectorRe
 the metrics in (default: a new one); anything else raises :class:`~krules.errors.ConfigurationError`.
 
 :func:`metrics_route` serves a registry in the Prometheus text format as a Starlette route, to pass
-to ``krules.http.server.serve_in_background(engine, routes=[...])`` or ``krules.http.server.run``.
+to ``krules.http.server.serve_in_background(engine, routes=[...])`` or ``krules.http.server.run``
+(routes passed there are behind ``KRULES_INGRESS_TOKEN`` when it is set, as the ingress is).
 """
 
 from __future__ import annotations

@@ -20,8 +20,9 @@ An event carrying a ``krules*`` extension (``krulesreplay``, ``krulesdlq``, ``kr
 is refused with 400: those are the engine's own (a replay is written by ``krules dlq replay``).
 
 When ``KRULES_INGRESS_TOKEN`` is set, every route but ``/healthz`` needs ``Authorization: Bearer
-<token>``.  Bodies over ``KRULES_INGRESS_MAX_BYTES`` are refused with 413, by ``Content-Length``
-and again while the body streams in.  Every error is ``{"error": "<one sentence>"}``.
+<token>``: the routes passed to :func:`create_ingress_app` too (``/metrics``).  Bodies over
+``KRULES_INGRESS_MAX_BYTES`` are refused with 413, by ``Content-Length`` and again while the body
+streams in.  Every error is ``{"error": "<one sentence>"}``.
 """
 
 from __future__ import annotations
@@ -37,10 +38,12 @@ from cloudevents.core.bindings.http import HTTPMessage, from_binary
 from cloudevents.core.exceptions import BaseCloudEventException
 from cloudevents.core.formats.json import JSONFormat
 from starlette.applications import Starlette
+from starlette.datastructures import URLPath
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import BaseRoute, Route
+from starlette.routing import BaseRoute, Match, Route
+from starlette.types import Receive, Scope, Send
 
 from krules.engine import Engine
 from krules.errors import EventFormatError, StorageError
@@ -389,8 +392,33 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     return _reject(request, _Rejected(status, reason, dict(headers) if headers else None))
 
 
+class _Authorized(BaseRoute):
+    """``route``, served only to requests with the ingress token (when one is set)."""
+
+    def __init__(self, route: BaseRoute, ingress: _Ingress) -> None:
+        self.route = route
+        self.ingress = ingress
+
+    def matches(self, scope: Scope) -> tuple[Match, Scope]:
+        return self.route.matches(scope)
+
+    def url_path_for(self, name: str, /, **path_params: Any) -> URLPath:
+        return self.route.url_path_for(name, **path_params)
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.ingress.token is not None and scope["type"] == "http":
+            request = Request(scope, receive)
+            try:
+                self.ingress.authorize(request)
+            except _Rejected as rejected:
+                await _reject(request, rejected)(scope, receive, send)
+                return
+        await self.route.handle(scope, receive, send)
+
+
 def create_ingress_app(engine: Engine, *, routes: Sequence[BaseRoute] = ()) -> Starlette:
-    """The Starlette app that feeds ``engine`` from HTTP; ``routes`` are added after the built-in ones."""
+    """The Starlette app that feeds ``engine`` from HTTP; ``routes`` are added after the built-in
+    ones, behind the ingress token like them (when one is set)."""
     ingress = _Ingress(engine)
     app = Starlette(
         routes=[
@@ -398,7 +426,7 @@ def create_ingress_app(engine: Engine, *, routes: Sequence[BaseRoute] = ()) -> S
             Route("/events", ingress.receive, methods=["POST"]),
             Route("/healthz", ingress.healthz, methods=["GET"]),
             Route("/subjects/{name:path}", ingress.subject, methods=["GET"]),
-            *routes,
+            *(_Authorized(route, ingress) for route in routes),
         ],
         exception_handlers={HTTPException: _http_error},
     )
