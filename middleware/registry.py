@@ -155,7 +155,7 @@ class DefaultChain:
     middlewares: list[Middleware] = field(default_factory=list)
     names: list[str] = field(default_factory=list)
     metrics: MetricsMiddleware | None = None
-    """Serve ``metrics_route(metrics)``; add ``metrics.observe_event`` to the engine's observers."""
+    """Serve ``metrics_route(metrics)``; ``metrics.observe(engine)`` counts the engine's events."""
     tracer_provider: TracerProvider | None = None
     """Shut it down when the instance stops (flushes the spans)."""
 
