@@ -20,6 +20,8 @@ and tests never collide); ``registry=`` injects one.  Metrics:
 - ``krules_handler_retries_total{handler}``: retries, i.e. :data:`~middleware.base.ATTEMPTS` - 1
   when a retry middleware inside this one recorded the attempts.
 - ``krules_dead_letters_total{handler,reason}``: :meth:`MetricsMiddleware.record_dead_letter`.
+- ``krules_dead_letters_dropped_total``: the oldest dead letters deleted to keep
+  ``KRULES_MAX_DEAD_LETTERS`` (:meth:`MetricsMiddleware.record_dead_letters_dropped`).
 - ``krules_circuit_state{key}``: 0 closed, 1 half-open, 2 open
   (:meth:`MetricsMiddleware.record_circuit_state`).
 - ``krules_partition_lag{partition}`` and ``krules_partition_pending{partition}``:
@@ -150,6 +152,11 @@ class MetricsMiddleware(Observer):
             self.dead_letters = Counter(
                 "krules_dead_letters", "Events dead-lettered", ["handler", "reason"], registry=registry
             )
+            self.dead_letters_dropped = Counter(
+                "krules_dead_letters_dropped",
+                "Oldest dead letters deleted to keep KRULES_MAX_DEAD_LETTERS",
+                registry=registry,
+            )
             self.circuit_state = Gauge(
                 "krules_circuit_state",
                 "Circuit state: 0 closed, 1 half-open, 2 open",
@@ -243,6 +250,10 @@ class MetricsMiddleware(Observer):
     def record_dead_letter(self, handler: str, reason: str) -> None:
         """Count an event dead-lettered for ``handler`` with ``reason`` (e.g. ``circuit_open``)."""
         self.dead_letters.labels(handler, reason).inc()
+
+    def record_dead_letters_dropped(self, count: int) -> None:
+        """Count ``count`` old dead letters deleted to keep the cap on stored dead letters."""
+        self.dead_letters_dropped.inc(count)
 
     def record_circuit_state(self, key: str, state: str) -> None:
         """Set the circuit ``key``'s gauge from ``state``: ``closed``, ``half-open`` or ``open``."""

@@ -144,6 +144,10 @@ class DeadLetters:
                 await self.storage.store([SubjectChanges(INDEX_SUBJECT, dict.fromkeys(junk, DELETE))])
         return await self._delete(names)  # the index lines all; the subjects that are dead letters
 
+    async def delete_many(self, names: Sequence[str]) -> _Names:
+        """Delete the dead letters called ``names`` and their index lines; return those deleted."""
+        return await self._delete(names)
+
     async def _delete(self, names: Sequence[str]) -> _Names:
         if not names:
             return []
