@@ -14,6 +14,7 @@ Routes of :func:`create_ingress_app`:
   logged), not the sender's; a storage failure is 503, because nothing was stored or queued and
   the sender must retry (the same ids: a partition drops an event it committed before).
 * ``GET /subjects/{name}``: ``{"name", "properties", "ext"}`` of a stored subject (404 when unknown).
+* ``/dead-letters``: list, show, delete and purge dead letters (:mod:`krules.http.dead_letters`).
 * ``GET /healthz``: liveness, never behind the token.
 
 An event carrying a ``krules*`` extension (``krulesreplay``, ``krulesdlq``, ``krulesdepth``...)
@@ -48,6 +49,7 @@ from starlette.types import Receive, Scope, Send
 from krules.engine import Engine
 from krules.errors import EventFormatError, StorageError
 from krules.events import Event, event_from_cloudevent, event_from_dict
+from krules.http.dead_letters import dead_letter_routes
 from krules.turn import Turn
 from krules.validation import RESERVED_PREFIX, reserved_attribute
 
@@ -426,7 +428,7 @@ def create_ingress_app(engine: Engine, *, routes: Sequence[BaseRoute] = ()) -> S
             Route("/events", ingress.receive, methods=["POST"]),
             Route("/healthz", ingress.healthz, methods=["GET"]),
             Route("/subjects/{name:path}", ingress.subject, methods=["GET"]),
-            *(_Authorized(route, ingress) for route in routes),
+            *(_Authorized(route, ingress) for route in [*dead_letter_routes(engine), *routes]),
         ],
         exception_handlers={HTTPException: _http_error},
     )
