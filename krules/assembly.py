@@ -138,7 +138,7 @@ def assemble(
     if metrics is not None:
         from middleware.metrics import metrics_route
 
-        engine.event_observers.append(metrics.observe_event)
+        metrics.observe(engine)
         instance.routes.append(metrics_route(metrics))
     if storage is not None and settings.redis_url:
         make_worker: TransportFactory = _driver(TRANSPORT_DRIVERS, settings.redis_url, "transport")

@@ -12,6 +12,7 @@ from cloudevents.core.exceptions import BaseCloudEventException
 from cloudevents.core.v1.event import CloudEvent
 
 from krules.errors import EventFormatError
+from krules.validation import RESERVED_PREFIX
 
 __all__ = ["CLIENT_SOURCE", "build_event", "build_events"]
 
@@ -26,6 +27,12 @@ def build_event(
         raise EventFormatError(f"An event type must be a non-empty string, not {event_type!r}.")
     if not isinstance(subject, str) or not subject:
         raise EventFormatError(f"An event's subject must be a non-empty string, not {subject!r}.")
+    for name in extensions:
+        if name.startswith(RESERVED_PREFIX):
+            raise EventFormatError(
+                f"Extension {name!r} cannot be sent: names starting with {RESERVED_PREFIX!r} are the "
+                "krules engine's own, and instances refuse events that carry them."
+            )
     if data is not None and not isinstance(data, Mapping):
         raise EventFormatError(
             f"An event payload must be a JSON object (a dict), not {type(data).__name__}: {data!r}."

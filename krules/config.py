@@ -129,6 +129,15 @@ def log_level(var: str, raw: str) -> str:
     return level
 
 
+def _token(var: str, raw: str) -> str:
+    if not raw.strip():
+        raise ConfigurationError(
+            f"{var} is set but empty, which would leave the ingress open to anyone; give it a secret "
+            "value, or unset it to run without a token."
+        )
+    return raw
+
+
 def _partition_spec(var: str, raw: str) -> str:
     if not raw.strip():
         raise ConfigurationError(f"{var} is empty; give a partition id, a list like 0,2, or all.")
@@ -181,7 +190,7 @@ class Settings(EnvSettings):
 
     http_host: str = setting("127.0.0.1", text)
     http_port: int = setting(8080, integer(0, 65535))
-    ingress_token: str | None = setting(None, optional_text)
+    ingress_token: str | None = setting(None, _token)
     ingress_max_bytes: int = setting(1 << 20, integer(1024))
     ingress_max_queued_bytes: int = setting(64 << 20, integer(1024))
     http_max_connections: int = setting(1000, integer(1))
@@ -206,6 +215,10 @@ class Settings(EnvSettings):
     max_stream_backlog: int = setting(100_000, integer(1))
     log_level: str = setting("INFO", log_level)
     log_json: bool = setting(False, boolean)
+
+    def __post_init__(self) -> None:
+        if self.ingress_token is not None:  # Settings(ingress_token="") too, not only the variable
+            _token("KRULES_INGRESS_TOKEN", self.ingress_token)
 
     @property
     def owned_partitions(self) -> tuple[int, ...]:

@@ -7,7 +7,7 @@ from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, Final
 
 from krules.event_types import SUBJECT_PROPERTY_CHANGED, SUBJECT_PROPERTY_DELETED
-from krules.events import Event
+from krules.events import TRACEPARENT_EXTENSION, Event, trace_context
 
 if TYPE_CHECKING:
     from cloudevents.core.v1.event import CloudEvent
@@ -72,7 +72,9 @@ class EventContext:
         """Events emitted by this handler call so far (reset for each attempt of a retried call)."""
         self.emit_extensions: dict[str, Any] | None = None
         """CloudEvents extensions every event this handler call emits carries (set by middleware,
-        e.g. tracing's ``traceparent``); an extension given to ``emit`` itself wins."""
+        e.g. tracing's ``traceparent``); an extension given to ``emit`` itself wins.  When neither
+        names a ``traceparent``, an emitted event carries the handled event's ``traceparent`` and
+        ``tracestate`` unchanged, so an instance that records no span keeps its caller's trace."""
 
     # -- the event ---------------------------------------------------------------------------
     @property
@@ -158,6 +160,11 @@ class EventContext:
         rule = self.rule
         if self.emit_extensions is not None:
             extensions = {**self.emit_extensions, **extensions} if extensions else self.emit_extensions
+        if parent.extensions is not None and (extensions is None or TRACEPARENT_EXTENSION not in extensions):
+            # No span of ours (tracing off): the caller's trace goes on, unchanged.
+            carried = trace_context(parent.extensions)
+            if carried is not None:
+                extensions = {**carried, **extensions} if extensions else carried
         return Event(
             event_type,
             subject,

@@ -40,7 +40,7 @@ from krules.clock import Clock, SystemClock
 from krules.config import Settings
 from krules.context import EventContext, _current
 from krules.errors import CascadeDepthExceeded, EventFormatError, TurnEndedError, aborts_turn
-from krules.events import REPLAY_EXTENSION, Event, IdGenerator
+from krules.events import REPLAY_EXTENSION, TRACEPARENT_EXTENSION, Event, IdGenerator, trace_context
 from krules.partitioning import partition_of
 from krules.subject import Subject
 from krules.turn import HandlerFailure, Turn
@@ -202,6 +202,11 @@ class Engine:
         extensions = check_extensions(extensions) if extensions else None
         if ctx.emit_extensions is not None:
             extensions = {**ctx.emit_extensions, **extensions} if extensions else ctx.emit_extensions
+        if parent.extensions is not None and (extensions is None or TRACEPARENT_EXTENSION not in extensions):
+            # No span of ours (tracing off): the caller's trace goes on, unchanged.
+            carried = trace_context(parent.extensions)
+            if carried is not None:
+                extensions = {**carried, **extensions} if extensions else carried
         child = Event(
             event_type,
             name,
@@ -380,24 +385,16 @@ class Engine:
     async def _replay(
         self, event: Event, turn: Turn, subject: Subject | None, extra: dict[str, Any] | None, handler: str
     ) -> None:
-        """Deliver a replayed root event to the one handler it names (its cascade goes on as usual)."""
+        """Deliver a replayed root event to the one handler it names (its cascade goes on as usual).
+
+        A handler this instance has no rule for is stood in for by a rule that dead-letters the
+        call (reason ``no_handler``, :meth:`RuleRegistry.stand_in`): the replay is never dropped."""
         if self.event_observers:
             for observe in self.event_observers:
                 observe(event)
         rule = next((r for r in self.registry.match(event.type) if r.name == handler), None)
         if rule is None:
-            turn.failures.append(
-                HandlerFailure(
-                    handler,
-                    event,
-                    LookupError(
-                        f"Event {event.id!r} was replayed to handler {handler!r}, which this instance has "
-                        f"no rule for on {event.type!r}; load its module (or replay it where it runs)."
-                    ),
-                )
-            )
-            logger.error("replay of event %s: no handler %s for %s here", event.id, handler, event.type)
-            return
+            rule = self.registry.stand_in(handler)
         await self._run(EventContext(self, turn, event, subject or turn.subject(event.subject), rule, extra))
 
     async def _run(self, ctx: EventContext) -> None:

@@ -42,6 +42,15 @@ class DeadLetterError(KRulesError):
     """Raised when a dead letter cannot be found, or cannot be replayed (its event is not valid)."""
 
 
+class ReplayInFlightError(DeadLetterError):
+    """Raised when a dead letter is replayed while a replay of it is still in flight."""
+
+    def __init__(self, message: str, event_id: str, number: int) -> None:
+        super().__init__(message)
+        self.replay_id = f"{event_id}.replay-{number}"
+        """The id of the replay in flight."""
+
+
 class TurnEndedError(KRulesError):
     """Raised when background work writes a subject or emits an event after its turn was stored."""
 

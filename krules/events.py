@@ -30,10 +30,14 @@ __all__ = [
     "DEAD_LETTER_EXTENSION",
     "DEPTH_EXTENSION",
     "REPLAY_EXTENSION",
+    "REPLAY_SIGNATURE_EXTENSION",
+    "TRACEPARENT_EXTENSION",
+    "TRACESTATE_EXTENSION",
     "Event",
     "IdGenerator",
     "event_from_cloudevent",
     "event_from_dict",
+    "trace_context",
 ]
 
 DEPTH_EXTENSION: Final = "krulesdepth"
@@ -45,6 +49,27 @@ REPLAY_EXTENSION: Final = "krulesreplay"
 
 DEAD_LETTER_EXTENSION: Final = "krulesdlq"
 """CloudEvents extension of a replayed event: the name of the dead letter it replays."""
+
+REPLAY_SIGNATURE_EXTENSION: Final = "krulesreplaysig"
+"""CloudEvents extension of a replay sent through a partition stream: its authentication (an HMAC
+by the deployment's replay key, :mod:`krules.dead_letters.signing`)."""
+
+TRACEPARENT_EXTENSION: Final = "traceparent"
+TRACESTATE_EXTENSION: Final = "tracestate"
+"""The CloudEvents distributed-tracing extension (W3C Trace Context), carried by every event."""
+
+
+def trace_context(extensions: dict[str, Any]) -> dict[str, Any] | None:
+    """The ``traceparent``/``tracestate`` of ``extensions`` (None without a ``traceparent``): what the
+    events a handler emits inherit from the event it handles when no middleware sets its own."""
+    traceparent = extensions.get(TRACEPARENT_EXTENSION)
+    if traceparent is None:
+        return None
+    tracestate = extensions.get(TRACESTATE_EXTENSION)
+    if tracestate is None:
+        return {TRACEPARENT_EXTENSION: traceparent}
+    return {TRACEPARENT_EXTENSION: traceparent, TRACESTATE_EXTENSION: tracestate}
+
 
 _MAX_ID_LENGTH: Final = 96
 _CORE_ATTRIBUTES: Final = frozenset(

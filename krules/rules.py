@@ -18,13 +18,13 @@ from fnmatch import translate
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 from zlib import crc32
 
-from krules.chain import Call, FailureHandler, Middleware, build_chain
+from krules.chain import Call, DeadLetterEvent, FailureHandler, Middleware, build_chain
 from krules.errors import RuleDefinitionError
 
 if TYPE_CHECKING:
     from krules.context import EventContext
 
-__all__ = ["Filter", "Rule", "RuleRegistry"]
+__all__ = ["NO_HANDLER", "Filter", "Rule", "RuleRegistry"]
 
 logger = logging.getLogger(__name__)
 
@@ -72,9 +72,10 @@ class Rule:
 
     __slots__ = ("call", "filters", "handler", "key", "name", "order", "patterns", "sync_filters")
 
-    def __init__(self, handler: Call, patterns: tuple[str, ...], order: int) -> None:
+    def __init__(self, handler: Call, patterns: tuple[str, ...], order: int, name: str | None = None) -> None:
         self.handler = handler
-        self.name = f"{getattr(handler, '__module__', '?')}.{_name_of(handler)}"
+        self.name = name or f"{getattr(handler, '__module__', '?')}.{_name_of(handler)}"
+        """The handler's dotted name (a stand-in's: the name of the handler it stands in for)."""
         self.key = format(crc32(self.name.encode()) & 0xFFFFFF, "06x")
         """Short stable key of the handler, part of the ids of the events it emits."""
         self.patterns = patterns
@@ -97,6 +98,19 @@ class Rule:
 
     def __repr__(self) -> str:
         return f"Rule({self.name}, patterns={list(self.patterns)!r})"
+
+
+NO_HANDLER: Final = "no_handler"
+"""The dead-letter reason of a replay to a handler this app has no rule for
+(:meth:`RuleRegistry.stand_in`)."""
+
+
+async def _missing_handler(ctx: EventContext) -> None:
+    raise DeadLetterEvent(
+        f"Event {ctx.event_id!r} was replayed to handler {ctx.rule.name!r}, which this instance has no "
+        f"rule for on {ctx.event_type!r}; load its module here, then replay the dead letter again.",
+        reason=NO_HANDLER,
+    )
 
 
 def _check_pattern(pattern: Any) -> str:
@@ -274,6 +288,15 @@ class RuleRegistry:
         for rule in rules:
             new = self.add_rule(rule.handler, rule.patterns)
             new.add_filters(f for f, _ in rule.filters)
+
+    def stand_in(self, name: str) -> Rule:
+        """A rule called ``name`` (registered nowhere) whose call always raises a
+        :class:`~krules.chain.DeadLetterEvent` with reason :data:`NO_HANDLER`, in the registered
+        middleware chain: what a replay to a handler this app lacks runs, so that it is dead-lettered
+        like any failed call (logged, counted, the dead letter rewritten), never silently dropped."""
+        rule = Rule(_missing_handler, (), -1, name)
+        rule.call = _chain_on_first_call(rule, self._middleware)
+        return rule
 
     # -- lookup ------------------------------------------------------------------------------
     @property

@@ -11,9 +11,17 @@ import re
 from typing import Any, Final
 
 from krules.errors import EventFormatError
-from krules.events import DEAD_LETTER_EXTENSION, DEPTH_EXTENSION, REPLAY_EXTENSION
+from krules.events import DEAD_LETTER_EXTENSION, DEPTH_EXTENSION, REPLAY_EXTENSION, Event
 
-__all__ = ["EXTENSION_NAME", "RESERVED_NAMES", "check_extensions", "check_json", "check_payload"]
+__all__ = [
+    "EXTENSION_NAME",
+    "RESERVED_NAMES",
+    "RESERVED_PREFIX",
+    "check_extensions",
+    "check_json",
+    "check_payload",
+    "reserved_attribute",
+]
 
 EXTENSION_NAME: Final = re.compile(r"^[a-z0-9]{1,20}$")
 """What a CloudEvents extension name may be: 1-20 lowercase letters or digits."""
@@ -34,6 +42,20 @@ RESERVED_NAMES: Final = frozenset(
     }
 )
 """Attribute names an extension may not take: the CloudEvents core ones and those krules sets."""
+RESERVED_PREFIX: Final = "krules"
+"""Extensions named ``krules...`` are the engine's own (``krulesdepth``, ``krulesreplay``,
+``krulesdlq``, ``krulesreplaysig``): ``emit`` refuses them, and so do the ingress and the clients."""
+
+
+def reserved_attribute(event: Event) -> str | None:
+    """The first ``krules*`` attribute ``event`` carries (``krulesdepth`` when its depth is not 0),
+    or None: what an event from outside may not carry, since those attributes steer the engine."""
+    extensions = event.extensions
+    if extensions:
+        for name in extensions:
+            if name.startswith(RESERVED_PREFIX):
+                return name
+    return DEPTH_EXTENSION if event.depth else None
 
 
 def check_payload(payload: Any) -> dict[str, Any]:
@@ -56,9 +78,10 @@ def check_extensions(extensions: dict[str, Any]) -> dict[str, Any] | None:
             raise EventFormatError(
                 f"CloudEvents extension name {name!r} is invalid; use 1-20 lowercase letters or digits."
             )
-        if name in RESERVED_NAMES:
+        if name in RESERVED_NAMES or name.startswith(RESERVED_PREFIX):
             raise EventFormatError(
-                f"{name!r} is a CloudEvents attribute krules sets; it cannot be an extension."
+                f"{name!r} is a CloudEvents attribute krules sets; it cannot be an extension "
+                f"(names starting with {RESERVED_PREFIX!r} are the engine's own)."
             )
         if not isinstance(value, str | int):  # bool is an int
             raise EventFormatError(

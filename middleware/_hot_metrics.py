@@ -31,7 +31,10 @@ from middleware.base import DEAD_LETTERED, FAILED, OK, SKIPPED
 
 __all__ = ["HandlerTally", "HotCollector"]
 
-_EVENTS_HELP: Final = "Events dispatched (root and cascaded)"
+_EVENTS_HELP: Final = (
+    "Events dispatched (root and cascaded), by type: one a rule names or the engine's own, "
+    "the glob of the rule that matched, or other"
+)
 _CALLS_HELP: Final = "Handler calls by outcome"
 _DURATION_HELP: Final = "Duration of handler calls"
 _RETRIES_HELP: Final = "Handler calls retried"
@@ -57,9 +60,9 @@ class HotCollector(Collector):
         # The buckets' "le" labels as prometheus_client writes them.
         self._labels = [*(floatToGoString(b) for b in bounds), "+Inf"]  # type: ignore[no-untyped-call]
         self.events: dict[str, int] = {}
-        """Events counted, by type."""
+        """Events counted, by type label (:func:`middleware.metrics.event_label`)."""
         self.events_created: dict[str, float] = {}
-        """When each event type was first counted."""
+        """When each label was first counted."""
         self.handlers: dict[str, HandlerTally] = {}
         """The tallies, by handler."""
 

@@ -31,9 +31,20 @@ but emits nothing more, and an event at the cascade depth limit cannot have a ch
 ``error.handler_failed`` is logged instead of emitted.  A failure of this middleware itself (the
 record cannot be written) is logged and the original exception still propagates.
 
-Replays (``krules dlq replay``): the root event of a replay turn runs only the failed handler.  When
-that call succeeds, its dead letter and index line are deleted in the same turn; when it fails
-again, the same dead letter is rewritten (the original event kept, ``replays`` counted).
+Replays (``krules dlq replay``): the root event of a replay turn runs only the failed handler (a
+handler the app lacks is stood in for by a call that raises a ``no_handler``
+:class:`~middleware.base.DeadLetterEvent`).  When that call succeeds, its dead letter and index
+line are deleted in the same turn; when it fails again, the same dead letter is rewritten (the
+original event kept, ``replays`` and ``replays_failed`` counted).
+
+**Bounded.**  ``max_dead_letters`` (``KRULES_MAX_DEAD_LETTERS``; default 10,000 in embedded mode,
+where dead letters live in the process's memory, and no limit in Redis mode, where ``krules dlq
+purge`` manages them) caps how many are kept: when a new one would pass it, the oldest are deleted
+down to nine tenths of it (never the new one), with one WARNING line and the
+``on_dropped(count)`` listeners told (``MetricsMiddleware.record_dead_letters_dropped``, the
+``krules_dead_letters_dropped_total`` counter).  The middleware counts the dead letters it writes
+and reads the index (one load) only when its count reaches the cap, so the check costs a failure
+nothing until then; dead letters others write (another instance, the worker) are seen at that read.
 
 Place it outside the circuit breaker, retry and time-out middleware (registered before them), so it
 sees only what finally failed::
@@ -46,8 +57,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Final
 
+from krules.config import EnvSettings, integer, setting
+from krules.dead_letters.admin import DeadLetters
 from krules.dead_letters.record import ERROR, HANDLER_FAILED, LOOP_GUARD, TIMEOUT, DeadLetter
 from krules.dead_letters.store import (
     handler_dead_letter,
@@ -63,12 +78,25 @@ if TYPE_CHECKING:
     from krules.context import EventContext
     from middleware.registry import ChainBuild
 
-__all__ = ["DeadLetterListener", "DeadLetterMiddleware", "from_settings", "reason_of"]
+__all__ = [
+    "DEFAULT_EMBEDDED_LIMIT",
+    "DeadLetterListener",
+    "DeadLetterMiddleware",
+    "DeadLetterSettings",
+    "DroppedListener",
+    "from_settings",
+    "reason_of",
+]
 
 logger = logging.getLogger(__name__)
 
 DeadLetterListener = Callable[[str, str], object]
 """Called as ``listener(handler, reason)`` for every dead-lettered handler call."""
+DroppedListener = Callable[[int], object]
+"""Called as ``listener(count)`` when the oldest ``count`` dead letters were deleted to keep the cap."""
+
+DEFAULT_EMBEDDED_LIMIT: Final = 10_000
+"""How many dead letters an embedded ``krules run`` keeps (about 3 KB each, plus their payloads)."""
 
 _DEAD_LETTERED: Final = "krules.dead_lettered"
 """Metadata key: this handler call's failure is dead-lettered already."""
@@ -102,23 +130,48 @@ class DeadLetterMiddleware(Observer):
     """Middleware: store what finally fails as a dead letter, announce it, and let it fail.
 
     ``emit_event`` (default True) emits ``error.handler_failed`` for each dead letter;
-    ``on_dead_letter`` is one ``listener(handler, reason)`` or a list of them.
+    ``on_dead_letter`` is one ``listener(handler, reason)`` or a list of them; ``max_dead_letters``
+    (None or 0: no limit) caps how many are kept, the oldest deleted past it, and ``on_dropped``
+    listeners are told how many (see the module docstring).
     """
 
-    __slots__ = ("_emit", "_listeners")
+    __slots__ = ("_dropped", "_emit", "_estimate", "_limit", "_listeners", "_trimming", "_written")
 
     def __init__(
         self,
         *,
         emit_event: bool = True,
         on_dead_letter: DeadLetterListener | Sequence[DeadLetterListener] | None = None,
+        max_dead_letters: int | None = None,
+        on_dropped: DroppedListener | Sequence[DroppedListener] | None = None,
     ) -> None:
         if not isinstance(emit_event, bool):
             raise ConfigurationError(
                 f"DeadLetterMiddleware got emit_event={emit_event!r}; pass True or False."
             )
+        if max_dead_letters is not None and (
+            isinstance(max_dead_letters, bool)
+            or not isinstance(max_dead_letters, int)
+            or max_dead_letters < 0
+        ):
+            raise ConfigurationError(
+                f"DeadLetterMiddleware got max_dead_letters={max_dead_letters!r}; pass a number of dead "
+                "letters to keep, or None (or 0) for no limit."
+            )
         self._emit = emit_event
         self._listeners = _listeners(on_dead_letter)
+        self._limit = max_dead_letters or 0
+        self._dropped: list[DroppedListener] = check_listeners(
+            on_dropped, owner="DeadLetterMiddleware", option="on_dropped", shape="a plain function of (count)"
+        )
+        self._estimate: int | None = None  # dead letters stored, as far as this middleware knows
+        self._written = 0
+        self._trimming = False
+
+    @property
+    def max_dead_letters(self) -> int | None:
+        """The cap on stored dead letters (None: no limit)."""
+        return self._limit or None
 
     def add_listener(self, listener: DeadLetterListener) -> None:
         """Also call ``listener(handler, reason)`` for every dead letter."""
@@ -170,6 +223,8 @@ class DeadLetterMiddleware(Observer):
                 name=None if target is None else target[0],
             )
             record = await write_dead_letter(ctx.turn, record, replay=0 if target is None else target[1])
+            if self._limit:
+                await self._bound(ctx, record.name)
         except Exception:
             logger.exception(
                 "could not dead-letter the failure of %s on %s (event %s); the failure itself is recorded",
@@ -219,13 +274,87 @@ class DeadLetterMiddleware(Observer):
             logger.exception("could not delete dead letter %s after its replay succeeded", name)
             return
         if removed:
+            if self._estimate:
+                self._estimate -= 1
             logger.info("replay of dead letter %s by %s succeeded; it is deleted", name, ctx.rule.name)
 
+    # -- the cap ---------------------------------------------------------------------------------
+    async def _bound(self, ctx: EventContext, name: str) -> None:
+        """Count dead letter ``name`` (written by this turn); past the cap, delete the oldest."""
+        self._written += 1
+        estimate = self._estimate
+        if self._trimming or (estimate is not None and estimate < self._limit):
+            self._estimate = (estimate or 0) + 1
+            return
+        self._trimming = True
+        try:
+            await self._trim(DeadLetters(ctx._engine.storage), name)
+        except Exception:  # the dead letter itself is written: only the cap is not kept this time
+            logger.exception("could not delete the oldest dead letters to keep %d", self._limit)
+        finally:
+            self._trimming = False
+
+    async def _trim(self, dead: DeadLetters, name: str) -> None:
+        limit, seen = self._limit, self._written
+        index = await dead.index()  # what is stored; this turn's dead letter is not yet
+        index.pop(name, None)
+        count = len(index) + 1
+        dropped: list[str] = []
+        if count > limit:
+            keep = max(1, limit - max(1, limit // 10))  # down to 9/10: the next trim is far off
+            oldest = sorted(index, key=lambda n: (index[n], n))[: count - keep]
+            dropped = await dead.delete_many(oldest)
+            logger.warning(
+                "%d dead letters are stored, more than KRULES_MAX_DEAD_LETTERS=%d: deleted the %d oldest "
+                "(failed from %s to %s); raise the limit, or replay and purge them sooner",
+                count,
+                limit,
+                len(dropped),
+                _when(index[oldest[0]]),
+                _when(index[oldest[-1]]),
+            )
+            for listener in self._dropped:
+                try:
+                    listener(len(dropped))
+                except Exception:
+                    logger.exception("dropped-dead-letters listener %r raised", listener)
+        self._estimate = count - len(dropped) + (self._written - seen)
+
     def __repr__(self) -> str:
-        return f"DeadLetterMiddleware(emit_event={self._emit}, listeners={len(self._listeners)})"
+        return (
+            f"DeadLetterMiddleware(emit_event={self._emit}, listeners={len(self._listeners)}, "
+            f"max_dead_letters={self.max_dead_letters})"
+        )
+
+
+def _when(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def _limit(var: str, raw: str) -> int | None:
+    text = raw.strip().lower()
+    if text in {"", "none", "off"}:
+        return 0
+    return integer(0)(var, raw)
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetterSettings(EnvSettings):
+    """``KRULES_MAX_DEAD_LETTERS``: how many dead letters ``krules run`` keeps (0 or ``none``: no
+    limit; unset: 10,000 embedded, no limit in Redis mode)."""
+
+    max_dead_letters: int | None = setting(None, _limit)
 
 
 def from_settings(build: ChainBuild) -> DeadLetterMiddleware:
-    """The dead-letter middleware ``krules run`` installs, counting its dead letters in the metrics."""
+    """The dead-letter middleware ``krules run`` installs, counting its dead letters (and those it
+    deletes to keep ``KRULES_MAX_DEAD_LETTERS``) in the metrics."""
     metrics = build.metrics
-    return DeadLetterMiddleware(on_dead_letter=None if metrics is None else metrics.record_dead_letter)
+    limit = DeadLetterSettings.from_env(build.env).max_dead_letters
+    if limit is None:
+        limit = 0 if build.settings.redis_url else DEFAULT_EMBEDDED_LIMIT
+    return DeadLetterMiddleware(
+        on_dead_letter=None if metrics is None else metrics.record_dead_letter,
+        max_dead_letters=limit,
+        on_dropped=None if metrics is None else metrics.record_dead_letters_dropped,
+    )

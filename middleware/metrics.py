@@ -5,8 +5,13 @@
 and tests never collide); ``registry=`` injects one.  Metrics:
 
 - ``krules_events_received_total{type}``: every event the engine dispatches, root events and every
-  event of their cascades alike (:meth:`MetricsMiddleware.observe_event`, to append to
-  ``engine.event_observers``).
+  event of their cascades alike (:meth:`MetricsMiddleware.observe`).  Senders choose event types,
+  so the label is bounded by the rules, not by them (:func:`event_label`): a type some rule
+  subscribes to exactly, or one of the engine's own, is its own label; a type only a glob rule
+  matches is labelled with that glob (``order.*``); any other type is ``other``.  Counting for an
+  engine not given to :meth:`~MetricsMiddleware.observe` (``observe_event`` appended to its
+  observers by hand), the first ``max_event_types`` types are their own labels, later ones
+  ``other``.
 - ``krules_handler_calls_total{handler,outcome}``: handler calls by outcome, ``ok``, ``skipped``
   (:class:`~middleware.base.SkipEvent`), ``failed`` (any other exception) or ``dead_lettered``
   (:class:`~middleware.base.DeadLetterEvent`).  A cancelled call is not counted.
@@ -15,6 +20,8 @@ and tests never collide); ``registry=`` injects one.  Metrics:
 - ``krules_handler_retries_total{handler}``: retries, i.e. :data:`~middleware.base.ATTEMPTS` - 1
   when a retry middleware inside this one recorded the attempts.
 - ``krules_dead_letters_total{handler,reason}``: :meth:`MetricsMiddleware.record_dead_letter`.
+- ``krules_dead_letters_dropped_total``: the oldest dead letters deleted to keep
+  ``KRULES_MAX_DEAD_LETTERS`` (:meth:`MetricsMiddleware.record_dead_letters_dropped`).
 - ``krules_circuit_state{key}``: 0 closed, 1 half-open, 2 open
   (:meth:`MetricsMiddleware.record_circuit_state`).
 - ``krules_partition_lag{partition}`` and ``krules_partition_pending{partition}``:
@@ -30,15 +37,19 @@ with the final attempt count; inside it, every attempt would count as a call and
 counter would overcount.
 
 Options (keyword-only): ``registry``, the :class:`~prometheus_client.CollectorRegistry` to register
-the metrics in (default: a new one); anything else raises :class:`~krules.errors.ConfigurationError`.
+the metrics in (default: a new one); ``max_event_types`` (default 100), the cap on ``type`` labels
+when counting without the rules; anything else raises :class:`~krules.errors.ConfigurationError`.
 
 :func:`metrics_route` serves a registry in the Prometheus text format as a Starlette route, to pass
-to ``krules.http.server.serve_in_background(engine, routes=[...])`` or ``krules.http.server.run``.
+to ``krules.http.server.serve_in_background(engine, routes=[...])`` or ``krules.http.server.run``
+(routes passed there are behind ``KRULES_INGRESS_TOKEN`` when it is set, as the ingress is).
 """
 
 from __future__ import annotations
 
 from bisect import bisect_left
+from collections.abc import Sequence
+from fnmatch import fnmatchcase
 from time import perf_counter, time
 from typing import TYPE_CHECKING, Final
 
@@ -47,16 +58,29 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from krules.dead_letters.record import HANDLER_FAILED
 from krules.errors import ConfigurationError
+from krules.event_types import SUBJECT_DELETED, SUBJECT_PROPERTY_CHANGED, SUBJECT_PROPERTY_DELETED
 from middleware._hot_metrics import HotCollector
 from middleware.base import ATTEMPTS, CANCELLED, Observer, outcome_of
 
 if TYPE_CHECKING:
     from krules.context import EventContext
+    from krules.engine import Engine
     from krules.events import Event
+    from krules.rules import Rule, RuleRegistry
     from middleware.registry import ChainBuild
 
-__all__ = ["CIRCUIT_STATES", "DURATION_BUCKETS", "MetricsMiddleware", "from_settings", "metrics_route"]
+__all__ = [
+    "CIRCUIT_STATES",
+    "DURATION_BUCKETS",
+    "ENGINE_EVENT_TYPES",
+    "OTHER_EVENT_TYPE",
+    "MetricsMiddleware",
+    "event_label",
+    "from_settings",
+    "metrics_route",
+]
 
 DURATION_BUCKETS: Final = (
     0.0005,
@@ -79,11 +103,43 @@ DURATION_BUCKETS: Final = (
 CIRCUIT_STATES: Final = {"closed": 0, "half-open": 1, "half_open": 1, "open": 2}
 """Circuit breaker state -> value of the ``krules_circuit_state`` gauge."""
 
+OTHER_EVENT_TYPE: Final = "other"
+"""The ``type`` label of the events whose type no rule subscribes to."""
+ENGINE_EVENT_TYPES: Final = frozenset(
+    {SUBJECT_PROPERTY_CHANGED, SUBJECT_PROPERTY_DELETED, SUBJECT_DELETED, HANDLER_FAILED}
+)
+"""The engine's own event types: always their own ``type`` label."""
+
+_LABELS_CACHED: Final = 4096  # event type -> label, remembered; cleared when full
+
+
+def event_label(event_type: str, rules: Sequence[Rule]) -> str:
+    """The ``type`` label of an event of ``event_type`` that ``rules`` match (the registry's
+    ``match``): the type when a rule names it exactly, else the first matching glob, else ``other``."""
+    if not rules:
+        return OTHER_EVENT_TYPE
+    for rule in rules:
+        if event_type in rule.patterns:
+            return event_type
+    for rule in rules:
+        for pattern in rule.patterns:
+            if fnmatchcase(event_type, pattern):
+                return pattern
+    return OTHER_EVENT_TYPE
+
 
 class MetricsMiddleware(Observer):
     """Count and time every handler call in Prometheus metrics of its own registry."""
 
-    def __init__(self, *, registry: CollectorRegistry | None = None) -> None:
+    def __init__(self, *, registry: CollectorRegistry | None = None, max_event_types: int = 100) -> None:
+        if isinstance(max_event_types, bool) or not isinstance(max_event_types, int) or max_event_types < 1:
+            raise ConfigurationError(
+                f"MetricsMiddleware option max_event_types={max_event_types!r} is invalid; pass a "
+                "positive number of event types to label before the rest count as 'other'."
+            )
+        self._max_event_types = max_event_types
+        self._rules: RuleRegistry | None = None
+        self._labels: dict[str, str] = {}
         if registry is None:
             registry = CollectorRegistry()
         elif not isinstance(registry, CollectorRegistry):
@@ -98,6 +154,11 @@ class MetricsMiddleware(Observer):
             registry.register(self._hot)
             self.dead_letters = Counter(
                 "krules_dead_letters", "Events dead-lettered", ["handler", "reason"], registry=registry
+            )
+            self.dead_letters_dropped = Counter(
+                "krules_dead_letters_dropped",
+                "Oldest dead letters deleted to keep KRULES_MAX_DEAD_LETTERS",
+                registry=registry,
             )
             self.circuit_state = Gauge(
                 "krules_circuit_state",
@@ -166,18 +227,48 @@ class MetricsMiddleware(Observer):
         if attempts.__class__ is int and attempts > 1:
             tally.retries += attempts - 1
 
+    def observe(self, engine: Engine) -> None:
+        """Count every event ``engine`` dispatches, labelled by type as its rules allow (see the
+        module docstring): :meth:`observe_event` becomes one of its ``event_observers``."""
+        self._rules = engine.registry
+        self._labels.clear()
+        engine.event_observers.append(self.observe_event)
+
     def observe_event(self, event: Event) -> None:
-        """Count a dispatched event by type: append this to ``engine.event_observers``."""
+        """Count a dispatched event by its ``type`` label (:meth:`observe` appends this to an engine)."""
+        label = self._labels.get(event.type)
+        if label is None:
+            label = self._label(event.type)
         events = self._hot.events
         try:
-            events[event.type] += 1
+            events[label] += 1
         except KeyError:
-            events[event.type] = 1
-            self._hot.events_created[event.type] = time()
+            events[label] = 1
+            self._hot.events_created[label] = time()
+
+    def _label(self, event_type: str) -> str:
+        rules = self._rules
+        if event_type in ENGINE_EVENT_TYPES:
+            label = event_type
+        elif rules is not None:
+            label = event_label(event_type, rules.match(event_type))
+        elif event_type in self._hot.events or len(self._hot.events) < self._max_event_types:
+            label = event_type
+        else:
+            label = OTHER_EVENT_TYPE
+        labels = self._labels
+        if len(labels) >= _LABELS_CACHED:
+            labels.clear()  # an unbounded vocabulary of types must not grow memory forever
+        labels[event_type] = label
+        return label
 
     def record_dead_letter(self, handler: str, reason: str) -> None:
         """Count an event dead-lettered for ``handler`` with ``reason`` (e.g. ``circuit_open``)."""
         self.dead_letters.labels(handler, reason).inc()
+
+    def record_dead_letters_dropped(self, count: int) -> None:
+        """Count ``count`` old dead letters deleted to keep the cap on stored dead letters."""
+        self.dead_letters_dropped.inc(count)
 
     def record_circuit_state(self, key: str, state: str) -> None:
         """Set the circuit ``key``'s gauge from ``state``: ``closed``, ``half-open`` or ``open``."""

@@ -19,11 +19,13 @@ configured from its own settings, or None to leave it out (costs nothing):
 =============== =================================================================================
 tracing         on when ``OTEL_TRACES_EXPORTER`` is ``otlp`` or ``console``
                 (:func:`middleware.tracing_setup.configure_tracing`); without an exporter there is
-                nothing to record, and it is left out
+                nothing to record, and it is left out (the engine still passes an incoming
+                ``traceparent``/``tracestate`` on to the events a handler emits)
 logging         ``KRULES_HANDLER_LOG_LEVEL`` (INFO), ``KRULES_LOG_JSON``; one line per handler call
 metrics         served at ``/metrics`` on the instance's HTTP port
 partitioning    Redis mode, when this instance owns only some of the partitions
-dead_letter     dead-letter subjects ``dlq-<id>`` and ``error.handler_failed`` events
+dead_letter     dead-letter subjects ``dlq-<id>`` and ``error.handler_failed`` events;
+                ``KRULES_MAX_DEAD_LETTERS`` (10,000 embedded, no limit in Redis mode)
 circuit_breaker ``KRULES_CIRCUIT_FAILURES`` (5), ``KRULES_CIRCUIT_OPEN_SECONDS`` (30),
                 ``KRULES_CIRCUIT_KEY`` (``handler`` or ``subject``: one circuit per handler and subject)
 retry           for rules marked ``@retry(on=...)``; ``KRULES_RETRY_MAX_ATTEMPTS`` caps what a rule
@@ -48,6 +50,7 @@ from krules.config import EnvSettings, setting
 from krules.errors import ConfigurationError
 from middleware.base import Middleware
 from middleware.circuit_breaker import CircuitBreakerSettings
+from middleware.dead_letter import DeadLetterSettings
 from middleware.logging import LoggingSettings
 from middleware.retry import RetrySettings
 from middleware.timeout import TimeoutSettings
@@ -114,6 +117,7 @@ class ChainSettings(EnvSettings):
 MIDDLEWARE_SETTINGS: Final = (
     ChainSettings,
     LoggingSettings,
+    DeadLetterSettings,
     CircuitBreakerSettings,
     RetrySettings,
     TimeoutSettings,
@@ -154,7 +158,7 @@ class DefaultChain:
     middlewares: list[Middleware] = field(default_factory=list)
     names: list[str] = field(default_factory=list)
     metrics: MetricsMiddleware | None = None
-    """Serve ``metrics_route(metrics)``; add ``metrics.observe_event`` to the engine's observers."""
+    """Serve ``metrics_route(metrics)``; ``metrics.observe(engine)`` counts the engine's events."""
     tracer_provider: TracerProvider | None = None
     """Shut it down when the instance stops (flushes the spans)."""
 

@@ -26,8 +26,9 @@ after crossing HTTP or a stream, and their handlers' spans join the same trace. 
 finds its parent span directly (no re-parsing of the header it carries).
 
 **Without an SDK** (the global provider unset, or a no-op provider) nothing is recorded and no span
-is made current, but an incoming ``traceparent``/``tracestate`` is passed on verbatim to the events
-the handler emits, so a traced service downstream still sees one trace.
+is made current; the engine itself passes an incoming ``traceparent``/``tracestate`` on verbatim to
+the events the handler emits (as it does when tracing is left out), so a traced service downstream
+still sees one trace.
 
 **Configuration.**  ``krules run`` installs it when the ``OTEL_*`` variables name an exporter
 (:func:`from_settings`); :func:`middleware.tracing_setup.configure_tracing` builds that provider.
@@ -151,7 +152,7 @@ class TracingMiddleware(Observer):
                 self._next_poll = now + _GLOBAL_POLL_SECONDS
                 tracer = self._resolve(trace.get_tracer_provider())
         if tracer is None:
-            return self._carry(ctx)
+            return None  # nothing to record; the engine passes the incoming trace context on
         # A failure of the tracing itself (e.g. a span processor's bug) must not fail the call:
         # it is logged and the call runs untraced.
         try:
@@ -186,7 +187,7 @@ class TracingMiddleware(Observer):
                 ctx.rule.name,
                 ctx.event_id,
             )
-            return self._carry(ctx)
+            return None
         previous = ctx.emit_extensions
         key: tuple[str, str | None] | None = None
         if carrier is not None:
@@ -199,9 +200,6 @@ class TracingMiddleware(Observer):
     def exit(self, ctx: EventContext, state: tuple[Any, ...] | None, error: BaseException | None) -> None:
         """Record the outcome on the span, end it, and restore the context and emit extensions."""
         if state is None:
-            return
-        if len(state) == 1:  # untraced, the incoming trace context passed on
-            ctx.emit_extensions = state[0]
             return
         span, recording, token, previous, key = state
         otel_context.detach(token)
@@ -263,21 +261,6 @@ class TracingMiddleware(Observer):
         event.extensions = {**extensions, **carrier} if extensions else carrier
         self._receive_cache = ((carrier[_TRACEPARENT], carrier.get(_TRACESTATE)), span_context)
         return span_context
-
-    @staticmethod
-    def _carry(ctx: EventContext) -> tuple[Any, ...] | None:
-        # Without an SDK nothing is recorded, but the incoming trace context goes on, verbatim, to
-        # the events the handler emits, so a traced service downstream still sees one trace.
-        extensions = ctx.raw_event.extensions
-        if extensions is None or _TRACEPARENT not in extensions:
-            return None
-        carried = {_TRACEPARENT: extensions[_TRACEPARENT]}
-        tracestate = extensions.get(_TRACESTATE)
-        if tracestate is not None:
-            carried[_TRACESTATE] = tracestate
-        previous = ctx.emit_extensions
-        ctx.emit_extensions = {**previous, **carried} if previous else carried
-        return (previous,)
 
     def __repr__(self) -> str:
         return f"TracingMiddleware(service_name={self.service_name!r})"

@@ -64,6 +64,12 @@ def dockerfile() -> tuple[list[str], dict[str, str]]:
     return entrypoint, env
 
 
+def service_env(service: dict[str, Any]) -> dict[str, str]:
+    """A service's environment as on a host where no variable it takes from the host is set (a
+    variable without a value is passed through from the host only when set there)."""
+    return {k: interpolate(v) for k, v in service["environment"].items() if v is not None}
+
+
 def interpolate(value: object) -> str:
     """A compose value with ``${NAME:-default}`` resolved as on a host where NAME is unset."""
     text = str(value)
@@ -103,10 +109,7 @@ def test_compose_runs_redis_with_an_append_only_file_and_two_instances_owning_on
     assert command[0] == "redis-server"
     assert command[command.index("--appendonly") + 1] == "yes"
     assert entrypoint == ["krules"]
-    envs = {
-        name: {**image_env, **{k: interpolate(v) for k, v in service["environment"].items()}}
-        for name, service in services.items()
-    }
+    envs = {name: {**image_env, **service_env(service)} for name, service in services.items()}
     assert sorted(env["KRULES_PARTITION_ID"] for env in envs.values()) == ["0", "1"]
     assert len({env["KRULES_CONSUMER"] for env in envs.values()}) == len(envs)
     for name, service in services.items():
@@ -193,7 +196,7 @@ def local_env(image_env: dict[str, str], service: dict[str, Any], redis_url: str
     env = {k: v for k, v in os.environ.items() if not k.startswith("KRULES_")}
     env["PYTHONUNBUFFERED"] = "1"
     env.update(image_env)
-    env.update({name: interpolate(value) for name, value in service["environment"].items()})
+    env.update(service_env(service))
     compose_url = f"redis://{COMPOSE_REDIS}/"
     assert env["KRULES_REDIS_URL"].startswith(compose_url)
     env["KRULES_REDIS_URL"] = redis_url.rsplit("/", 1)[0] + "/" + env["KRULES_REDIS_URL"][len(compose_url) :]
@@ -222,7 +225,7 @@ def test_the_compose_services_run_as_local_processes_ship_orders_sent_to_either_
 
     for n, (name, total) in enumerate(orders.items()):
         assert httpx.get(f"{urls[n % 2]}/healthz", timeout=10).status_code == 200
-        with KRulesClient(urls[n % 2], some_env["KRULES_INGRESS_TOKEN"] or None) as client:
+        with KRulesClient(urls[n % 2], some_env.get("KRULES_INGRESS_TOKEN")) as client:
             client.emit("order.submitted", name, {"total": total, "customer": "ada", "items": ["book"]})
 
     store = redis.Redis.from_url(server.url, decode_responses=True)

@@ -17,12 +17,17 @@ from krules.errors import ConfigurationError
 
 __all__ = [
     "JsonLogFormatter",
+    "TextLogFormatter",
     "UsageError",
     "configure_logging",
     "configure_quiet_logging",
     "format_table",
+    "printable",
+    "recorded_partitions",
     "redis_storage",
     "require_redis",
+    "say",
+    "say_json",
     "url_and_token",
 ]
 
@@ -54,7 +59,21 @@ class JsonLogFormatter(logging.Formatter):
                 line[key] = value
         if record.exc_info:
             line["error"] = self.formatException(record.exc_info)
-        return json.dumps(line, default=str, ensure_ascii=False)
+        text = json.dumps(line, default=str, ensure_ascii=False)  # one line: the C0 controls escaped
+        return (
+            text if text.isprintable() else "".join(c if c.isprintable() else _json_escape(c) for c in text)
+        )
+
+
+class TextLogFormatter(logging.Formatter):
+    """``time level logger: message``, the message :func:`printable` (a subject name or event type
+    from outside cannot break the line or send escape sequences to a terminal)."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return printable(super().formatMessage(record))
 
 
 def configure_logging(settings: Settings) -> None:
@@ -63,7 +82,7 @@ def configure_logging(settings: Settings) -> None:
     if settings.log_json:
         handler.setFormatter(JsonLogFormatter())
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
+        handler.setFormatter(TextLogFormatter())
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)
@@ -108,10 +127,67 @@ def url_and_token(args: argparse.Namespace, settings: Settings) -> tuple[str, st
     return url, token
 
 
+async def recorded_partitions(storage: Any) -> Any:
+    """``storage`` for the partition count recorded in Redis (the one instances use to place each
+    subject's key), or ``storage`` itself when no instance has recorded one yet."""
+    from krules.transport.redis_streams import connect_streams
+
+    try:
+        return (await connect_streams(storage)).storage
+    except ConfigurationError:  # no count recorded: nothing was stored by an instance either
+        return storage
+
+
 # -- output ----------------------------------------------------------------------------------------
+# Everything a command prints may hold what others wrote (subject names, event types, error
+# messages, consumer names): a newline in it would forge table rows, an escape sequence would reach
+# the operator's terminal.  So every character str.isprintable() refuses is printed escaped.
+_ESCAPES: Final = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escape(char: str) -> str:
+    known = _ESCAPES.get(char)
+    if known is not None:
+        return known
+    code = ord(char)
+    if code < 0x100:
+        return f"\\x{code:02x}"
+    return f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
+
+
+def printable(text: str) -> str:
+    """``text`` with every non-printable character (controls, line breaks, escape sequences,
+    bidirectional overrides...) written as its Python escape (``\\n``, ``\\x1b``, ``\\u202e``)."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else _escape(c) for c in text)
+
+
+def _json_escape(char: str) -> str:
+    return json.dumps(char)[1:-1]  # \u009b, or a surrogate pair: still valid JSON
+
+
+def say(line: object = "", *, err: bool = False) -> None:
+    """Print one line, escaped (:func:`printable`): it can never become two lines."""
+    print(printable(str(line)), file=sys.stderr if err else sys.stdout)
+
+
+def say_json(value: Any) -> None:
+    """Print ``value`` as indented JSON with every non-printable character as a JSON escape."""
+    text = json.dumps(value, indent=2, ensure_ascii=False, default=str)
+    # json.dumps escapes the C0 controls itself; what is left (C1 controls, bidirectional
+    # overrides...) can only be inside strings, where a \u escape means the same.
+    print(
+        "\n".join(
+            line if line.isprintable() else "".join(c if c.isprintable() else _json_escape(c) for c in line)
+            for line in text.split("\n")
+        )
+    )
+
+
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-    """Left-aligned columns separated by two spaces (no trailing blanks)."""
-    cells = [[str(h) for h in headers], *[[str(c) for c in row] for row in rows]]
+    """Left-aligned columns separated by two spaces (no trailing blanks), every cell :func:`printable`."""
+    cells = [[printable(str(h)) for h in headers], *[[printable(str(c)) for c in row] for row in rows]]
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
     return "\n".join(
         "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells

@@ -1,5 +1,7 @@
 """``krules dlq list|show|replay|purge``: the dead letters of a Redis-mode deployment, read
-straight from Redis (so it works whether or not an instance runs).
+straight from Redis (so it works whether or not an instance runs); without ``KRULES_REDIS_URL``
+(embedded mode, dead letters in the instance's memory) or with ``--url``, ``list``, ``show`` and
+``purge`` ask the running instance over HTTP (:mod:`krules.http.dead_letters`).
 
 Times are taken as ISO 8601 (``2026-01-31T12:00:00Z``, UTC when no zone is given) or as a duration
 ago (``90s``, ``15m``, ``2h``, ``7d``, ``1w``, ``1h30m``).
@@ -9,26 +11,30 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import re
 import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, Final, TypeVar
+from typing import TYPE_CHECKING, Any, Final, Protocol, TypeVar
 
 from krules.cli.common import (
     UsageError,
     configure_quiet_logging,
     format_table,
+    printable,
     redis_storage,
     require_redis,
+    say,
+    say_json,
+    url_and_token,
 )
 from krules.config import Settings
 from krules.container import settings_from_env
 from krules.dead_letters.admin import DeadLetters
-from krules.dead_letters.record import DeadLetter
-from krules.errors import DeadLetterError
+from krules.dead_letters.record import PREFIX, DeadLetter
+from krules.errors import DeadLetterError, ReplayInFlightError
+from krules.http.client import AsyncKRulesClient
 
 if TYPE_CHECKING:
     from krules.transport.redis_streams import RedisStreams
@@ -77,10 +83,93 @@ def _clip(text: str, width: int) -> str:
     return text if len(text) <= width else text[: width - 3] + "..."
 
 
+_Names = list[str]  # module-level: inside the classes, "list" is the method
+
+
+class _Store(Protocol):
+    """What the commands use of :class:`DeadLetters` (which the instance's HTTP routes offer too)."""
+
+    async def index(self) -> dict[str, float]: ...
+
+    async def list(
+        self,
+        *,
+        handler: str | None = None,
+        event_type: str | None = None,
+        reason: str | None = None,
+        since: float | None = None,
+        until: float | None = None,
+    ) -> Sequence[DeadLetter]: ...
+
+    async def find(self, ident: str) -> DeadLetter: ...
+
+    async def delete(self, name: str) -> bool: ...
+
+    async def purge(self, older_than: float | None = None) -> _Names: ...
+
+
+class _Remote:
+    """A running instance's dead letters, over its ``/dead-letters`` routes (embedded mode)."""
+
+    def __init__(self, client: AsyncKRulesClient) -> None:
+        self.client = client
+
+    async def index(self) -> dict[str, float]:
+        return {record.name: record.failed_at for record in await self.list()}
+
+    async def list(
+        self,
+        *,
+        handler: str | None = None,
+        event_type: str | None = None,
+        reason: str | None = None,
+        since: float | None = None,
+        until: float | None = None,
+    ) -> Sequence[DeadLetter]:
+        found = await self.client.dead_letters(
+            handler=handler, type=event_type, reason=reason, since=since, until=until
+        )
+        return [DeadLetter.from_properties(str(record.get("name", "")), record) for record in found]
+
+    async def find(self, ident: str) -> DeadLetter:
+        record = await self.client.dead_letter(ident)
+        return DeadLetter.from_properties(str(record.get("name", "")), record)
+
+    async def delete(self, name: str) -> bool:
+        return bool(await self.client.delete_dead_letters(name))
+
+    async def purge(self, older_than: float | None = None) -> _Names:
+        return await self.client.delete_dead_letters(older_than=older_than)
+
+
+def _redis_mode(args: argparse.Namespace, settings: Settings) -> bool:
+    """Redis mode reads the deployment's Redis; otherwise the commands ask the running instance."""
+    return bool(settings.redis_url) and not getattr(args, "url", None)
+
+
+def _where(args: argparse.Namespace, settings: Settings) -> str:
+    if _redis_mode(args, settings):
+        return f"under key prefix {settings.key_prefix!r}"
+    return f"on {url_and_token(args, settings)[0]}"
+
+
 async def _on_dead_letters(
+    args: argparse.Namespace, settings: Settings, work: Callable[[_Store, RedisStreams | None], Awaitable[_T]]
+) -> _T:
+    """Run ``work`` on the dead letters: the deployment's, read from Redis (the partition count read
+    there too), or the running instance's, over HTTP (embedded mode, or ``--url``)."""
+    if not _redis_mode(args, settings):
+        url, token = url_and_token(args, settings)
+        async with AsyncKRulesClient(url, token) as client:
+            return await work(_Remote(client), None)
+    return await _on_deployment(settings, work)
+
+
+async def _on_deployment(
     settings: Settings, work: Callable[[DeadLetters, RedisStreams], Awaitable[_T]]
 ) -> _T:
-    """Run ``work`` on the deployment's dead letters and streams (the partition count read from Redis)."""
+    """Run ``work`` on a Redis-mode deployment's dead letters and streams (the partition count read
+    from Redis)."""
     from krules.transport.redis_streams import connect_streams
 
     storage = redis_storage(settings, retries=2)
@@ -96,21 +185,21 @@ def _dlq_list(args: argparse.Namespace, settings: Settings) -> int:
     since = None if args.since is None else parse_time(args.since, "--since", now)
     until = None if args.until is None else parse_time(args.until, "--until", now)
 
-    async def work(dead: DeadLetters, streams: RedisStreams) -> Sequence[DeadLetter]:
+    async def work(dead: _Store, streams: RedisStreams | None) -> Sequence[DeadLetter]:
         return await dead.list(
             handler=args.only_handler, event_type=args.type, reason=args.reason, since=since, until=until
         )
 
-    records = asyncio.run(_on_dead_letters(settings, work))
+    records = asyncio.run(_on_dead_letters(args, settings, work))
     if args.json:
-        print(json.dumps([r.to_dict() for r in records], indent=2, ensure_ascii=False))
+        say_json([r.to_dict() for r in records])
         return 0
     filtered = any(v is not None for v in (args.only_handler, args.type, args.reason, since, until))
-    where = f"under key prefix {settings.key_prefix!r}"
+    where = _where(args, settings)
     if not records:
-        print(f"No dead letters{' match' if filtered else ''} {where}.")
+        say(f"No dead letters{' match' if filtered else ''} {where}.")
         return 0
-    print(f"{len(records)} dead letter(s) {where}{' matching' if filtered else ''}, oldest first")
+    say(f"{len(records)} dead letter(s) {where}{' matching' if filtered else ''}, oldest first")
     rows = [
         [
             r.id,
@@ -131,11 +220,11 @@ def _dlq_list(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _dlq_show(args: argparse.Namespace, settings: Settings) -> int:
-    async def work(dead: DeadLetters, streams: RedisStreams) -> DeadLetter:
+    async def work(dead: _Store, streams: RedisStreams | None) -> DeadLetter:
         return await dead.find(args.id)
 
-    record = asyncio.run(_on_dead_letters(settings, work))
-    print(json.dumps(record.to_dict(), indent=2, ensure_ascii=False))
+    record = asyncio.run(_on_dead_letters(args, settings, work))
+    say_json(record.to_dict())
     return 0
 
 
@@ -148,10 +237,16 @@ def _dlq_replay(args: argparse.Namespace, settings: Settings) -> int:
 
     async def work(dead: DeadLetters, streams: RedisStreams) -> int:
         idents = [args.id] if args.id else [r.name for r in await dead.list(handler=args.only_handler)]
+        replay_key = await streams.replay_key()  # the workers run only replays signed with it
         replayed = 0
         for ident in idents:
             try:
-                record, event = await dead.replay(ident, streams.send)
+                record, event = await dead.replay(
+                    ident, streams.send, replay_key=replay_key, force=args.force
+                )
+            except ReplayInFlightError as exc:  # idempotent: what was asked for is under way
+                say(f"not replayed {ident.removeprefix(PREFIX)}: replay {exc.replay_id} is still in flight")
+                continue
             except DeadLetterError as exc:
                 if args.id:
                     raise
@@ -159,46 +254,76 @@ def _dlq_replay(args: argparse.Namespace, settings: Settings) -> int:
                 continue
             replayed += 1
             target = f"handler {record.handler}" if record.handler else "every handler"
-            print(
+            say(
                 f"replayed {record.id}: {record.event_type} for subject {record.subject!r} to {target} "
                 f"as event {event.id}"
             )
         return replayed
 
-    replayed = asyncio.run(_on_dead_letters(settings, work))
+    require_redis(settings, "dlq replay")
+    replayed = asyncio.run(_on_deployment(settings, work))
     for reason in refused:
-        print(f"krules: skipped: {reason}", file=sys.stderr)
+        say(f"krules: skipped: {reason}", err=True)
     if args.all and not replayed and not refused:
-        print(f"No dead letters to replay under key prefix {settings.key_prefix!r}.")
+        say(f"No dead letters to replay under key prefix {settings.key_prefix!r}.")
     return 1 if refused else 0
 
 
+def _confirm(what: str, yes: bool) -> bool:
+    """Whether to delete ``what``: ``--yes``, or the operator says so (a usage error off a terminal)."""
+    if yes:
+        return True
+    if not sys.stdin.isatty():
+        raise UsageError(f"This would delete {what}; add --yes to delete them.")
+    if input(f"Delete {printable(what)}? [y/N] ").strip().lower() in {"y", "yes"}:
+        return True
+    say("Nothing deleted.")
+    return False
+
+
+def _dlq_purge_one(args: argparse.Namespace, settings: Settings) -> int:
+    if args.older_than is not None:
+        raise UsageError("Give 'krules dlq purge' either one dead letter ID or --older-than, not both.")
+
+    async def find(dead: _Store, streams: RedisStreams | None) -> DeadLetter:
+        return await dead.find(args.id)
+
+    record = asyncio.run(_on_dead_letters(args, settings, find))
+    if not _confirm(f"dead letter {record.id} ({record.event_type or '-'} for {record.subject!r})", args.yes):
+        return 0
+
+    async def delete(dead: _Store, streams: RedisStreams | None) -> bool:
+        return await dead.delete(record.name)
+
+    deleted = asyncio.run(_on_dead_letters(args, settings, delete))
+    say(f"Deleted dead letter {record.id}." if deleted else f"Dead letter {record.id} was already gone.")
+    return 0
+
+
 def _dlq_purge(args: argparse.Namespace, settings: Settings) -> int:
+    if args.id is not None:
+        return _dlq_purge_one(args, settings)
     older_than = None if args.older_than is None else parse_duration(args.older_than, "--older-than")
     age = "" if older_than is None else f" that failed more than {args.older_than} ago"
 
-    async def count(dead: DeadLetters, streams: RedisStreams) -> int:
+    async def count(dead: _Store, streams: RedisStreams | None) -> int:
         index = await dead.index()
         cutoff = None if older_than is None else time.time() - older_than
         return sum(1 for at in index.values() if cutoff is None or at < cutoff)
 
     if not args.yes:
-        n = asyncio.run(_on_dead_letters(settings, count))
+        n = asyncio.run(_on_dead_letters(args, settings, count))
         if not n:
-            print(f"No dead letters{age} under key prefix {settings.key_prefix!r}.")
+            say(f"No dead letters{age} {_where(args, settings)}.")
             return 0
-        what = f"{n} dead letter(s){age} under key prefix {settings.key_prefix!r}"
-        if not sys.stdin.isatty():
-            raise UsageError(f"This would delete {what}; add --yes to delete them.")
-        if input(f"Delete {what}? [y/N] ").strip().lower() not in {"y", "yes"}:
-            print("Nothing deleted.")
+        if not _confirm(f"{n} dead letter(s){age} {_where(args, settings)}", False):
             return 0
 
-    async def purge(dead: DeadLetters, streams: RedisStreams) -> list[str]:
+    async def purge(dead: _Store, streams: RedisStreams | None) -> list[str]:
         return await dead.purge(older_than)
 
-    deleted = asyncio.run(_on_dead_letters(settings, purge))
-    print(f"Deleted {len(deleted)} dead letter(s){age}.")
+    deleted = asyncio.run(_on_dead_letters(args, settings, purge))
+    say(f"Deleted {len(deleted)} dead letter(s){age}.")
     return 0
 
 
@@ -211,10 +336,10 @@ _DLQ_COMMANDS: Final[dict[str, Callable[[argparse.Namespace, Settings], int]]] =
 
 
 def command_dlq(args: argparse.Namespace) -> int:
-    """``krules dlq list|show|replay|purge``: the dead letters of a Redis-mode deployment."""
+    """``krules dlq list|show|replay|purge``: the dead letters of a Redis-mode deployment, or (list,
+    show, purge) of the running instance."""
     settings = settings_from_env()
     configure_quiet_logging(settings)
-    require_redis(settings, f"dlq {args.dlq_command}")
     return _DLQ_COMMANDS[args.dlq_command](args, settings)
 
 
@@ -250,17 +375,33 @@ def add_dlq_commands(commands: Any) -> None:
         "replay",
         help="send dead letters' events again, to the handler that failed",
         description="Append each dead letter's original event to its partition's stream again, with a "
-        "new id, for the handler that failed only; the dead letter is deleted once that handler succeeds.",
+        "new id, for the handler that failed only; the dead letter is deleted once that handler succeeds. "
+        "While a replay of a dead letter is in flight, replaying it again sends nothing (it is idempotent).",
     )
     replay.add_argument("id", metavar="ID", nargs="?", help="the dead letter to replay")
     replay.add_argument("--all", action="store_true", help="replay every dead letter (see --handler)")
     replay.add_argument(
         "--handler", dest="only_handler", metavar="H", help="with --all: only this handler's (name or glob)"
     )
-    purge = sub.add_parser(
-        "purge", help="delete dead letters", description="Delete dead letters (all, or the old ones)."
+    replay.add_argument(
+        "--force",
+        action="store_true",
+        help="send a replay even while an earlier one is in flight (the handler may then run twice)",
     )
+    purge = sub.add_parser(
+        "purge",
+        help="delete dead letters",
+        description="Delete one dead letter (ID), or dead letters: all, or the old ones.",
+    )
+    purge.add_argument("id", metavar="ID", nargs="?", help="only this dead letter (or an unambiguous start)")
     purge.add_argument("--older-than", metavar="DURATION", help="only those older than this, e.g. 7d")
     purge.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    for parser in (listing, show, purge):
+        parser.add_argument(
+            "--url",
+            help="a running instance's URL, to ask it instead of Redis (without KRULES_REDIS_URL: "
+            "the one of KRULES_HTTP_HOST/KRULES_HTTP_PORT)",
+        )
+        parser.add_argument("--token", help="the instance's ingress token (default KRULES_INGRESS_TOKEN)")
     for parser, handler in ((listing, "list"), (show, "show"), (replay, "replay"), (purge, "purge")):
         parser.set_defaults(handler=command_dlq, dlq_command=handler)

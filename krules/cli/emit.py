@@ -8,7 +8,7 @@ import argparse
 import json
 from typing import Any
 
-from krules.cli.common import UsageError, configure_quiet_logging, url_and_token
+from krules.cli.common import UsageError, configure_quiet_logging, say, url_and_token
 from krules.container import settings_from_env
 
 __all__ = ["command_emit"]
@@ -36,10 +36,10 @@ def command_emit(args: argparse.Namespace) -> int:
     configure_quiet_logging(settings)
     if settings.redis_url and not args.url:
         with StreamClient(settings.redis_url, settings.key_prefix) as streams:
-            print(streams.emit(args.type, args.subject, data))
+            say(streams.emit(args.type, args.subject, data))
         return 0
     url, token = url_and_token(args, settings)
     with KRulesClient(url, token) as client:
         event_id = client.emit(args.type, args.subject, data)
-    print(event_id)
+    say(event_id)
     return 0

@@ -18,7 +18,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Final, NoReturn
 
-from krules.cli.common import UsageError
+from krules.cli.common import UsageError, printable
 from krules.cli.dlq import add_dlq_commands
 from krules.cli.emit import command_emit
 from krules.cli.partitions import command_partitions
@@ -119,7 +119,7 @@ def _fail(message: str, code: int) -> int:
     sentence = " ".join(message.split()) or "Failed without a reason."  # one line, whatever the source
     if not sentence.endswith((".", "!", "?")):
         sentence += "."
-    print(f"krules: error: {sentence}", file=sys.stderr)
+    print(f"krules: error: {printable(sentence)}", file=sys.stderr)
     return code
 
 

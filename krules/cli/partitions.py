@@ -6,11 +6,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import time
 from typing import TYPE_CHECKING
 
-from krules.cli.common import configure_quiet_logging, format_table, redis_storage, require_redis
+from krules.cli.common import (
+    configure_quiet_logging,
+    format_table,
+    redis_storage,
+    require_redis,
+    say,
+    say_json,
+)
 from krules.config import Settings
 from krules.container import settings_from_env
 from krules.errors import KRulesError
@@ -48,7 +54,7 @@ def command_partitions(args: argparse.Namespace) -> int:
     require_redis(settings, "partitions")
     url, partitions = asyncio.run(_partition_status(settings))
     if args.json:
-        print(json.dumps({"key_prefix": settings.key_prefix, "partitions": partitions}, indent=2))
+        say_json({"key_prefix": settings.key_prefix, "partitions": partitions})
         return 0
     if not partitions:
         raise KRulesError(
@@ -56,7 +62,7 @@ def command_partitions(args: argparse.Namespace) -> int:
             "(no partition count is recorded)."
         )
     now_ms = time.time() * 1000
-    print(f"{len(partitions)} partition(s) under key prefix {settings.key_prefix!r} on {url}")
+    say(f"{len(partitions)} partition(s) under key prefix {settings.key_prefix!r} on {url}")
     rows = []
     for p in partitions:
         owners = ", ".join(

@@ -1,15 +1,20 @@
-"""``krules subject show``: print a subject's properties as JSON, read from Redis in Redis mode,
-otherwise from the running instance.
+"""``krules subject show``: print a subject's properties as JSON, read from Redis in Redis mode
+(at the partition count the deployment recorded there), otherwise from the running instance.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 from typing import Any
 
-from krules.cli.common import configure_quiet_logging, redis_storage, url_and_token
+from krules.cli.common import (
+    configure_quiet_logging,
+    recorded_partitions,
+    redis_storage,
+    say_json,
+    url_and_token,
+)
 from krules.config import Settings
 from krules.container import settings_from_env
 from krules.errors import KRulesError
@@ -22,15 +27,14 @@ class _NotFound(KRulesError):
 
 
 def _show(name: str, props: dict[str, Any], ext: dict[str, Any]) -> None:
-    print(
-        json.dumps({"name": name, "properties": props, "ext": ext}, indent=2, ensure_ascii=False, default=str)
-    )
+    say_json({"name": name, "properties": props, "ext": ext})
 
 
 async def _load_from_redis(settings: Settings, name: str) -> tuple[dict[str, Any], dict[str, Any]]:
     storage = redis_storage(settings, retries=2)
     try:
-        props, ext = await storage.load(name)
+        # the subject's key depends on the deployment's partition count, recorded in Redis
+        props, ext = await (await recorded_partitions(storage)).load(name)
     finally:
         await storage.close()
     return props, ext

@@ -12,13 +12,19 @@
 ``traceback``   the formatted traceback ("" for stream entries)
 ``attempts``    calls of the handler (the retry middleware's count), or deliveries of a stream entry
 ``reason``      for handler calls ``error``, ``timeout``, ``circuit_open``, ``loop_guard``, ``rejected``
-                (or another :class:`~middleware.base.DeadLetterEvent` reason); for stream entries
-                ``invalid_event``, ``max_deliveries``, ``misrouted``
+                (or another :class:`~middleware.base.DeadLetterEvent` reason), ``no_handler`` (a
+                replay to a handler the instance has no rule for); for stream entries
+                ``invalid_event``, ``max_deliveries``, ``misrouted``, ``reserved_extension``
 ``failed_at``   epoch seconds of the (latest) failure
 ``partition``   the partition of the event's subject (of the stream, for an entry that is no event)
 ``entry_id``    the stream entry id, for the worker's dead letters ("" for handler calls)
-``replays``     how many times it was replayed; ``replayed_at`` when last (or None)
+``replays``     how many times it was replayed; ``replayed_at`` when last (or None);
+                ``replays_failed`` how many of those replays failed (fewer: one is in flight)
 ==============  ======================================================================================
+
+A subject is a dead letter when its name is one :func:`dead_letter_name` makes and it has the
+properties every record is written with (:func:`~krules.dead_letters.record.is_dead_letter`): a
+user's subject called ``dlq-...`` is never listed, replayed or deleted as one.
 
 **Ids.**  ``<id>`` is 16 hex digits of BLAKE2b over the failed event's id and the failing handler's
 key (:attr:`krules.rules.Rule.key`); for the worker's dead letters over the event id with no key,
@@ -40,16 +46,22 @@ in between leaves an index line without an entry, which listing skips and purge 
 
 **Replays.**  A replay is the original event with a new id, ``<id>.replay-<n>`` (the original id is
 in its partition's processed set and would be dropped), the extension ``krulesreplay`` naming the
-failed handler (the engine then runs that handler only) and ``krulesdlq`` naming the dead letter.
-When the replayed call succeeds, :mod:`middleware.dead_letter` deletes the entry and its index line
-in the same turn; when it fails again it rewrites the same entry (new error, traceback and
-``failed_at``, the original event kept, ``replays`` at least ``n``).  An entry that never reached a
+failed handler (the engine then runs that handler only; one it has no rule for is dead-lettered
+with reason ``no_handler``), ``krulesdlq`` naming the dead letter and, through a stream,
+``krulesreplaysig`` signing both (:mod:`~krules.dead_letters.signing`: a worker runs no other).
+``n`` is claimed atomically from the stored ``replays`` count, and no claim is granted while a
+replay is in flight, so replaying one dead letter twice at once sends one event
+(:meth:`DeadLetters.replay`).  When the replayed call succeeds, :mod:`middleware.dead_letter`
+deletes the entry and its index line in the same turn; when it fails again it rewrites the same
+entry (new error, traceback and ``failed_at``, the original event kept, ``replays`` and
+``replays_failed`` at least ``n``).  An entry that never reached a
 handler (``max_deliveries``, ``misrouted``) is replayed as a plain event with a new id, to every
 handler, and deleted once sent; an ``invalid_event`` entry cannot be replayed.
 
 **Modules.**  :mod:`~krules.dead_letters.record` (the record, names, reasons),
-:mod:`~krules.dead_letters.store` (writing and removing them with a turn or the worker's ack) and
-:mod:`~krules.dead_letters.admin` (:class:`DeadLetters`, behind ``krules dlq``).
+:mod:`~krules.dead_letters.store` (writing and removing them with a turn or the worker's ack),
+:mod:`~krules.dead_letters.signing` (replay authentication) and :mod:`~krules.dead_letters.admin`
+(:class:`DeadLetters`, behind ``krules dlq``).
 """
 
 from krules.dead_letters.admin import DeadLetters
@@ -62,8 +74,10 @@ from krules.dead_letters.record import (
     LOOP_GUARD,
     MAX_DELIVERIES,
     MISROUTED,
+    NO_HANDLER,
     PREFIX,
     REJECTED,
+    RESERVED_EXTENSION,
     TIMEOUT,
     DeadLetter,
     dead_letter_name,
@@ -88,8 +102,10 @@ __all__ = [
     "LOOP_GUARD",
     "MAX_DELIVERIES",
     "MISROUTED",
+    "NO_HANDLER",
     "PREFIX",
     "REJECTED",
+    "RESERVED_EXTENSION",
     "TIMEOUT",
     "DeadLetter",
     "DeadLetters",

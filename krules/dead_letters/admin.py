@@ -11,8 +11,9 @@ from dataclasses import dataclass, replace
 from fnmatch import fnmatchcase
 from typing import TYPE_CHECKING, Final
 
-from krules.dead_letters.record import INDEX_SUBJECT, PREFIX, DeadLetter, _float, _is_name
-from krules.errors import DeadLetterError
+from krules.dead_letters.record import INDEX_SUBJECT, PREFIX, DeadLetter, _float, _is_name, is_dead_letter
+from krules.dead_letters.signing import sign_replay
+from krules.errors import DeadLetterError, ReplayInFlightError
 from krules.events import Event
 from storage.base import DELETE, SubjectChanges, encode
 
@@ -98,7 +99,7 @@ class DeadLetters:
     async def get(self, name: str) -> DeadLetter | None:
         """The dead letter called ``name`` (``dlq-...``), or None."""
         props, _ = await self.storage.load(name)
-        return DeadLetter.from_properties(name, props) if props and _is_name(name) else None
+        return DeadLetter.from_properties(name, props) if is_dead_letter(name, props) else None
 
     async def find(self, ident: str) -> DeadLetter:
         """The dead letter ``ident`` names: its name, its id, or an unambiguous start of its id.
@@ -132,35 +133,83 @@ class DeadLetters:
 
     async def purge(self, older_than: float | None = None) -> _Names:
         """Delete every dead letter that failed more than ``older_than`` seconds ago (None: all of
-        them); return their names."""
+        them); return the names of those deleted."""
         index = await self.index()
         cutoff = None if older_than is None else self._clock() - older_than
         names = sorted(n for n, at in index.items() if cutoff is None or at < cutoff)
-        await self._delete(names)
-        return names
+        if cutoff is None:  # everything: index lines naming no dead letter too (written by hand)
+            lines, _ = await self.storage.load(INDEX_SUBJECT)
+            junk = [name for name in lines if name not in index]
+            if junk:
+                await self.storage.store([SubjectChanges(INDEX_SUBJECT, dict.fromkeys(junk, DELETE))])
+        return await self._delete(names)  # the index lines all; the subjects that are dead letters
+
+    async def delete_many(self, names: Sequence[str]) -> _Names:
+        """Delete the dead letters called ``names`` and their index lines; return those deleted."""
+        return await self._delete(names)
 
     async def _delete(self, names: Sequence[str]) -> _Names:
         if not names:
             return []
-        existed = await self._load_many(names)
-        for start in range(0, len(names), _LOADS_AT_ONCE):  # the entries first, then their index lines
-            await asyncio.gather(*(self.storage.flush(n) for n in names[start : start + _LOADS_AT_ONCE]))
+        # Only real dead letters are deleted (a subject of the user's called dlq-... is left alone);
+        # the entries first, then their index lines.
+        existed = [record.name for record in await self._load_many(names) if record is not None]
+        for start in range(0, len(existed), _LOADS_AT_ONCE):
+            await asyncio.gather(*(self.storage.flush(n) for n in existed[start : start + _LOADS_AT_ONCE]))
         await self.storage.store([SubjectChanges(INDEX_SUBJECT, dict.fromkeys(names, DELETE))])
-        return [record.name for record in existed if record is not None]
+        return existed
 
-    async def replay(self, ident: str, send: Send) -> tuple[DeadLetter, Event]:
+    async def replay(
+        self, ident: str, send: Send, *, replay_key: str | None = None, force: bool = False
+    ) -> tuple[DeadLetter, Event]:
         """Send dead letter ``ident``'s event again (see :mod:`krules.dead_letters`); return the dead letter
-        (with its new replay count) and the event sent.  DeadLetterError when it cannot be replayed."""
+        (with its new replay count) and the event sent.  DeadLetterError when it cannot be replayed.
+
+        Idempotent: the replay is claimed first, by raising the stored ``replays`` count from the
+        one read to the next in one atomic update that refuses while a replay is in flight (sent,
+        and neither succeeded nor failed yet) or once the dead letter is gone.  So two replays of
+        one dead letter at once send one event (the other raises ReplayInFlightError), and a
+        replay's id, ``<event id>.replay-<n>``, is never sent for two claims.  ``force`` sends
+        another while one is in flight (both may then run the handler).
+
+        ``replay_key``: the deployment's, to sign a replay sent through a partition stream (the
+        worker runs no unsigned replay, :mod:`krules.dead_letters.signing`); not needed when
+        ``send`` hands the event to an engine in this process."""
         record = await self.find(ident)
         record.original_event()  # refuse before counting a replay that cannot happen
-        number, _, _ = await self.storage.update(
-            record.name, "replays", lambda n: (n if isinstance(n, int) else 0) + 1
-        )
+        seen_failed = record.replays_failed
+
+        def claim(sent: object) -> int:
+            if not isinstance(sent, int) or isinstance(sent, bool):
+                raise _Gone  # deleted meanwhile (a replay succeeded, a purge): nothing to replay
+            if sent > seen_failed and not force:
+                raise ReplayInFlightError(
+                    f"Dead letter {record.name!r} has replay {sent} in flight (event "
+                    f"{record.event_id}.replay-{sent}); it is deleted when that succeeds and updated "
+                    "when it fails, so no other is sent ('krules dlq replay --force' sends one anyway).",
+                    record.event_id,
+                    sent,
+                )
+            return sent + 1
+
+        try:
+            number, _, _ = await self.storage.update(record.name, "replays", claim)
+        except _Gone:
+            raise DeadLetterError(
+                f"Dead letter {record.name!r} was deleted while it was being replayed (a replay of it "
+                "succeeded, or it was purged); nothing was sent."
+            ) from None
         now = self._clock()
         await self.storage.set(record.name, "replayed_at", encode(now))
         record = replace(record, replays=number, replayed_at=now)
         event = record.replay_event(number)
+        if replay_key is not None and record.handler:
+            sign_replay(replay_key, event)
         await send([event])
         if not record.handler:  # sent to every handler as a plain event: this entry is done
             await self.delete(record.name)
         return record, event
+
+
+class _Gone(Exception):
+    """The dead letter being claimed for a replay is no longer stored."""

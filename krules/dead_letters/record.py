@@ -8,12 +8,21 @@ from __future__ import annotations
 
 import hashlib
 import math
+import re
 import traceback as _traceback
 from dataclasses import dataclass
 from typing import Any, Final
 
 from krules.errors import DeadLetterError, EventFormatError
-from krules.events import DEAD_LETTER_EXTENSION, REPLAY_EXTENSION, Event, event_from_dict
+from krules.events import (
+    DEAD_LETTER_EXTENSION,
+    REPLAY_EXTENSION,
+    REPLAY_SIGNATURE_EXTENSION,
+    Event,
+    event_from_dict,
+)
+from krules.rules import NO_HANDLER as _NO_HANDLER
+from krules.validation import RESERVED_PREFIX
 from storage.base import encode
 
 __all__ = [
@@ -25,13 +34,16 @@ __all__ = [
     "LOOP_GUARD",
     "MAX_DELIVERIES",
     "MISROUTED",
+    "NO_HANDLER",
     "PREFIX",
     "REJECTED",
+    "RESERVED_EXTENSION",
     "TIMEOUT",
     "DeadLetter",
     "dead_letter_name",
     "describe_error",
     "format_traceback",
+    "is_dead_letter",
 ]
 
 PREFIX: Final = "dlq-"
@@ -49,6 +61,9 @@ REJECTED: Final = "rejected"
 INVALID_EVENT: Final = "invalid_event"
 MAX_DELIVERIES: Final = "max_deliveries"
 MISROUTED: Final = "misrouted"
+RESERVED_EXTENSION: Final = "reserved_extension"
+NO_HANDLER: Final = _NO_HANDLER
+"""A replay named a handler the instance that ran it has no rule for."""
 
 _MAX_MESSAGE: Final = 4_000
 _MAX_TRACEBACK: Final = 32_000
@@ -60,8 +75,21 @@ def dead_letter_name(event_id: str, handler_key: str = "") -> str:
     return PREFIX + digest
 
 
+_NAME: Final = re.compile(r"dlq-[0-9a-f]{16}")
+_SHAPE: Final = frozenset({"event", "event_id", "handler", "error", "attempts", "reason", "failed_at"})
+
+
 def _is_name(name: object) -> bool:
-    return isinstance(name, str) and name.startswith(PREFIX) and name != INDEX_SUBJECT
+    """Whether ``name`` is one :func:`dead_letter_name` makes (``dlq-`` and 16 hex digits)."""
+    return isinstance(name, str) and _NAME.fullmatch(name) is not None
+
+
+def is_dead_letter(name: str, props: dict[str, Any]) -> bool:
+    """Whether subject ``name`` with properties ``props`` is a dead letter: a name
+    :func:`dead_letter_name` makes and the properties every record is written with (a value edited
+    by hand still reads back, :meth:`DeadLetter.from_properties`), so a subject of the user's that
+    happens to be called ``dlq-...`` is never listed, replayed or deleted as one."""
+    return _is_name(name) and _SHAPE.issubset(props)
 
 
 def _clip(text: str, limit: int, keep_end: bool = False) -> str:
@@ -83,10 +111,13 @@ def _jsonable(value: Any) -> Any:
     return repr(value)
 
 
+_REPLAY_PARTS: Final = (REPLAY_EXTENSION, DEAD_LETTER_EXTENSION, REPLAY_SIGNATURE_EXTENSION)
+
+
 def _event_dict(event: Event) -> dict[str, Any]:
     out = event.to_dict()
-    out.pop(REPLAY_EXTENSION, None)
-    out.pop(DEAD_LETTER_EXTENSION, None)
+    for name in _REPLAY_PARTS:  # the event as first sent: a replay's own parts are not kept
+        out.pop(name, None)
     try:
         encode(out)
     except Exception:  # a child's payload may hold what JSON cannot (emit does not encode it)
@@ -123,6 +154,13 @@ class DeadLetter:
     entry_id: str = ""
     replays: int = 0
     replayed_at: float | None = None
+    replays_failed: int = 0
+
+    @property
+    def replay_in_flight(self) -> bool:
+        """Whether a replay was sent that has neither succeeded (the dead letter would be gone) nor
+        failed (``replays_failed`` would have caught up)."""
+        return self.replays > self.replays_failed
 
     @property
     def id(self) -> str:
@@ -154,6 +192,7 @@ class DeadLetter:
             "entry_id": self.entry_id,
             "replays": self.replays,
             "replayed_at": self.replayed_at,
+            "replays_failed": self.replays_failed,
         }
 
     def to_dict(self) -> dict[str, Any]:
@@ -170,6 +209,7 @@ class DeadLetter:
             error = {"type": "", "message": "" if error is None else str(error)}
         event = props.get("event")
         partition = props.get("partition")
+        replays = _int(props.get("replays"))
         return cls(
             name=name,
             event=event if isinstance(event, dict) else {},
@@ -184,8 +224,10 @@ class DeadLetter:
             failed_at=_float(props.get("failed_at")) or 0.0,
             partition=_int(partition) if isinstance(partition, int) else None,
             entry_id=str(props.get("entry_id", "")),
-            replays=_int(props.get("replays")),
+            replays=replays,
             replayed_at=_float(props.get("replayed_at")),
+            # an older record has no count: no replay is known to be in flight
+            replays_failed=_int(props.get("replays_failed"), replays),
         )
 
     def original_event(self) -> Event:
@@ -206,10 +248,8 @@ class DeadLetter:
     def replay_event(self, number: int) -> Event:
         """The event that replays this dead letter for the ``number``-th time (:mod:`krules.dead_letters`)."""
         original = self.original_event()
-        extensions = {
-            k: v
-            for k, v in (original.extensions or {}).items()
-            if k not in (REPLAY_EXTENSION, DEAD_LETTER_EXTENSION)
+        extensions = {  # no krules* extension of the original (krulesdepth is not one: it is depth)
+            k: v for k, v in (original.extensions or {}).items() if not k.startswith(RESERVED_PREFIX)
         }
         if self.handler:
             extensions[REPLAY_EXTENSION] = self.handler

@@ -22,6 +22,7 @@ from krules.dead_letters.record import (
     dead_letter_name,
     describe_error,
     format_traceback,
+    is_dead_letter,
 )
 from krules.errors import EventFormatError, TurnEndedError
 from krules.events import DEAD_LETTER_EXTENSION, REPLAY_EXTENSION
@@ -152,14 +153,16 @@ async def write_dead_letter(turn: Turn, record: DeadLetter, *, replay: int = 0) 
     """Write ``record`` and its index line through ``turn``'s cached subjects (stored with the turn).
 
     The entry is rewritten whole; ``replays`` keeps its stored count.  ``replay`` is the number of
-    the replay that failed, if it is one: the stored original event is then kept and ``replays`` is
-    at least ``replay``.  Returns what was written.
+    the replay that failed, if it is one: the stored original event is then kept, and ``replays``
+    and ``replays_failed`` are at least ``replay`` (the replay is over).  Returns what was written.
     """
     subject = turn.subject(record.name)
     stored = await subject.dict()
     replays = _int(stored.get("replays"))
+    replays_failed = _int(stored.get("replays_failed"), replays)
     if replay:
         replays = max(replays, replay)
+        replays_failed = max(replays_failed, replay)  # that replay is over: another may be sent
         if isinstance(stored.get("event"), dict):
             record = replace(
                 record,
@@ -168,7 +171,12 @@ async def write_dead_letter(turn: Turn, record: DeadLetter, *, replay: int = 0) 
                 event_type=str(stored.get("event_type", record.event_type)),
                 subject=str(stored.get("subject", record.subject)),
             )
-    record = replace(record, replays=replays, replayed_at=_float(stored.get("replayed_at")))
+    record = replace(
+        record,
+        replays=replays,
+        replays_failed=replays_failed,
+        replayed_at=_float(stored.get("replayed_at")),
+    )
     for prop, value in record.properties().items():
         await subject.set(prop, value, muted=True)
     _stage(turn, INDEX_SUBJECT, {record.name: encode(record.failed_at, INDEX_SUBJECT, record.name)})
@@ -176,9 +184,12 @@ async def write_dead_letter(turn: Turn, record: DeadLetter, *, replay: int = 0) 
 
 
 async def remove_dead_letter(turn: Turn, name: str) -> bool:
-    """Delete dead letter ``name`` and its index line through ``turn``; False if it was not stored."""
+    """Delete dead letter ``name`` and its index line through ``turn``; False if it was not stored
+    (or ``name`` is not a dead letter: a subject of the user's called ``dlq-...`` is left alone)."""
     subject = turn.subject(name)
     props = await subject.keys()
+    if props and not is_dead_letter(name, dict.fromkeys(props)):
+        return False
     for prop in props:
         await subject.delete(prop, muted=True)
     _stage(turn, INDEX_SUBJECT, {name: DELETE})

@@ -112,6 +112,26 @@ def _unreachable(url: str, exc: httpx.TransportError) -> IngressError:
     return IngressError(f"The request to the krules instance at {url} failed: {detail.rstrip('.')}.")
 
 
+def _query(values: Mapping[str, str | float | None]) -> dict[str, str]:
+    return {name: str(value) for name, value in values.items() if value is not None}
+
+
+def _records(url: str, answer: Any) -> list[dict[str, Any]]:
+    records = answer.get("dead_letters") if isinstance(answer, dict) else None
+    if not isinstance(records, list):
+        raise IngressError(
+            f"The server at {url} answered without dead letters; is it a krules instance?", 200
+        )
+    return [record for record in records if isinstance(record, dict)]
+
+
+def _deleted(url: str, answer: Any) -> list[str]:
+    names = answer.get("deleted") if isinstance(answer, dict) else None
+    if not isinstance(names, list):
+        raise IngressError(f"The server at {url} answered without the names deleted; is it krules?", 200)
+    return [str(name) for name in names]
+
+
 def _accepted_ids(url: str, answer: Any) -> list[str]:
     ids = answer.get("ids") if isinstance(answer, dict) else None
     if not isinstance(ids, list):
@@ -122,7 +142,7 @@ def _accepted_ids(url: str, answer: Any) -> list[str]:
 
 
 class KRulesClient:
-    """Sends events to a krules instance and reads its subjects (blocking)."""
+    """Sends events to a krules instance, reads its subjects and manages its dead letters (blocking)."""
 
     def __init__(
         self, url: str = DEFAULT_URL, token: str | None = None, *, timeout: float = DEFAULT_TIMEOUT
@@ -150,6 +170,30 @@ class KRulesClient:
         answer: dict[str, Any] = _checked(self.url, response)
         return answer
 
+    def dead_letters(self, **filters: str | float | None) -> list[dict[str, Any]]:
+        """The instance's dead letters, oldest first (``handler``, ``type``, ``reason``, ``since``,
+        ``until``: see :mod:`krules.http.dead_letters`)."""
+        answer = self._request("GET", "/dead-letters", _query(filters))
+        return _records(self.url, answer)
+
+    def dead_letter(self, ident: str) -> dict[str, Any]:
+        """One dead letter, by id, name or an unambiguous start of its id (IngressError 404 if none)."""
+        answer: dict[str, Any] = self._request("GET", f"/dead-letters/{quote(ident, safe='')}")
+        return answer
+
+    def delete_dead_letters(self, ident: str | None = None, *, older_than: float | None = None) -> list[str]:
+        """Delete dead letter ``ident``, or (None) every one that failed more than ``older_than``
+        seconds ago (None: all); return the names deleted."""
+        path = "/dead-letters" if ident is None else f"/dead-letters/{quote(ident, safe='')}"
+        return _deleted(self.url, self._request("DELETE", path, _query({"older_than": older_than})))
+
+    def _request(self, method: str, path: str, params: dict[str, str] | None = None) -> Any:
+        try:
+            response = self._http.request(method, path, params=params, headers=_headers(self.token))
+        except httpx.TransportError as exc:
+            raise _unreachable(self.url, exc) from None
+        return _checked(self.url, response)
+
     def _post(self, body: bytes, content_type: str) -> Any:
         try:
             response = self._http.post("/events", content=body, headers=_headers(self.token, content_type))
@@ -171,7 +215,7 @@ class KRulesClient:
 
 
 class AsyncKRulesClient:
-    """Sends events to a krules instance and reads its subjects (asyncio)."""
+    """Sends events to a krules instance, reads its subjects and manages its dead letters (asyncio)."""
 
     def __init__(
         self, url: str = DEFAULT_URL, token: str | None = None, *, timeout: float = DEFAULT_TIMEOUT
@@ -200,6 +244,29 @@ class AsyncKRulesClient:
             raise _unreachable(self.url, exc) from None
         answer: dict[str, Any] = _checked(self.url, response)
         return answer
+
+    async def dead_letters(self, **filters: str | float | None) -> list[dict[str, Any]]:
+        """The instance's dead letters, oldest first (see :meth:`KRulesClient.dead_letters`)."""
+        return _records(self.url, await self._request("GET", "/dead-letters", _query(filters)))
+
+    async def dead_letter(self, ident: str) -> dict[str, Any]:
+        """One dead letter, by id, name or an unambiguous start of its id (IngressError 404 if none)."""
+        answer: dict[str, Any] = await self._request("GET", f"/dead-letters/{quote(ident, safe='')}")
+        return answer
+
+    async def delete_dead_letters(
+        self, ident: str | None = None, *, older_than: float | None = None
+    ) -> list[str]:
+        """Delete one dead letter, or purge (see :meth:`KRulesClient.delete_dead_letters`)."""
+        path = "/dead-letters" if ident is None else f"/dead-letters/{quote(ident, safe='')}"
+        return _deleted(self.url, await self._request("DELETE", path, _query({"older_than": older_than})))
+
+    async def _request(self, method: str, path: str, params: dict[str, str] | None = None) -> Any:
+        try:
+            response = await self._http.request(method, path, params=params, headers=_headers(self.token))
+        except httpx.TransportError as exc:
+            raise _unreachable(self.url, exc) from None
+        return _checked(self.url, response)
 
     async def _post(self, body: bytes, content_type: str) -> Any:
         try:

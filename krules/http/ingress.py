@@ -14,12 +14,17 @@ Routes of :func:`create_ingress_app`:
   logged), not the sender's; a storage failure is 503, because nothing was stored or queued and
   the sender must retry (the same ids: a partition drops an event it committed before).
 * ``GET /subjects/{name}``: ``{"name", "properties", "ext"}`` of a stored subject (404 when unknown).
+* ``/dead-letters``: list, show, delete and purge dead letters (:mod:`krules.http.dead_letters`).
 * ``GET /healthz``: liveness, never behind the token.
 
+An event carrying a ``krules*`` extension (``krulesreplay``, ``krulesdlq``, ``krulesdepth``...)
+is refused with 400: those are the engine's own (a replay is written by ``krules dlq replay``).
+
 When ``KRULES_INGRESS_TOKEN`` is set, every route but ``/healthz`` needs ``Authorization: Bearer
-<token>``.  Bodies over ``KRULES_INGRESS_MAX_BYTES`` are refused with 413, by ``Content-Length``
-and again while the body streams in; a body not in within ``KRULES_HTTP_BODY_TIMEOUT`` is a 408
-(and the connection is closed).  Every error is ``{"error": "<one sentence>"}``.
+<token>``: the routes passed to :func:`create_ingress_app` too (``/metrics``).  Bodies over
+``KRULES_INGRESS_MAX_BYTES`` are refused with 413, by ``Content-Length`` and again while the body
+streams in; a body not in within ``KRULES_HTTP_BODY_TIMEOUT`` is a 408 (and the connection is
+closed).  Every error is ``{"error": "<one sentence>"}``.
 
 Admission: before anything of a request is accepted, it is refused with ``503`` and ``Retry-After``
 when accepting it would pass a bound on what waits: the request bytes accepted and not yet answered
@@ -43,16 +48,20 @@ from cloudevents.core.bindings.http import HTTPMessage, from_binary
 from cloudevents.core.exceptions import BaseCloudEventException
 from cloudevents.core.formats.json import JSONFormat
 from starlette.applications import Starlette
+from starlette.datastructures import URLPath
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import BaseRoute, Route
+from starlette.routing import BaseRoute, Match, Route
+from starlette.types import Receive, Scope, Send
 
 from krules.engine import Engine
 from krules.errors import EventFormatError, OverloadedError, StorageError
 from krules.events import Event, event_from_cloudevent, event_from_dict
+from krules.http.dead_letters import dead_letter_routes
 from krules.http.stats import LogEvery, ServerStats
 from krules.turn import Turn
+from krules.validation import RESERVED_PREFIX, reserved_attribute
 
 __all__ = ["BATCH_CONTENT_TYPE", "STRUCTURED_CONTENT_TYPE", "create_ingress_app"]
 
@@ -351,6 +360,7 @@ class _Ingress:
             self.authorize(request)
             self.check_declared_room(request)
             events = await self.decode(request)
+            _refuse_reserved(events)
             size: int = request.scope.get(_BODY_BYTES, 0)
             await self.admit(events, size)
         except _Rejected as rejected:
@@ -465,6 +475,20 @@ class _Ingress:
         return JSONResponse({"status": "ok"})
 
 
+def _refuse_reserved(events: list[Event]) -> None:
+    """400 for an event carrying a ``krules*`` extension: those steer the engine (a replay, the
+    cascade depth), so only the engine sets them, never a sender."""
+    for index, event in enumerate(events):
+        name = reserved_attribute(event)
+        if name is not None:
+            which = "The event" if len(events) == 1 else f"Event {index} of the batch (counting from 0)"
+            raise _Rejected(
+                400,
+                f"{which} carries the extension {name!r}; extensions named {RESERVED_PREFIX}* are the "
+                "krules engine's own and are not accepted from senders.",
+            )
+
+
 def _parse_json(body: bytes) -> Any:
     try:
         return json.loads(body)
@@ -509,10 +533,35 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     return _reject(request, _Rejected(status, reason, dict(headers) if headers else None))
 
 
+class _Authorized(BaseRoute):
+    """``route``, served only to requests with the ingress token (when one is set)."""
+
+    def __init__(self, route: BaseRoute, ingress: _Ingress) -> None:
+        self.route = route
+        self.ingress = ingress
+
+    def matches(self, scope: Scope) -> tuple[Match, Scope]:
+        return self.route.matches(scope)
+
+    def url_path_for(self, name: str, /, **path_params: Any) -> URLPath:
+        return self.route.url_path_for(name, **path_params)
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.ingress.token is not None and scope["type"] == "http":
+            request = Request(scope, receive)
+            try:
+                self.ingress.authorize(request)
+            except _Rejected as rejected:
+                await _reject(request, rejected)(scope, receive, send)
+                return
+        await self.route.handle(scope, receive, send)
+
+
 def create_ingress_app(
     engine: Engine, *, routes: Sequence[BaseRoute] = (), stats: ServerStats | None = None
 ) -> Starlette:
-    """The Starlette app that feeds ``engine`` from HTTP; ``routes`` are added after the built-in ones.
+    """The Starlette app that feeds ``engine`` from HTTP; ``routes`` are added after the built-in
+    ones, behind the ingress token like them (when one is set).
 
     ``stats`` is where it counts what it refuses (``app.state.stats``; a new one by default)."""
     stats = stats if stats is not None else ServerStats()
@@ -523,7 +572,7 @@ def create_ingress_app(
             Route("/events", ingress.receive, methods=["POST"]),
             Route("/healthz", ingress.healthz, methods=["GET"]),
             Route("/subjects/{name:path}", ingress.subject, methods=["GET"]),
-            *routes,
+            *(_Authorized(route, ingress) for route in [*dead_letter_routes(engine), *routes]),
         ],
         exception_handlers={HTTPException: _http_error},
     )

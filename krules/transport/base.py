@@ -134,6 +134,11 @@ class PartitionSource(Protocol):
         """Append the entry to ``partition``'s stream (marked as forwarded), then acknowledge it."""
         ...
 
+    async def replay_key(self) -> str:
+        """The deployment's replay key (created when there is none), which replays written to a
+        stream are signed with (:mod:`krules.dead_letters.signing`)."""
+        ...
+
     async def maintain(self) -> dict[int, PartitionFigures]:
         """Periodic upkeep: refresh this consumer's registration, trim what every consumer has read;
         return each owned partition's figures."""

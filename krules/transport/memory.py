@@ -17,6 +17,7 @@ import itertools
 from collections.abc import Awaitable, Sequence
 from typing import TYPE_CHECKING
 
+from krules.dead_letters.signing import new_replay_key
 from krules.errors import OverloadedError
 from krules.partitioning import partition_of
 from krules.transport.base import HOPS_FIELD, Delivery, PartitionFigures, decode_entry, encode_entry
@@ -64,6 +65,7 @@ class MemoryStreams:
         self._ids = itertools.count(1)
         self._arrived = asyncio.Event()
         self._lock = asyncio.Lock()  # a commit is atomic: its check, its writes and its ack
+        self._replay_key = new_replay_key()
 
     # -- transport ---------------------------------------------------------------------------
     async def check(self) -> None:
@@ -157,6 +159,10 @@ class MemoryStreams:
         """Append the entry to ``partition`` marked as forwarded, then acknowledge it."""
         self.append(partition, {**delivery.fields, HOPS_FIELD: "1"})
         self._ack(delivery.partition, delivery.entry_id)
+
+    async def replay_key(self) -> str:
+        """This process's replay key (the streams live here, so does the key)."""
+        return self._replay_key
 
     def release(self, delivery: Delivery) -> None:
         """Make a delivered, uncommitted entry deliverable again (what a reclaim after a crash does)."""

@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from redis.exceptions import ResponseError
 
+from krules.dead_letters.signing import new_replay_key
 from krules.errors import ConfigurationError, EventFormatError, KRulesError, OverloadedError
 from krules.events import Event
 from krules.transport.base import (
@@ -414,6 +415,13 @@ class RedisStreams:
             delivery.partition,
             partition,
         )
+
+    async def replay_key(self) -> str:
+        """The deployment's replay key, created when there is none (one round trip, not cached)."""
+        key = self.keys.replay_key()
+        commands: list[Command] = [("SET", key, new_replay_key(), "NX"), ("GET", key)]
+        reply = await self._run(partial(self._commands.execute_many, commands), "read the replay key")
+        return text(reply[1])
 
     # -- upkeep ------------------------------------------------------------------------------
 

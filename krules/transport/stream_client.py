@@ -19,7 +19,9 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from krules.client_events import build_event, build_events
+from krules.errors import EventFormatError
 from krules.events import Event, event_from_cloudevent
+from krules.validation import RESERVED_PREFIX, reserved_attribute
 
 if TYPE_CHECKING:
     from krules.transport.redis_streams import RedisStreams
@@ -63,7 +65,17 @@ class AsyncStreamClient:
         return [event.id for event in built]
 
     async def send(self, events: list[Event]) -> list[str]:
-        """Queue events built elsewhere (their ids are kept); return the stream entry ids."""
+        """Queue events built elsewhere (their ids are kept); return the stream entry ids.
+
+        An event carrying a ``krules*`` extension is refused (EventFormatError, nothing sent): those
+        are the engine's own, and the workers dead-letter them."""
+        for event in events:
+            name = reserved_attribute(event)
+            if name is not None:
+                raise EventFormatError(
+                    f"Event {event.id!r} carries the extension {name!r}; extensions named "
+                    f"{RESERVED_PREFIX}* are the krules engine's own and cannot be sent."
+                )
         return await (await self._connected()).send(events)
 
     async def aclose(self) -> None:

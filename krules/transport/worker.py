@@ -9,7 +9,9 @@ nothing of it stored, or everything stored and the entry gone.
 
 Before a turn, an entry is checked: one that is not a valid event is dead-lettered
 (``invalid_event``); one delivered more than ``KRULES_MAX_DELIVERIES`` times is dead-lettered
-(``max_deliveries``) instead of looping; one whose subject belongs to another partition is
+(``max_deliveries``) instead of looping; one carrying a ``krules*`` extension other than
+``krulesdepth`` and a correctly signed replay is dead-lettered (``reserved_extension``, see
+:mod:`krules.dead_letters.signing`); one whose subject belongs to another partition is
 forwarded there once (``misrouted`` if it was forwarded already).  A turn that cannot be stored
 (Redis away past the storage's retries, in a handler's read or in the commit) is not stored at all
 and is run again by the worker, which still owns its entry: for as long as Redis is unreachable,
@@ -38,9 +40,11 @@ import random
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Final
 
-from krules.dead_letters.record import INVALID_EVENT, MAX_DELIVERIES, MISROUTED
+from krules.dead_letters.record import INVALID_EVENT, MAX_DELIVERIES, MISROUTED, RESERVED_EXTENSION
+from krules.dead_letters.signing import entry_problem
 from krules.dead_letters.store import entry_dead_letter, store_changes
 from krules.errors import KRulesError, StorageError, StorageUnavailableError
+from krules.events import REPLAY_SIGNATURE_EXTENSION
 from krules.partitioning import partition_of
 from krules.transport.base import HOPS_FIELD
 
@@ -71,6 +75,7 @@ class PartitionWorker:
         self.maintain_every = max(0.05, settings.claim_idle_ms / 2000)
         self.max_inflight = max(settings.max_concurrent_turns, settings.stream_batch)
         self._partitions = settings.partitions
+        self._replay_key: str | None = None  # read when a signed replay first arrives
         # (partition, entry id): entry ids are only unique within one stream
         self._inflight: dict[tuple[int, str], asyncio.Future[None]] = {}
         self._room = asyncio.Event()
@@ -231,6 +236,14 @@ class PartitionWorker:
                 f"(KRULES_MAX_DELIVERIES={self.max_deliveries}); it is parked instead of tried again.",
             )
             return
+        if event.extensions:
+            problem = entry_problem(event, self._replay_key)
+            if problem is not None and REPLAY_SIGNATURE_EXTENSION in event.extensions:
+                self._replay_key = await self.source.replay_key()  # first use, or a new key
+                problem = entry_problem(event, self._replay_key)
+            if problem is not None:
+                await self._dead_letter(delivery, RESERVED_EXTENSION, problem)
+                return
         owner = partition_of(event.subject, self._partitions)
         if owner != delivery.partition:
             if delivery.fields.get(HOPS_FIELD):

@@ -14,6 +14,9 @@ Keys::
     <prefix>partitions           string  the partition count, recorded by the first instance started
     <prefix>instances            hash    consumer name -> JSON ``{"partitions": [...], "seen": <ms>}``,
                                          refreshed by each running instance (``krules partitions``)
+    <prefix>replay-key           string  the deployment's replay key (64 hex digits): replays written
+                                         to a stream are signed with it (:mod:`krules.dead_letters.signing`);
+                                         created by the first instance or CLI that needs it
 
 Dead letters are ordinary subjects, so they have no keys of their own: each is the hash of subject
 ``dlq-<id>``, and their index by time the hash of subject ``dlq-index`` (:mod:`krules.dead_letters`),
@@ -159,6 +162,10 @@ class KeySchema:
     def dead_letters(self, partition: int) -> str:
         """Return the key of ``partition``'s dead-letter index (reserved: the index is a subject)."""
         return f"{self.prefix}{{p{partition}}}:dlq"
+
+    def replay_key(self) -> str:
+        """Return the key holding the deployment's replay key (replays in streams are signed with it)."""
+        return f"{self.prefix}replay-key"
 
     def partition_count(self) -> str:
         """Return the key recording the partition count of the deployment."""

@@ -308,6 +308,33 @@ async def test_extensions_are_visible_as_metadata(krules_app: KRulesTestApp) -> 
     assert seen == ["alerts", "alerts"]
 
 
+async def test_emitted_events_keep_the_trace_context_but_no_other_extension_of_their_parent(
+    krules_app: KRulesTestApp,
+) -> None:
+    traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+
+    @krules_app.middleware
+    async def tenant(ctx: EventContext, next: Any) -> None:  # sets emit extensions of its own
+        ctx.emit_extensions = {"tenant": "acme"}
+        await next()
+
+    @krules_app.on("a")
+    async def emitter(ctx: EventContext) -> None:
+        await ctx.emit("b")
+        await ctx.emit("c", topic="x", traceparent="00-" + "1" * 32 + "-" + "2" * 16 + "-01")
+
+    await krules_app.emit("a", "s", traceparent=traceparent, tracestate="k=v", topic="parent-only")
+
+    (b,) = krules_app.recorder.of_type("b")
+    (c,) = krules_app.recorder.of_type("c")
+    assert b.extensions == {"tenant": "acme", "traceparent": traceparent, "tracestate": "k=v"}
+    assert c.extensions == {
+        "tenant": "acme",
+        "topic": "x",
+        "traceparent": "00-" + "1" * 32 + "-" + "2" * 16 + "-01",
+    }
+
+
 async def test_middleware_wraps_each_handler_call_first_registered_outermost(
     krules_app: KRulesTestApp,
 ) -> None:

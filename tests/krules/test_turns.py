@@ -147,7 +147,9 @@ async def test_the_module_level_api_in_a_test_reaches_the_isolated_app(krules_ap
     assert await krules_app.stored("seen") == {"by": "module-level"}
 
 
-@pytest.mark.parametrize("name", ["id", "source", "time", "type", "specversion", "krulesdepth"])
+@pytest.mark.parametrize(
+    "name", ["id", "source", "time", "type", "specversion", "krulesdepth", "krulesreplaysig", "krulesother"]
+)
 async def test_core_attributes_cannot_be_overwritten_as_extensions(
     krules_app: KRulesTestApp, name: str
 ) -> None:

@@ -450,3 +450,79 @@ async def test_a_failure_the_dead_letter_middleware_saw_is_dead_lettered_once(
 
     assert len(await stored(krules_app)) == 1
     assert len(krules_app.recorder.of_type("error.handler_failed")) == 1
+
+
+# -- bounded ---------------------------------------------------------------------------------------
+async def test_past_the_cap_the_oldest_dead_letters_are_deleted_counted_and_logged(
+    krules_app: KRulesTestApp, caplog: pytest.LogCaptureFixture
+) -> None:
+    metrics = MetricsMiddleware()
+    krules_app.middleware(
+        DeadLetterMiddleware(
+            emit_event=False, max_dead_letters=20, on_dropped=metrics.record_dead_letters_dropped
+        )
+    )
+
+    @krules_app.on("order.submitted")
+    async def charge(ctx: EventContext) -> None:
+        raise ConnectionError("payment gateway down")
+
+    kept: list[int] = []
+    with caplog.at_level(logging.WARNING, logger="middleware.dead_letter"):
+        for n in range(50):
+            krules_app.clock.advance(1)  # distinct failure times: "oldest" is well defined
+            await krules_app.emit("order.submitted", f"order-{n}")
+            kept.append(len(await DeadLetters(krules_app.storage).index()))
+
+    records = await stored(krules_app)
+    assert max(kept) <= 20 and 18 <= len(records) <= 20
+    assert records[-1].subject == "order-49"  # the newest is never the one dropped
+    assert [r.subject for r in records] == [f"order-{n}" for n in range(50 - len(records), 50)]
+    dropped = metrics.registry.get_sample_value("krules_dead_letters_dropped_total")
+    assert dropped == 50 - len(records)
+    warnings = [r.getMessage() for r in caplog.records if r.name == "middleware.dead_letter"]
+    assert warnings and all("more than KRULES_MAX_DEAD_LETTERS=20: deleted the" in w for w in warnings)
+
+
+async def test_a_dead_letter_deleted_elsewhere_only_makes_the_next_check_come_sooner(
+    krules_app: KRulesTestApp,
+) -> None:
+    krules_app.middleware(DeadLetterMiddleware(emit_event=False, max_dead_letters=5))
+
+    @krules_app.on("x")
+    async def fail(ctx: EventContext) -> None:
+        raise ValueError("no")
+
+    for n in range(4):
+        krules_app.clock.advance(1)
+        await krules_app.emit("x", f"s-{n}")
+    await DeadLetters(krules_app.storage).purge()  # an operator purges meanwhile
+    for n in range(4, 9):
+        krules_app.clock.advance(1)
+        await krules_app.emit("x", f"s-{n}")
+
+    assert [r.subject for r in await stored(krules_app)] == [f"s-{n}" for n in range(4, 9)]  # none dropped
+
+
+@pytest.mark.parametrize(
+    ("env", "redis", "expected"),
+    [
+        ({}, False, 10_000),
+        ({}, True, None),
+        ({"KRULES_MAX_DEAD_LETTERS": "500"}, True, 500),
+        ({"KRULES_MAX_DEAD_LETTERS": "0"}, False, None),
+        ({"KRULES_MAX_DEAD_LETTERS": "none"}, False, None),
+    ],
+    ids=["embedded-default", "redis-default", "set", "zero", "none"],
+)
+def test_the_cap_krules_run_installs_comes_from_the_setting_and_the_mode(
+    env: dict[str, str], redis: bool, expected: int | None
+) -> None:
+    from middleware.registry import build_default_chain
+
+    settings = Settings(redis_url="redis://127.0.0.1:1/0" if redis else None)
+    chain = build_default_chain(settings, env={"KRULES_MIDDLEWARE": "metrics,dead_letter", **env})
+    (mw,) = [m for m in chain.middlewares if isinstance(m, DeadLetterMiddleware)]
+    assert mw.max_dead_letters == expected
+    with pytest.raises(ConfigurationError, match="KRULES_MAX_DEAD_LETTERS='-1' is out of range"):
+        Settings.from_env({"KRULES_MAX_DEAD_LETTERS": "-1"}, extra=[dead_letter_module.DeadLetterSettings])

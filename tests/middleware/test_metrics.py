@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import httpx
@@ -288,3 +289,67 @@ async def test_the_per_call_series_have_their_created_timestamps(krules_app: KRu
     ]:
         created = metrics.registry.get_sample_value(series, labels)
         assert created is not None and created > 1.7e9, series
+
+
+# -- bounded labels ----------------------------------------------------------------------------------
+async def test_sender_chosen_event_types_fold_into_the_labels_the_rules_allow(
+    krules_app: KRulesTestApp,
+) -> None:
+    metrics = MetricsMiddleware()
+    krules_app.middleware(metrics)
+    metrics.observe(krules_app.engine)
+
+    @krules_app.on("order.placed")
+    async def place(ctx: EventContext) -> None:
+        await ctx.subject.set("placed", True)
+
+    @krules_app.on("sensor.*")
+    async def read(ctx: EventContext) -> None:
+        pass
+
+    junk = [{"type": f"junk-{n}", "subject": f"s-{n % 7}"} for n in range(3000)]
+    readings = [{"type": f"sensor.t{n}", "subject": "sensor-1"} for n in range(5)]
+    batch = [
+        {"specversion": "1.0", "id": f"e-{n}", "source": "outsider", "data": {}, **fields}
+        for n, fields in enumerate([*junk, *readings, {"type": "order.placed", "subject": "order-1"}])
+    ]
+    async with (
+        serve_in_background(krules_app.engine, routes=[metrics_route(metrics)]) as server,
+        httpx.AsyncClient(timeout=30) as http,
+    ):
+        posted = await http.post(
+            server.url + "/events",
+            content=json.dumps(batch),
+            headers={"content-type": "application/cloudevents-batch+json"},
+        )
+        scraped = await http.get(server.url + "/metrics")
+
+    assert posted.status_code == 200
+    (family,) = [
+        f for f in text_string_to_metric_families(scraped.text) if f.name == "krules_events_received"
+    ]
+    counts = {s.labels["type"]: s.value for s in family.samples if s.name.endswith("_total")}
+    assert counts == {"other": 3000, "sensor.*": 5, "order.placed": 1, "subject-property-changed": 1}
+    assert len(scraped.content) < 20_000
+
+
+async def test_without_the_rules_only_the_first_event_types_get_labels_of_their_own(
+    krules_app: KRulesTestApp,
+) -> None:
+    metrics = MetricsMiddleware(max_event_types=3)
+    krules_app.engine.event_observers.append(metrics.observe_event)  # not bound to the rules
+
+    for n in range(6):
+        await krules_app.emit(f"type-{n}", "s")
+    await krules_app.emit("type-0", "s")
+
+    sample = metrics.registry.get_sample_value
+    assert [sample("krules_events_received_total", {"type": f"type-{n}"}) for n in range(4)] == [
+        2,
+        1,
+        1,
+        None,
+    ]
+    assert sample("krules_events_received_total", {"type": "other"}) == 3
+    with pytest.raises(ConfigurationError, match="max_event_types=0 is invalid"):
+        MetricsMiddleware(max_event_types=0)

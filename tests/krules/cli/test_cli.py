@@ -14,6 +14,7 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from krules.testing.redis_server import LocalRedisServer
@@ -305,6 +306,66 @@ def test_log_json_writes_one_json_object_per_line(rules_file: Path) -> None:
     records = [json.loads(line) for line in child.lines]
     assert {"time", "level", "logger", "message"} <= set(records[0])
     assert any(r["message"].startswith("krules ready on http://127.0.0.1:") for r in records)
+
+
+TRACED_RULES = """
+from krules import on
+from krules.event_types import SUBJECT_PROPERTY_CHANGED
+
+
+def trace_of(ctx):
+    return [ctx.get_metadata("traceparent"), ctx.get_metadata("tracestate")]
+
+
+@on("trace.ping")
+async def ping(ctx):
+    await ctx.emit("trace.pong")
+
+
+@on("trace.pong")
+async def pong(ctx):
+    await ctx.subject.set("pong", trace_of(ctx))
+
+
+@on(SUBJECT_PROPERTY_CHANGED)
+async def changed(ctx):
+    await ctx.subject.set_ext("changed", trace_of(ctx))
+"""
+
+
+def test_an_untraced_instance_passes_the_callers_trace_context_on_to_the_events_it_emits(
+    tmp_path: Path,
+) -> None:
+    rules = tmp_path / "traced_rules.py"
+    rules.write_text(TRACED_RULES)
+    traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    tracestate = "vendor=opaque"
+    child = KRulesProcess(str(rules), "--port", "0", env=krules_env())  # no OTEL_*: tracing is off
+    try:
+        url = child.serving_url()
+        event = {
+            "specversion": "1.0",
+            "id": "traced-1",
+            "source": "caller",
+            "type": "trace.ping",
+            "subject": "trace-1",
+            "traceparent": traceparent,
+            "tracestate": tracestate,
+            "data": {},
+        }
+        answer = httpx.post(
+            url, json=event, headers={"content-type": "application/cloudevents+json"}, timeout=30
+        )
+        shown = krules("subject", "show", "trace-1", "--url", url)
+        assert child.terminate() == 0
+    finally:
+        child.close()
+
+    assert answer.status_code == 200, answer.text
+    assert shown.returncode == 0, shown.stderr
+    stored = json.loads(shown.stdout)
+    assert stored["properties"]["pong"] == [traceparent, tracestate]  # an emitted child
+    assert stored["ext"]["changed"] == [traceparent, tracestate]  # a property-change event
 
 
 # -- with Redis ------------------------------------------------------------------------------------

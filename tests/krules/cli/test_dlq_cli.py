@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -208,7 +209,7 @@ async def test_purge_removes_the_old_dead_letters_only_and_asks_first(
     assert code == 2 and err.startswith("krules: error: --older-than 'soon' is not a duration")
 
 
-async def test_the_commands_need_redis_mode_and_known_ids(
+async def test_replay_needs_redis_mode_and_the_commands_known_ids(
     monkeypatch: pytest.MonkeyPatch, instance: Instance, env: None, capsys: pytest.CaptureFixture[str]
 ) -> None:
     await instance.start()
@@ -222,11 +223,17 @@ async def test_the_commands_need_redis_mode_and_known_ids(
     assert code == 2 and "either one dead letter ID or --all" in err
 
     monkeypatch.delenv("KRULES_REDIS_URL")
-    code, _, err = await krules(capsys, "dlq", "list")
+    code, _, err = await krules(capsys, "dlq", "replay", "0123456789abcdef")
     assert code == 2
     assert err.startswith(
-        "krules: error: 'krules dlq list' reads a Redis-mode deployment; set KRULES_REDIS_URL"
+        "krules: error: 'krules dlq replay' reads a Redis-mode deployment; set KRULES_REDIS_URL"
     )
+    assert len(err.splitlines()) == 1
+    with socket.socket() as sock:  # without Redis, list asks the running instance: none here
+        sock.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    code, _, err = await krules(capsys, "dlq", "list", "--url", url)
+    assert code == 1 and err.startswith(f"krules: error: Cannot reach the krules instance at {url}")
     assert len(err.splitlines()) == 1
 
 

@@ -15,7 +15,7 @@ from krules.dead_letters import (
     entry_dead_letter,
     store_changes,
 )
-from krules.errors import DeadLetterError
+from krules.errors import DeadLetterError, ReplayInFlightError
 from krules.events import REPLAY_EXTENSION, Event
 from krules.transport.base import Delivery, decode_entry, encode_entry
 from storage.memory import MemoryStorage
@@ -172,7 +172,9 @@ async def test_a_replay_sends_the_original_event_with_a_new_id_for_the_failed_ha
     sent = Sent()
 
     counted, event = await dead.replay(r.id, sent)
-    again, second = await dead.replay(r.id, sent)
+    with pytest.raises(ReplayInFlightError, match=r"has replay 1 in flight \(event ev-1\.replay-1\)"):
+        await dead.replay(r.id, sent)  # the first has neither succeeded nor failed yet
+    again, second = await dead.replay(r.id, sent, force=True)
 
     assert sent.events == [event, second]
     assert (event.id, second.id) == ("ev-1.replay-1", "ev-1.replay-2")
