@@ -40,9 +40,9 @@ from typing import TYPE_CHECKING, Any, Final
 
 from redis.exceptions import ResponseError
 
-from krules.errors import ConfigurationError, EventFormatError
+from krules.errors import ConfigurationError
 from krules.events import Event
-from krules.transport.base import ENTRY_FIELD, HOPS_FIELD, Delivery, decode_entry, encode_entry
+from krules.transport.base import ENTRY_FIELD, HOPS_FIELD, Delivery, delivery_of, encode_entry
 from krules.transport.redis_replies import group_info, stream_entries, stream_id, text
 from krules.transport.redis_status import PartitionStatus, partition_status
 from storage.redis import RedisStorage
@@ -189,7 +189,7 @@ class RedisStreams:
                 if fields is None:  # pending, but trimmed from the stream: nothing left to process
                     stale.append((partition, entry_id))
                 else:
-                    mine.append(_delivery(partition, entry_id, fields))
+                    mine.append(delivery_of(partition, entry_id, fields))
             if cursor != ">" and mine:
                 history.append((partition, mine))
             deliveries += mine
@@ -245,7 +245,7 @@ class RedisStreams:
         for partition, reply in zip(self.partitions, replies, strict=True):
             self._claim_cursors[partition] = text(reply[0])
             found = [
-                _delivery(partition, entry_id, fields)
+                delivery_of(partition, entry_id, fields)
                 for entry_id, fields in stream_entries(reply[1])
                 if fields is not None
             ]
@@ -392,10 +392,3 @@ class RedisStreams:
 
     async def _run(self, op: Any, action: str, *details: object) -> Any:
         return await self.storage.run(op, action, *details)
-
-
-def _delivery(partition: int, entry_id: str, fields: dict[str, str]) -> Delivery:
-    try:
-        return Delivery(partition, entry_id, fields, decode_entry(fields))
-    except EventFormatError as exc:
-        return Delivery(partition, entry_id, fields, None, str(exc))
