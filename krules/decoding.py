@@ -74,23 +74,22 @@ def _walk(value: Any, levels: int, what: str, root: str, finite: bool) -> None:
     stack: list[tuple[Any, int, list[Any]]] = [(value, 1, [])]
     while stack:
         item, level, steps = stack.pop()
-        kind = item.__class__
-        if kind is str:
+        if isinstance(item, str):
             check_text(item, what, _path(root, steps))
-        elif kind is dict or kind is list:
+        elif isinstance(item, dict | list | tuple):  # a payload built in Python may hold tuples
             if level > levels:
                 raise EventFormatError(
                     f"{what} nests arrays and objects deeper than an event's data may ({MAX_NESTING} "
                     f"levels, reached at {_path(root, steps)}); flatten it."
                 )
-            if kind is dict:
+            if isinstance(item, dict):
                 for key, child in item.items():
-                    if key.__class__ is str and not key.isascii():
+                    if isinstance(key, str) and not key.isascii():
                         check_text(key, what, f"a key of {_path(root, steps)}")
                     stack.append((child, level + 1, [*steps, key]))
             else:
                 stack += [(child, level + 1, [*steps, i]) for i, child in enumerate(item)]
-        elif finite and kind is float and not math.isfinite(item):
+        elif finite and isinstance(item, float) and not math.isfinite(item):
             raise EventFormatError(
                 f"{what} holds {item!r} at {_path(root, steps)}, which is not JSON; send finite numbers."
             )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import OrderedDict
 from typing import Any
 
 import pytest
@@ -29,6 +30,13 @@ def nested(levels: int) -> Any:
     for _ in range(levels - 1):
         data = {"a": data}
     return data
+
+
+def nested_tuples(levels: int) -> tuple[Any, ...]:
+    value: tuple[Any, ...] = ()
+    for _ in range(levels - 1):
+        value = (value,)
+    return value
 
 
 def refusal(raw: str | bytes, **options: Any) -> str:
@@ -119,6 +127,8 @@ def test_data_built_in_python_is_checked_the_same_way() -> None:
         (nested(MAX_NESTING + 1), "nests arrays and objects"),
         ({"x": [float("nan")]}, "nan at data['x'][0]"),
         ({"x": float("inf")}, "inf at data['x']"),
+        ({"t": nested_tuples(MAX_NESTING)}, "nests arrays and objects"),  # JSON arrays all the same
+        (OrderedDict(name="\ud800"), "lone surrogate"),
     ):
         with pytest.raises(EventFormatError, match=words.replace("[", r"\[").replace("]", r"\]")):
             check_data(bad)
