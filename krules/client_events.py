@@ -1,6 +1,10 @@
 """The CloudEvents a Python client sends, built from a type, a subject, a JSON-object payload and
 extensions: one at a time or a batch.  Shared by the HTTP clients (:mod:`krules.http.client`) and
 the stream clients (:mod:`krules.transport.stream_client`).
+
+An event an instance would refuse (:mod:`krules.decoding`: a lone surrogate in a string, data
+nested too deep, a non-finite number) is refused here, before anything is sent, with the same
+:class:`~krules.errors.EventFormatError`; the clients check the size once the event is encoded.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from typing import Any, Final
 from cloudevents.core.exceptions import BaseCloudEventException
 from cloudevents.core.v1.event import CloudEvent
 
+from krules.decoding import check_data, check_text
 from krules.errors import EventFormatError
 from krules.validation import RESERVED_PREFIX
 
@@ -37,6 +42,13 @@ def build_event(
         raise EventFormatError(
             f"An event payload must be a JSON object (a dict), not {type(data).__name__}: {data!r}."
         )
+    check_text(event_type, "The event type")
+    check_text(subject, "The event's subject")
+    for name, value in extensions.items():
+        if isinstance(value, str):
+            check_text(value, f"The event's {name!r} extension")
+    payload = dict(data) if data is not None else {}
+    check_data(payload)
     attributes: dict[str, Any] = {
         "type": event_type,
         "source": CLIENT_SOURCE,
@@ -46,7 +58,7 @@ def build_event(
     }
     try:
         # the SDK fills in specversion, time and a uuid4 id (fine at this boundary: one per send)
-        return CloudEvent(attributes, dict(data) if data is not None else {})
+        return CloudEvent(attributes, payload)
     except BaseCloudEventException as exc:
         detail = str(exc).splitlines()[0].rstrip(".")
         raise EventFormatError(f"Cannot build a CloudEvent of type {event_type!r}: {detail}.") from None

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Final, Self, TypeVar
 
+from krules.decoding import MAX_EVENT_BYTES
 from krules.errors import ConfigurationError
 from krules.partitioning import parse_partition_ids
 
@@ -191,7 +192,7 @@ class Settings(EnvSettings):
     http_host: str = setting("127.0.0.1", text)
     http_port: int = setting(8080, integer(0, 65535))
     ingress_token: str | None = setting(None, _token)
-    ingress_max_bytes: int = setting(1 << 20, integer(1024))
+    ingress_max_bytes: int = setting(MAX_EVENT_BYTES, integer(1024))
     ingress_max_queued_bytes: int = setting(64 << 20, integer(1024))
     http_max_connections: int = setting(1000, integer(1))
     http_header_timeout: float = setting(10.0, number(0.0))

@@ -5,25 +5,23 @@ to its partition's stream.
 from __future__ import annotations
 
 import argparse
-import json
 from typing import Any
 
 from krules.cli.common import UsageError, configure_quiet_logging, say, url_and_token
 from krules.container import settings_from_env
+from krules.decoding import load_json, shown
+from krules.errors import EventFormatError
 
 __all__ = ["command_emit"]
 
 
 def _json_object(raw: str) -> dict[str, Any]:
     try:
-        value = json.loads(raw)
-    except json.JSONDecodeError as exc:
-        raise UsageError(
-            f"The --data value {raw!r} is not valid JSON ({exc.msg} at column {exc.colno}); "
-            "pass an object such as '{\"total\": 30}'."
-        ) from None
+        value = load_json(raw, "The --data value", envelopes=0)  # strictly, as an instance would
+    except EventFormatError as exc:
+        raise UsageError(str(exc)) from None
     if not isinstance(value, dict):
-        raise UsageError(f"The --data value must be a JSON object, not {type(value).__name__}: {raw!r}.")
+        raise UsageError(f"The --data value must be a JSON object, not {type(value).__name__}: {shown(raw)}.")
     return value
 
 

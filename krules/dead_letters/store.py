@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Final
 
@@ -24,6 +25,7 @@ from krules.dead_letters.record import (
     format_traceback,
     is_dead_letter,
 )
+from krules.decoding import MAX_EVENT_BYTES, SURROGATE
 from krules.errors import EventFormatError, TurnEndedError
 from krules.events import DEAD_LETTER_EXTENSION, REPLAY_EXTENSION
 from krules.partitioning import partition_of
@@ -84,31 +86,67 @@ def handler_dead_letter(
     )
 
 
-def _peek(raw: str | None) -> dict[str, Any]:
+_MAX_PEEKED: Final = 1_000
+
+
+def _as_text(value: str | bytes) -> str:
+    """``value`` as text a dead letter can store: bytes that are not UTF-8 and lone surrogates are
+    written as backslash escapes (``b"\\xff"`` as ``\\xff``, ``"\\ud800"`` as ``\\ud800``)."""
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "backslashreplace")
+    if value.isascii() or SURROGATE.search(value) is None:
+        return value
+    return value.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _stored_fields(fields: Mapping[str, str | bytes]) -> dict[str, str]:
+    """An entry's fields as a dead letter keeps them: as text (see :func:`_as_text`), and no more
+    than an event may be in all (``MAX_EVENT_BYTES`` characters; the rest cut, marked ``...``)."""
+    stored: dict[str, str] = {}
+    room = MAX_EVENT_BYTES
+    for name, value in fields.items():
+        if room <= 0:
+            stored["..."] = f"{len(fields) - len(stored)} more field(s) not kept"
+            break
+        key, text = _clip(_as_text(name), 200), _as_text(value)
+        stored[key] = _clip(text, room)
+        room -= len(key) + len(text)
+    return stored
+
+
+def _peek(raw: str | bytes | None) -> dict[str, Any]:
     """What can be read of an entry's ``event`` field that is not a valid event (for the listing)."""
+    if raw is None or len(raw) > MAX_EVENT_BYTES:
+        return {}
     try:
-        obj = json.loads(raw) if raw is not None else None
-    except ValueError:
+        obj = json.loads(raw)
+    except Exception:  # whatever the field holds (even JSON nested too deep to parse)
         return {}
     return obj if isinstance(obj, dict) else {}
 
 
-def entry_dead_letter(delivery: Delivery, reason: str, message: str, failed_at: float) -> DeadLetter:
-    """The dead letter of a stream entry the worker will not process (``reason``: why)."""
+def entry_dead_letter(
+    delivery: Delivery, reason: str, message: str, failed_at: float, error: BaseException | None = None
+) -> DeadLetter:
+    """The dead letter of a stream entry the worker will not process (``reason``: why; ``error``:
+    the exception it last failed with, if any).  An entry that is not a valid event keeps its fields
+    as received (as text, see :func:`_stored_fields`)."""
     event = delivery.event
     if event is not None:
         name = dead_letter_name(event.id)
-        stored = _event_dict(event)
+        stored: dict[str, Any] = _event_dict(event)
         event_id, event_type, subject = event.id, event.type, event.subject
         kind = ""
     else:
         name = dead_letter_name(f"entry:{delivery.partition}:{delivery.entry_id}")
-        stored = dict(delivery.fields)
+        stored = _stored_fields(delivery.fields)
         seen = _peek(delivery.fields.get("event"))
         event_id, event_type, subject = (
-            v if isinstance(v, str) else "" for v in (seen.get("id"), seen.get("type"), seen.get("subject"))
+            _clip(_as_text(v), _MAX_PEEKED) if isinstance(v, str) else ""
+            for v in (seen.get("id"), seen.get("type"), seen.get("subject"))
         )
         kind = EventFormatError.__name__
+    message = _as_text(message)
     return DeadLetter(
         name=name,
         event=stored,
@@ -116,8 +154,11 @@ def entry_dead_letter(delivery: Delivery, reason: str, message: str, failed_at: 
         event_type=event_type,
         subject=subject,
         handler="",
-        error={"type": kind, "message": _clip(message, _MAX_MESSAGE)},
-        traceback="",
+        error={
+            "type": type(error).__name__ if error is not None else kind,
+            "message": _clip(message, _MAX_MESSAGE),
+        },
+        traceback=_as_text(format_traceback(error)) if error is not None else "",
         attempts=delivery.deliveries,
         reason=reason,
         failed_at=failed_at,

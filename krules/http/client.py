@@ -25,6 +25,7 @@ from cloudevents.core.formats.json import JSONFormat
 from cloudevents.core.v1.event import CloudEvent
 
 from krules.client_events import build_event, build_events
+from krules.decoding import MAX_EVENT_BYTES, shown
 from krules.errors import EventFormatError, IngressError
 from krules.http.ingress import BATCH_CONTENT_TYPE
 
@@ -49,10 +50,22 @@ def _not_serialisable(event: CloudEvent, exc: Exception) -> EventFormatError:
     )
 
 
+def _sized(event: CloudEvent, body: bytes) -> bytes:
+    """``body``, the encoded ``event``, once it is known not to be over an event's size limit."""
+    if len(body) > MAX_EVENT_BYTES:
+        raise EventFormatError(
+            f"The {event.get_type()!r} event for {shown(event.get_subject() or '')} is {len(body)} bytes "
+            f"of JSON, more than the {MAX_EVENT_BYTES} an event may be; send smaller events."
+        )
+    return body
+
+
 def _encode(event: CloudEvent) -> bytes:
     try:
-        return _FORMAT.write(event)
+        return _sized(event, _FORMAT.write(event))
     except (TypeError, ValueError) as exc:
+        if isinstance(exc, EventFormatError):
+            raise
         raise _not_serialisable(event, exc) from None
 
 
@@ -64,7 +77,7 @@ def _single(
         message = to_structured(event, _FORMAT)
     except (TypeError, ValueError) as exc:
         raise _not_serialisable(event, exc) from None
-    return message.body, message.headers["content-type"]
+    return _sized(event, message.body), message.headers["content-type"]
 
 
 def _batch(events: Iterable[Mapping[str, Any]]) -> bytes:

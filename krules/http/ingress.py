@@ -5,7 +5,10 @@ Routes of :func:`create_ingress_app`:
 * ``POST /`` and ``POST /events``: one CloudEvent in binary mode (``ce-*`` headers, the body is the
   data) or structured mode (``application/cloudevents+json``), or a batch
   (``application/cloudevents-batch+json``, a JSON array).  The whole request is validated before
-  any event is processed, so a malformed request (400) processes nothing.  Embedded mode: each
+  any event is processed, so a malformed request (400) processes nothing; events are decoded
+  strictly (:mod:`krules.decoding`: UTF-8 never replaced, no lone surrogates, an event at most
+  1 MiB, data nested at most 64 levels), and whatever goes wrong decoding a request is a 400 with
+  one sentence, never a 500.  Embedded mode: each
   event runs as a turn (a batch's events concurrently; the engine keeps one subject's events in
   order) and the answer, ``200 {"accepted": n, "ids": [...]}``, is sent once the turns are over.
   Redis mode (the engine has a transport): the events are appended to their partitions' streams,
@@ -43,6 +46,7 @@ import json
 import logging
 from collections.abc import Awaitable, Sequence
 from typing import Any, Final
+from urllib.parse import unquote
 
 from cloudevents.core.bindings.http import HTTPMessage, from_binary
 from cloudevents.core.exceptions import BaseCloudEventException
@@ -55,6 +59,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Match, Route
 from starlette.types import Receive, Scope, Send
 
+from krules.decoding import MAX_EVENT_BYTES, load_json
+from krules.decoding import shown as shown_value
 from krules.engine import Engine
 from krules.errors import EventFormatError, OverloadedError, StorageError
 from krules.events import Event, event_from_cloudevent, event_from_dict
@@ -245,12 +251,20 @@ class _Ingress:
         """Every event of the request, all validated, or a 400 naming the first problem."""
         media_type = _media_type(request)
         body = await self.read_body(request)
-        if media_type == STRUCTURED_CONTENT_TYPE:
-            return [self.structured(_parse_json(body))]
-        if media_type == BATCH_CONTENT_TYPE:
-            return self.batch(_parse_json(body))
-        if any(name.startswith("ce-") for name in request.headers):
-            return [self.binary(request, body)]
+        try:
+            if media_type == STRUCTURED_CONTENT_TYPE:
+                return [self.structured(_parse_json(body))]
+            if media_type == BATCH_CONTENT_TYPE:
+                return self.batch(_parse_json(body, self.max_bytes, 2), len(body) > MAX_EVENT_BYTES)
+            if any(name.startswith("ce-") for name in request.headers):
+                return [self.binary(request, body)]
+        except _Rejected:
+            raise
+        except Exception as exc:  # not foreseen: still the request's fault, never a 500
+            detail = _clause(str(exc))[:200]
+            raise _Rejected(
+                400, f"The request could not be decoded as a CloudEvent ({type(exc).__name__}: {detail})."
+            ) from None
         shown = request.headers.get("content-type")
         raise _Rejected(
             400,
@@ -266,7 +280,9 @@ class _Ingress:
             raise _Rejected(400, str(exc)) from None
 
     @staticmethod
-    def batch(items: Any) -> list[Event]:
+    def batch(items: Any, large: bool = False) -> list[Event]:
+        """The events of a batch; ``large``: the body is over an event's size limit, so each event's
+        own size is checked (as JSON, the form a stream entry holds it in)."""
         if not isinstance(items, list):
             raise _Rejected(400, f"A batch must be a JSON array of CloudEvents, not {type(items).__name__}.")
         if not items:
@@ -274,6 +290,8 @@ class _Ingress:
         events = []
         for index, item in enumerate(items):
             try:
+                if large:
+                    load_json(json.dumps(item, ensure_ascii=False, separators=(",", ":")), "The event")
                 events.append(event_from_dict(item))
             except EventFormatError as exc:
                 raise _Rejected(
@@ -296,7 +314,13 @@ class _Ingress:
             raise _Rejected(
                 400, f"The event's specversion is {specversion!r}; krules accepts CloudEvents '1.0'."
             )
-        message = HTTPMessage(headers=dict(request.headers), body=body)
+        content_type = request.headers.get("content-type")
+        if body and (content_type is None or "json" in content_type):
+            try:
+                load_json(body, "The request body", envelopes=0)  # the SDK's parser is not strict
+            except EventFormatError as exc:
+                raise _Rejected(400, str(exc)) from None
+        message = HTTPMessage(headers=_binary_headers(request), body=body)
         try:
             return event_from_cloudevent(from_binary(message, _JSON_FORMAT))
         except EventFormatError as exc:
@@ -438,6 +462,8 @@ class _Ingress:
         self.hold(task, size)
         try:
             await asyncio.shield(task)
+        except EventFormatError as exc:  # an event its stream entry cannot hold (e.g. too large)
+            return _reject(request, _Rejected(400, str(exc)), {"ids": [], "failed": [e.id for e in events]})
         except StorageError as exc:
             ids = [event.id for event in events]
             return _reject(
@@ -489,15 +515,33 @@ def _refuse_reserved(events: list[Event]) -> None:
             )
 
 
-def _parse_json(body: bytes) -> Any:
+def _parse_json(body: bytes, max_bytes: int = MAX_EVENT_BYTES, envelopes: int = 1) -> Any:
     try:
-        return json.loads(body)
-    except UnicodeDecodeError:
-        raise _Rejected(400, "The request body is not UTF-8 encoded JSON.") from None
-    except json.JSONDecodeError as exc:
-        raise _Rejected(
-            400, f"The request body is not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})."
-        ) from None
+        return load_json(body, "The request body", max_bytes=max_bytes, envelopes=envelopes)
+    except EventFormatError as exc:
+        raise _Rejected(400, str(exc)) from None
+
+
+def _binary_headers(request: Request) -> dict[str, str]:
+    """The request's headers, with the ``ce-*`` values as UTF-8 text, strictly: the SDK would read
+    raw bytes as Latin-1 and replace percent-encoded bytes that are not UTF-8."""
+    headers = dict(request.headers)
+    for name, value in headers.items():
+        if name.startswith("ce-") and not value.isascii():
+            try:
+                headers[name] = value.encode("latin-1").decode("utf-8")
+            except UnicodeDecodeError:
+                raise _Rejected(
+                    400, f"The {name!r} header is not UTF-8 ({shown_value(value)} as Latin-1); send UTF-8."
+                ) from None
+        if name.startswith("ce-") and "%" in value:
+            try:
+                unquote(headers[name], errors="strict")
+            except UnicodeDecodeError:
+                raise _Rejected(
+                    400, f"The {name!r} header {shown_value(value)} percent-encodes bytes that are not UTF-8."
+                ) from None
+    return headers
 
 
 def _peer(request: Request) -> str:
@@ -506,16 +550,19 @@ def _peer(request: Request) -> str:
 
 
 def _reject(request: Request, rejected: _Rejected, extra: dict[str, Any] | None = None) -> Response:
+    reason = rejected.reason
+    if not reason.isascii():  # a lone surrogate quoted from the request could not be sent or logged
+        reason = reason.encode("utf-8", "backslashreplace").decode()
     logger.warning(
         "ingress: rejected %s %s from %s with %d: %s",
         request.method,
         request.url.path,
         _peer(request),
         rejected.status,
-        rejected.reason,
-        extra={"status": rejected.status, "reason": rejected.reason},
+        reason,
+        extra={"status": rejected.status, "reason": reason},
     )
-    content: dict[str, Any] = {"error": rejected.reason}
+    content: dict[str, Any] = {"error": reason}
     if extra:
         content.update(extra)
     return JSONResponse(content, rejected.status, headers=rejected.headers)

@@ -14,8 +14,14 @@ The ``event`` field holds one CloudEvents 1.0 event in JSON format (``specversio
 be unique per event and stable across retries of the same send: a partition drops an event whose id
 it committed before (within the dedupe window).  krules adds a ``hops`` field (``1``) to an entry
 it forwards to the right partition; an entry in the wrong stream with ``hops`` set is
-dead-lettered instead of forwarded again (an entry that is not a valid event is dead-lettered too:
-dead letters are subjects, see :mod:`krules.dead_letters`).
+dead-lettered instead of forwarded again.
+
+An entry is decoded strictly (:mod:`krules.decoding`: UTF-8 never replaced, no lone surrogates, at
+most :data:`~krules.decoding.MAX_EVENT_BYTES`, data nested at most
+:data:`~krules.decoding.MAX_NESTING` levels).  Whatever goes wrong decoding an entry, expected or
+not, makes it a :class:`Delivery` without an event, which the worker dead-letters as
+``invalid_event`` with the entry's fields (dead letters are subjects, see
+:mod:`krules.dead_letters`): no entry can stop a partition.
 
 :class:`EventTransport` appends events to their partitions' streams; :class:`PartitionSource` is
 what :class:`krules.transport.worker.PartitionWorker` reads them from.  The Redis implementation is
@@ -27,8 +33,9 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Final, NamedTuple, Protocol
+from typing import Final, NamedTuple, Protocol
 
+from krules.decoding import MAX_EVENT_BYTES, SURROGATE, check_data, load_json
 from krules.errors import EventFormatError
 from krules.events import Event, event_from_dict
 from krules.ports import EventTransport, Receipt
@@ -41,6 +48,7 @@ __all__ = [
     "PartitionFigures",
     "PartitionSource",
     "decode_entry",
+    "delivery_of",
     "encode_entry",
 ]
 
@@ -52,11 +60,28 @@ HOPS_FIELD: Final = "hops"
 
 
 def encode_entry(event: Event) -> dict[str, str]:
-    """The stream entry fields of ``event``."""
-    return {ENTRY_FIELD: json.dumps(event.to_dict(), ensure_ascii=False, separators=(",", ":"))}
+    """The stream entry fields of ``event``; EventFormatError when the entry would be refused
+    (too large, a lone surrogate, a non-finite number), so it is refused before it is sent."""
+    try:
+        text = json.dumps(event.to_dict(), ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    except ValueError as exc:
+        raise EventFormatError(
+            f"Event {event.id!r} of type {event.type!r} cannot be sent as JSON ({exc})."
+        ) from None
+    if not text.isascii() and SURROGATE.search(text):
+        check_data(event.to_dict(), f"Event {event.id!r} of type {event.type!r}", envelopes=1, root="$")
+    if len(text) > MAX_EVENT_BYTES // 4 and len(text.encode()) > MAX_EVENT_BYTES:
+        raise EventFormatError(
+            f"Event {event.id!r} of type {event.type!r} is {len(text.encode())} bytes of JSON, more "
+            f"than the {MAX_EVENT_BYTES} an event may be; send smaller events."
+        )
+    return {ENTRY_FIELD: text}
 
 
-def decode_entry(fields: Mapping[str, str]) -> Event:
+_ENTRY: Final = f"The stream entry's {ENTRY_FIELD!r} field"
+
+
+def decode_entry(fields: Mapping[str, str | bytes]) -> Event:
     """The event of a stream entry; EventFormatError (one sentence) when it is not a valid one."""
     raw = fields.get(ENTRY_FIELD)
     if raw is None:
@@ -65,13 +90,22 @@ def decode_entry(fields: Mapping[str, str]) -> Event:
             f"The stream entry has no {ENTRY_FIELD!r} field (its fields: {names}); "
             "an entry holds one CloudEvent as JSON in that field."
         )
+    return event_from_dict(load_json(raw, _ENTRY))
+
+
+def delivery_of(
+    partition: int, entry_id: str, fields: dict[str, str | bytes], deliveries: int = 1
+) -> Delivery:
+    """The delivery of an entry read from a stream: its event, or why it has none.  Never raises:
+    whatever decoding the entry raises makes it a delivery the worker dead-letters."""
     try:
-        obj: Any = json.loads(raw)
-    except ValueError as exc:
-        raise EventFormatError(
-            f"The stream entry's {ENTRY_FIELD!r} field is not valid JSON ({exc})."
-        ) from None
-    return event_from_dict(obj)
+        event = decode_entry(fields)
+    except EventFormatError as exc:
+        return Delivery(partition, entry_id, fields, None, str(exc), deliveries)
+    except Exception as exc:  # not foreseen, but an entry must never stop the partition
+        problem = f"The stream entry could not be decoded ({type(exc).__name__}: {exc})."
+        return Delivery(partition, entry_id, fields, None, problem, deliveries)
+    return Delivery(partition, entry_id, fields, event, None, deliveries)
 
 
 @dataclass(slots=True)
@@ -82,8 +116,9 @@ class Delivery:
     """The partition whose stream holds the entry."""
     entry_id: str
     """The entry's stream id (what the commit acknowledges)."""
-    fields: dict[str, str]
-    """The entry as stored (kept for dead-lettering and forwarding)."""
+    fields: dict[str, str | bytes]
+    """The entry as stored (kept for dead-lettering and forwarding): a value that is not UTF-8
+    stays ``bytes``."""
     event: Event | None
     """The decoded event, or None when the entry is not a valid event (see ``problem``)."""
     problem: str | None = None

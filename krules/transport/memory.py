@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from krules.dead_letters.signing import new_replay_key
 from krules.errors import OverloadedError
 from krules.partitioning import partition_of
-from krules.transport.base import HOPS_FIELD, Delivery, PartitionFigures, decode_entry, encode_entry
+from krules.transport.base import HOPS_FIELD, Delivery, PartitionFigures, delivery_of, encode_entry
 
 if TYPE_CHECKING:
     from krules.changes import SubjectChanges
@@ -56,7 +56,7 @@ class MemoryStreams:
         self.max_backlog = max_backlog
         self.total = partitions
         self.partitions = tuple(range(partitions))
-        self.entries: dict[int, dict[str, dict[str, str]]] = {p: {} for p in self.partitions}
+        self.entries: dict[int, dict[str, dict[str, str | bytes]]] = {p: {} for p in self.partitions}
         """Each partition's entries not yet acknowledged, by entry id, in append order."""
         self.deliveries: dict[tuple[int, str], int] = {}
         self.committed: set[str] = set()
@@ -92,7 +92,7 @@ class MemoryStreams:
             ids.append(self.append(partition, encode_entry(event)))
         return ids
 
-    def append(self, partition: int, fields: dict[str, str]) -> str:
+    def append(self, partition: int, fields: Mapping[str, str | bytes]) -> str:
         """Append raw entry ``fields`` to ``partition`` (as another service's ``XADD`` would)."""
         entry_id = f"{next(self._ids)}-0"
         self.entries[partition][entry_id] = dict(fields)
@@ -118,10 +118,10 @@ class MemoryStreams:
             key = (partition, entry_id)
             self._delivered.add(key)
             self.deliveries[key] = self.deliveries.get(key, 0) + 1
-            deliveries.append(_delivery(partition, entry_id, fields, self.deliveries[key]))
+            deliveries.append(delivery_of(partition, entry_id, dict(fields), self.deliveries[key]))
         return deliveries
 
-    def _undelivered(self, count: int) -> list[tuple[int, str, dict[str, str]]]:
+    def _undelivered(self, count: int) -> list[tuple[int, str, dict[str, str | bytes]]]:
         found = []
         for partition in self.partitions:
             for entry_id, fields in self.entries[partition].items():
@@ -181,11 +181,3 @@ class MemoryStreams:
 
     async def close(self) -> None:
         """Nothing to release."""
-
-
-def _delivery(partition: int, entry_id: str, fields: dict[str, str], deliveries: int) -> Delivery:
-    try:
-        event = decode_entry(fields)
-    except Exception as exc:  # whatever an entry holds, the worker decides (dead-letters it)
-        return Delivery(partition, entry_id, dict(fields), None, str(exc), deliveries)
-    return Delivery(partition, entry_id, dict(fields), event, None, deliveries)

@@ -2,7 +2,9 @@
 
 The storage's own connection replies in RESP2 (an entry's fields, ``XINFO`` rows: flat lists), a
 redis-py client passed in with dicts, and either may carry ``bytes``; these functions give both as
-text and dicts.
+text and dicts.  A stream entry's field values stay as they came (``str``, or ``bytes`` when they
+are not UTF-8): the worker's strict decoding refuses bytes that are not UTF-8 rather than replacing
+them (see :mod:`krules.decoding`).
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from typing import Any
 
 from storage.redis.keys import CONSUMER_GROUP
 
-__all__ = ["fields", "flat_map", "group_info", "stream_entries", "stream_id", "text"]
+__all__ = ["entry_fields", "fields", "flat_map", "group_info", "stream_entries", "stream_id", "text"]
 
 
 def text(value: Any) -> str:
@@ -29,9 +31,20 @@ def fields(raw: Any) -> dict[str, str] | None:
     return {text(k): text(v) for k, v in zip(pairs, pairs, strict=True)}
 
 
-def stream_entries(raw: Any) -> list[tuple[str, dict[str, str] | None]]:
-    """The ``(entry id, fields)`` of an ``XREADGROUP``/``XAUTOCLAIM`` list of entries."""
-    return [(text(entry[0]), fields(entry[1])) for entry in raw or ()]
+def entry_fields(raw: Any) -> dict[str, str | bytes] | None:
+    """A stream entry's fields, names as text and values as received; None if deleted."""
+    if raw is None:
+        return None
+    if isinstance(raw, dict):
+        return {text(k): v for k, v in raw.items()}
+    pairs = iter(raw)
+    return {text(k): v for k, v in zip(pairs, pairs, strict=True)}
+
+
+def stream_entries(raw: Any) -> list[tuple[str, dict[str, str | bytes] | None]]:
+    """The ``(entry id, fields)`` of an ``XREADGROUP``/``XAUTOCLAIM`` list of entries (see
+    :func:`entry_fields`)."""
+    return [(text(entry[0]), entry_fields(entry[1])) for entry in raw or ()]
 
 
 def flat_map(raw: Any) -> dict[str, Any]:

@@ -41,14 +41,14 @@ from typing import TYPE_CHECKING, Any, Final
 from redis.exceptions import ResponseError
 
 from krules.dead_letters.signing import new_replay_key
-from krules.errors import ConfigurationError, EventFormatError, KRulesError, OverloadedError
+from krules.errors import ConfigurationError, KRulesError, OverloadedError
 from krules.events import Event
 from krules.transport.base import (
     ENTRY_FIELD,
     HOPS_FIELD,
     Delivery,
     PartitionFigures,
-    decode_entry,
+    delivery_of,
     encode_entry,
 )
 from krules.transport.redis_replies import group_info, stream_entries, stream_id, text
@@ -271,7 +271,7 @@ class RedisStreams:
                 if fields is None:  # pending, but trimmed from the stream: nothing left to process
                     stale.append((partition, entry_id))
                 else:
-                    mine.append(_delivery(partition, entry_id, fields))
+                    mine.append(delivery_of(partition, entry_id, fields))
             if cursor != ">" and mine:
                 history.append((partition, mine))
             deliveries += mine
@@ -327,7 +327,7 @@ class RedisStreams:
         for partition, reply in zip(self.partitions, replies, strict=True):
             self._claim_cursors[partition] = text(reply[0])
             found = [
-                _delivery(partition, entry_id, fields)
+                delivery_of(partition, entry_id, fields)
                 for entry_id, fields in stream_entries(reply[1])
                 if fields is not None
             ]
@@ -521,10 +521,3 @@ class RedisStreams:
 def _measure(stream: str) -> list[Command]:
     """The commands measuring a stream's backlog: its consumer group's lag and pending, its length."""
     return [("XINFO", "GROUPS", stream), ("XLEN", stream)]
-
-
-def _delivery(partition: int, entry_id: str, fields: dict[str, str]) -> Delivery:
-    try:
-        return Delivery(partition, entry_id, fields, decode_entry(fields))
-    except EventFormatError as exc:
-        return Delivery(partition, entry_id, fields, None, str(exc))

@@ -8,7 +8,8 @@
         event_id = await client.emit("order.submitted", "order-1", {"total": 30})
 
 An emitted event's id is returned once it is queued; sending the same event (same id) again is
-harmless, its partition drops ids it has processed.
+harmless, its partition drops ids it has processed.  An event the deployment would refuse (see
+:mod:`krules.decoding`) raises :class:`~krules.errors.EventFormatError` before anything is sent.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 from krules.client_events import build_event, build_events
 from krules.errors import EventFormatError
 from krules.events import Event, event_from_cloudevent
+from krules.transport.base import encode_entry
 from krules.validation import RESERVED_PREFIX, reserved_attribute
 
 if TYPE_CHECKING:
@@ -29,8 +31,16 @@ if TYPE_CHECKING:
 __all__ = ["AsyncStreamClient", "StreamClient"]
 
 
+def _checked(events: list[Event]) -> list[Event]:
+    """``events``, once each is known to fit in a stream entry (EventFormatError before connecting;
+    the entry is encoded again when sent, a client's emit is not a hot path)."""
+    for event in events:
+        encode_entry(event)
+    return events
+
+
 def _batch_events(events: Iterable[Mapping[str, Any]]) -> list[Event]:
-    return [event_from_cloudevent(event) for event in build_events(events)]
+    return _checked([event_from_cloudevent(event) for event in build_events(events)])
 
 
 class AsyncStreamClient:
@@ -53,7 +63,7 @@ class AsyncStreamClient:
         self, type: str, subject: str, data: Mapping[str, Any] | None = None, **extensions: Any
     ) -> str:
         """Queue one event on its partition's stream; return its id."""
-        event = event_from_cloudevent(build_event(type, subject, data, **extensions))
+        (event,) = _checked([event_from_cloudevent(build_event(type, subject, data, **extensions))])
         await (await self._connected()).send([event])
         return event.id
 

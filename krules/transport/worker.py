@@ -7,7 +7,8 @@ Each turn ends in a commit that stores its writes, marks its event processed and
 entry at once (see :class:`krules.turn.Turn`), so a crash at any point leaves the entry pending and
 nothing of it stored, or everything stored and the entry gone.
 
-Before a turn, an entry is checked: one that is not a valid event is dead-lettered
+Before a turn, an entry is checked: one that is not a valid event, whatever is wrong with it
+(:mod:`krules.transport.base` decodes strictly and never raises), is dead-lettered
 (``invalid_event``); one delivered more than ``KRULES_MAX_DELIVERIES`` times is dead-lettered
 (``max_deliveries``) instead of looping; one carrying a ``krules*`` extension other than
 ``krulesdepth`` and a correctly signed replay is dead-lettered (``reserved_extension``, see
@@ -16,7 +17,11 @@ forwarded there once (``misrouted`` if it was forwarded already).  A turn that c
 (Redis away past the storage's retries, in a handler's read or in the commit) is not stored at all
 and is run again by the worker, which still owns its entry: for as long as Redis is unreachable,
 up to ``KRULES_MAX_DELIVERIES`` times for other storage failures (then the entry stays pending and
-is reclaimed later, counting as a delivery).
+is reclaimed later, counting as a delivery).  Any other failure while handling an entry (the entry
+itself, or a bug it runs into) is tried again here too, each try counting as a delivery, and after
+``KRULES_MAX_DELIVERIES`` the entry is dead-lettered (``max_deliveries``, with the error and its
+traceback); if even its event cannot be stored as a dead letter, the entry's fields are.  So no
+entry stays pending for ever, and none stops the partition.
 
 The worker's dead letters are dead-letter subjects like the handlers' (:mod:`krules.dead_letters`,
 listed by ``krules dlq``), with handler "".  Each is committed like a turn, with the receipt
@@ -38,6 +43,7 @@ import asyncio
 import logging
 import random
 from collections.abc import Callable
+from dataclasses import replace
 from typing import TYPE_CHECKING, Final
 
 from krules.dead_letters.record import INVALID_EVENT, MAX_DELIVERIES, MISROUTED, RESERVED_EXTENSION
@@ -183,9 +189,13 @@ class PartitionWorker:
     async def _handle(self, delivery: Delivery) -> None:
         try:
             failures = 0
+            failed: Exception | None = None  # set once the entry is to be parked (max_deliveries)
             while True:
                 try:
-                    await self._decide(delivery)
+                    if failed is None:
+                        await self._decide(delivery)
+                    else:
+                        await self._park(delivery, failed)
                     self.processed += 1
                     return
                 except StorageError as exc:
@@ -213,12 +223,38 @@ class PartitionWorker:
                         delay,
                     )
                     await asyncio.sleep(delay)
-        except Exception:
-            logger.exception(
-                "entry %s of partition %d failed unexpectedly; it stays pending and is reclaimed later",
-                delivery.entry_id,
-                delivery.partition,
-            )
+                except Exception as exc:
+                    # Not the storage: the entry itself, or a bug it runs into, fails its turn.  Each
+                    # failure counts as a delivery, so it is parked after KRULES_MAX_DELIVERIES.
+                    if failed is not None or self._stopping:
+                        logger.error(
+                            "entry %s of partition %d failed unexpectedly (%s: %s)%s; it stays pending",
+                            delivery.entry_id,
+                            delivery.partition,
+                            type(exc).__name__,
+                            exc,
+                            " and could not be dead-lettered" if failed is not None else "",
+                            exc_info=exc if failed is not None else None,
+                        )
+                        return
+                    if delivery.deliveries >= self.max_deliveries:
+                        failed = exc
+                        continue
+                    delay = min(_RETRY_CAP, _RETRY_BACKOFF * 2 ** min(delivery.deliveries - 1, 10))
+                    delay *= 0.5 + random.random() / 2
+                    logger.warning(
+                        "entry %s of partition %d failed on delivery %d of %d (%s: %s); trying again in "
+                        "%.1f s",
+                        delivery.entry_id,
+                        delivery.partition,
+                        delivery.deliveries,
+                        self.max_deliveries,
+                        type(exc).__name__,
+                        exc,
+                        delay,
+                    )
+                    delivery.deliveries += 1
+                    await asyncio.sleep(delay)
         finally:
             del self._inflight[delivery.partition, delivery.entry_id]
             self._room.set()
@@ -258,9 +294,29 @@ class PartitionWorker:
             return
         await self.engine.process(event, receipt=self.source.receipt(delivery, event.id))
 
-    async def _dead_letter(self, delivery: Delivery, reason: str, message: str) -> None:
+    async def _park(self, delivery: Delivery, error: Exception) -> None:
+        """Dead-letter an entry whose handling kept failing (``max_deliveries``, with ``error``)."""
+        event = delivery.event
+        what = f"Event {event.id!r}" if event is not None else f"Stream entry {delivery.entry_id!r}"
+        message = (
+            f"{what} failed {delivery.deliveries} times (KRULES_MAX_DELIVERIES={self.max_deliveries}), "
+            f"the last with {type(error).__name__}: {error}; it is parked instead of tried again."
+        )
+        try:
+            await self._dead_letter(delivery, MAX_DELIVERIES, message, error)
+        except StorageError:
+            raise
+        except Exception:
+            if event is None:
+                raise
+            # The event cannot be stored as a dead letter either: keep the entry's fields instead.
+            await self._dead_letter(replace(delivery, event=None), MAX_DELIVERIES, message, error)
+
+    async def _dead_letter(
+        self, delivery: Delivery, reason: str, message: str, error: Exception | None = None
+    ) -> None:
         """Store the entry as a dead-letter subject and acknowledge it, in one commit."""
-        record = entry_dead_letter(delivery, reason, message, self.engine.clock.now())
+        record = entry_dead_letter(delivery, reason, message, self.engine.clock.now(), error)
         receipt = self.source.receipt(delivery, f"entry:{delivery.partition}:{delivery.entry_id}")
         await receipt.commit(store_changes(record))
         logger.error(
@@ -269,7 +325,7 @@ class PartitionWorker:
             delivery.partition,
             record.name,
             reason,
-            message,
+            record.error["message"],
         )
         for observe in self.dead_letter_observers:
             try:

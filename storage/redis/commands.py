@@ -5,6 +5,11 @@
 :class:`ClientCommands` on a redis-py (or fakeredis) client passed in by the user.  Replies may
 carry ``bytes`` or ``str`` (a client passed in decides).
 
+Stream reads (``XREADGROUP``, ``XAUTOCLAIM``) on a client come back undecoded, whatever the client's
+``decode_responses``: an entry's value that is not UTF-8 must reach the worker as ``bytes``, to be
+refused there, rather than make the read itself raise (the connection's RESP parser gives ``bytes``
+for such a value too).
+
 A multiplexed connection must never carry a blocking command (one slow reply holds back every
 reply queued behind it), so blocking stream reads go to :meth:`RedisCommands.blocking`: a second
 connection of its own for commands made from a URL, the client itself (a pool) otherwise.
@@ -19,6 +24,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.connection import parse_url
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.client import NEVER_DECODE
 
 from storage.redis._resp_connection import Arg, Command, MultiplexedConnection
 
@@ -163,6 +169,15 @@ class ConnectionCommands:
         await self.connection.aclose()
 
 
+_UNDECODED: Final = frozenset({"XREADGROUP", "XAUTOCLAIM"})
+_NEVER_DECODE: Final[dict[str, Any]] = {NEVER_DECODE: True}
+
+
+def _options(command: Command) -> dict[str, Any]:
+    """redis-py's options for ``command``: stream reads undecoded (see the module docstring)."""
+    return _NEVER_DECODE if command[0] in _UNDECODED else {}
+
+
 class ClientCommands:
     """The storage's commands on a redis-py (or fakeredis) client, which stays the caller's."""
 
@@ -215,12 +230,12 @@ class ClientCommands:
         await self.client.ping()
 
     async def execute(self, *args: Arg) -> Any:
-        return await self.client.execute_command(*args)  # type: ignore[no-untyped-call]
+        return await self.client.execute_command(*args, **_options(args))  # type: ignore[no-untyped-call]
 
     async def execute_many(self, commands: Sequence[Command]) -> list[Any]:
         pipe = self.client.pipeline(transaction=False)
         for command in commands:
-            pipe.execute_command(*command)
+            pipe.execute_command(*command, **_options(command))
         replies: list[Any] = await pipe.execute(raise_on_error=False)
         for reply in replies:
             if isinstance(reply, Exception):

@@ -193,6 +193,14 @@ def test_bad_json_in_data_is_one_line_and_exit_2() -> None:
     assert "JSON object" in assert_one_error_line(not_an_object, 2)
 
 
+def test_data_an_instance_would_refuse_is_one_line_and_exit_2_not_a_traceback() -> None:
+    deep = krules("emit", "order.placed", "order-1", "--data", '{"a": ' + "[" * 20_000 + "]" * 20_000 + "}")
+    surrogate = krules("emit", "order.placed", "order-1", "--data", '{"name": "\\ud800"}')
+
+    assert "nests arrays and objects" in assert_one_error_line(deep, 2)
+    assert "lone surrogate" in assert_one_error_line(surrogate, 2)
+
+
 def test_a_bad_config_value_is_one_line_and_exit_2(rules_file: Path) -> None:
     result = krules("run", str(rules_file), env=krules_env(KRULES_HTTP_PORT="eighty"))
 

@@ -15,6 +15,7 @@ from krules.context import EventContext
 from krules.dead_letters import DeadLetters
 from krules.engine import Engine
 from krules.errors import OverloadedError
+from krules.events import Event
 from krules.partitioning import partition_of
 from krules.testing import wait_until
 from krules.transport.base import ENTRY_FIELD, encode_entry
@@ -121,3 +122,50 @@ async def test_the_memory_transport_refuses_events_for_a_partition_at_its_backlo
     await streams.admit([other])
 
     assert refused.value.reason == "stream_backlog"
+
+
+async def test_hostile_entries_become_dead_letters_with_their_fields_and_the_partition_goes_on(
+    deployment: Deployment,
+) -> None:
+    head = '{"specversion": "1.0", "id": "x", "source": "t", "type": "count.inc", "subject": '
+    hostile: list[dict[str, str | bytes]] = [
+        {ENTRY_FIELD: "[" * 100_000 + "]" * 100_000},
+        {ENTRY_FIELD: head + '"\\ud800"}'},
+        {ENTRY_FIELD: head.encode() + b'"\xff"}'},
+    ]
+    for fields in hostile:
+        deployment.streams.append(0, fields)
+    await deployment.streams.send([deployment.engine.new_event("count.inc", "after", {})])
+    await wait_until(deployment.drained)
+    letters = sorted(await DeadLetters(deployment.storage).list(), key=lambda letter: letter.entry_id)
+    assert [letter.reason for letter in letters] == ["invalid_event"] * 3
+    assert [letter.attempts for letter in letters] == [1, 1, 1]
+    assert letters[0].event == {ENTRY_FIELD: "[" * 100_000 + "]" * 100_000}
+    assert letters[2].event[ENTRY_FIELD].endswith('"subject": "\\xff"}')  # the byte, as an escape
+    props, _ = await deployment.storage.load("after")
+    assert props["n"] == 1
+
+
+async def test_an_entry_whose_turn_fails_unexpectedly_is_dead_lettered_after_max_deliveries(
+    deployment: Deployment,
+) -> None:
+    process = deployment.engine.process
+    tries: list[str] = []
+
+    async def failing(event: Event, *args: object, **kwargs: object) -> object:
+        if event.subject == "boom":
+            tries.append(event.id)
+            raise KeyError("not a storage error")
+        return await process(event, *args, **kwargs)  # type: ignore[arg-type]
+
+    deployment.engine.process = failing  # type: ignore[method-assign]
+    boom = deployment.engine.new_event("count.inc", "boom", {})
+    await deployment.streams.send([boom, deployment.engine.new_event("count.inc", "after", {})])
+    await wait_until(deployment.drained)
+    [letter] = await DeadLetters(deployment.storage).list()
+    limit = deployment.engine.settings.max_deliveries
+    assert (letter.reason, letter.attempts, letter.event_id) == ("max_deliveries", limit, boom.id)
+    assert letter.error["type"] == "KeyError"
+    assert tries == [boom.id] * limit
+    props, _ = await deployment.storage.load("after")
+    assert props["n"] == 1
