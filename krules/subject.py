@@ -1,6 +1,6 @@
 """Subjects: named, stateful entities whose property changes are events.
 
-One class of about 430 lines, kept whole: the KRules subject API (properties and extended
+One class of about 460 lines, kept whole: the KRules subject API (properties and extended
 properties, each with get/set/delete/has) shares one cache and one set of pending writes.
 
 A subject loads its properties from storage on first use and then serves reads from its cache.
@@ -26,15 +26,16 @@ from typing import TYPE_CHECKING, Any, Final
 
 from krules.changes import DELETE, Change, SubjectChanges, Update, decode, encode
 from krules.context import _current
-from krules.errors import TurnEndedError
+from krules.errors import ConfigurationError, TurnEndedError
 from krules.event_types import SUBJECT_DELETED, SUBJECT_PROPERTY_CHANGED, SUBJECT_PROPERTY_DELETED
+from krules.properties import PayloadConst, PropertyType
 
 if TYPE_CHECKING:
     from krules.context import EventContext
     from krules.engine import Engine
     from krules.turn import Turn
 
-__all__ = ["Subject"]
+__all__ = ["PayloadConst", "PropertyType", "Subject"]  # the first two where KRules has them
 
 
 _CONTAINERS: Final = (list, dict)
@@ -83,14 +84,45 @@ class _Missing:
 _MISSING: Final = _Missing()
 
 
+def _engine_of(name: str, engine: Engine | None, storage: Any, event_bus: Any) -> Engine:
+    """The engine of KRules' constructor, ``Subject(name, storage=..., event_bus=...)``: the event
+    bus is ``container.event_bus()`` (the engine), the storage, if given, that engine's storage."""
+    if engine is not None and event_bus is not None and event_bus is not engine:
+        raise ConfigurationError(
+            f"Subject {name!r} was given two engines; pass engine or event_bus, not both."
+        )
+    engine = engine if engine is not None else event_bus
+    if not (hasattr(engine, "emit_change") and hasattr(engine, "storage")):  # the engine imports us
+        raise ConfigurationError(
+            f"Subject {name!r} needs the app's engine, not {engine!r}; write container.subject({name!r}) "
+            "(or Subject(name, event_bus=container.event_bus()))."
+        )
+    if storage is not None and storage is not engine.storage:
+        raise ConfigurationError(
+            f"Subject {name!r} uses its engine's storage, not {storage!r}; override "
+            "container.subject_storage and write container.subject(name) instead of passing storage=."
+        )
+    return engine
+
+
 class Subject:
     """A named entity with properties (reactive) and extended properties (silent metadata)."""
 
     __slots__ = ("_changes", "_engine", "_ext", "_props", "_turn", "_use_cache", "name")
 
-    def __init__(self, name: str, engine: Engine, use_cache_default: bool = True) -> None:
+    def __init__(
+        self,
+        name: str,
+        engine: Engine | None = None,
+        use_cache_default: bool = True,
+        *,
+        storage: Any = None,
+        event_bus: Engine | None = None,
+    ) -> None:
         if not isinstance(name, str) or not name:
             raise ValueError(f"A subject name must be a non-empty string, not {name!r}.")
+        if engine is None or event_bus is not None or storage is not None:
+            engine = _engine_of(name, engine, storage, event_bus)
         self.name = name
         self._engine = engine
         self._use_cache = use_cache_default
@@ -453,8 +485,9 @@ class Subject:
         self._ext = {}
         self._changes = None
 
-    async def flush(self) -> None:
-        """Delete the subject: property-deleted for each property, then ``subject-deleted``."""
+    async def flush(self) -> Subject:
+        """Delete the subject: property-deleted for each property, then ``subject-deleted``;
+        return the subject (as KRules does, for chaining)."""
         props = dict(self._props if self._props is not None else await self._load())
         ext = dict(self._ext)
         ctx = self._engine.handler_context()
@@ -466,3 +499,4 @@ class Subject:
                 self, SUBJECT_PROPERTY_DELETED, {"property_name": prop, "old_value": value}, None, ctx
             )
         await self._engine.emit_change(self, SUBJECT_DELETED, {"props": props, "ext_props": ext}, None, ctx)
+        return self
