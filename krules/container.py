@@ -12,7 +12,7 @@ Override providers before the first event is emitted (the engine is a singleton 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from dependency_injector import containers, providers
@@ -21,6 +21,7 @@ from krules.chain import Middleware
 from krules.clock import SystemClock
 from krules.config import Settings
 from krules.engine import Engine
+from krules.errors import ConfigurationError
 from krules.ports import SubjectStorage
 from krules.rules import Filter, RuleRegistry
 from krules.subject import Subject
@@ -87,8 +88,45 @@ def _memory_storage() -> SubjectStorage:
     return create_memory_storage()
 
 
-def _subject(name: str, engine: Engine) -> Subject:
+def _subject(name: str, engine: Engine, event_info: Mapping[str, Any] | None = None) -> Subject:
+    # ``event_info`` is KRules' record of the event a subject was made for; krules knows that
+    # event from the handler's context, so the argument carries nothing it needs (accepted so
+    # KRules code calling ``container.subject(name, event_info=...)`` runs unchanged).
     return engine.subject(name)
+
+
+class EventBusProvider(providers.Provider):  # type: ignore[type-arg]
+    """``container.event_bus``: KRules' name for what dispatches events, here the engine itself.
+
+    ``container.event_bus()`` returns the engine; overriding it is refused with a sentence saying
+    what to override instead (krules has no event bus apart from the engine).
+    """
+
+    def __init__(self, engine: providers.Provider[Engine]) -> None:
+        self._engine = engine
+        super().__init__()
+
+    def __deepcopy__(self, memo: dict[Any, Any] | None = None) -> EventBusProvider:
+        memo = {} if memo is None else memo
+        copied = memo.get(id(self))
+        if copied is None:
+            copied = memo[id(self)] = EventBusProvider(providers.deepcopy(self._engine, memo))
+        return copied
+
+    @property
+    def related(self) -> Iterator[providers.Provider[Any]]:
+        yield self._engine
+        yield from super().related
+
+    def _provide(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Engine:
+        return self._engine()
+
+    def override(self, provider: Any) -> Any:
+        raise ConfigurationError(
+            "krules has no event bus apart from its engine, so container.event_bus cannot be "
+            "overridden; override container.middlewares (or add middleware with "
+            "container.handlers()) to act on events, or container.engine to replace the engine."
+        )
 
 
 class KRulesContainer(containers.DeclarativeContainer):
@@ -107,6 +145,7 @@ class KRulesContainer(containers.DeclarativeContainer):
     engine = providers.Singleton(
         Engine, registry=registry, storage=subject_storage, settings=settings, clock=clock
     )
-    event_bus = engine
+    event_bus = EventBusProvider(engine)
+    """KRules' name for the engine: ``container.event_bus()`` is ``container.engine()``."""
     handlers = providers.Callable(create_handlers, registry=registry, engine=engine.provider)
     subject = providers.Factory(_subject, engine=engine)

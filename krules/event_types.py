@@ -13,11 +13,18 @@ SubjectPropertyChanged: Final = SUBJECT_PROPERTY_CHANGED
 SubjectPropertyDeleted: Final = SUBJECT_PROPERTY_DELETED
 SubjectDeleted: Final = SUBJECT_DELETED
 
+# KRules' legacy names for ``subject-deleted`` (``flush()`` deletes the subject); KRules 3 maps
+# them to the same string, so a rule on SUBJECT_FLUSHED runs when a subject is flushed.
+SUBJECT_FLUSHED: Final = SUBJECT_DELETED
+SubjectFlushed: Final = SUBJECT_DELETED
+
 __all__ = [
     "SUBJECT_DELETED",
+    "SUBJECT_FLUSHED",
     "SUBJECT_PROPERTY_CHANGED",
     "SUBJECT_PROPERTY_DELETED",
     "SubjectDeleted",
+    "SubjectFlushed",
     "SubjectPropertyChanged",
     "SubjectPropertyDeleted",
 ]

@@ -1,6 +1,6 @@
 """Subjects: named, stateful entities whose property changes are events.
 
-One class of about 430 lines, kept whole: the KRules subject API (properties and extended
+One class of about 460 lines, kept whole: the KRules subject API (properties and extended
 properties, each with get/set/delete/has) shares one cache and one set of pending writes.
 
 A subject loads its properties from storage on first use and then serves reads from its cache.
@@ -11,25 +11,31 @@ changed and the write is not muted; extended properties never fire events.
 
 Callable updates (``set("n", lambda n: (n or 0) + 1)``) are never lost: in cached mode the store is
 a compare-and-set against the value the callable saw, and the storage re-applies the callable when
-another writer got there first.
+another writer got there first.  A function of no argument (``set("token", lambda: new_token())``)
+is called once, as in KRules, and its result is written as a plain value: it does not depend on the
+old value, so there is nothing to re-apply, and calling it again on a conflict would make a second
+token.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
+from types import FunctionType
 from typing import TYPE_CHECKING, Any, Final
 
 from krules.changes import DELETE, Change, SubjectChanges, Update, decode, encode
 from krules.context import _current
-from krules.errors import TurnEndedError
+from krules.errors import ConfigurationError, TurnEndedError
 from krules.event_types import SUBJECT_DELETED, SUBJECT_PROPERTY_CHANGED, SUBJECT_PROPERTY_DELETED
+from krules.properties import PayloadConst, PropertyType
 
 if TYPE_CHECKING:
     from krules.context import EventContext
     from krules.engine import Engine
     from krules.turn import Turn
 
-__all__ = ["Subject"]
+__all__ = ["PayloadConst", "PropertyType", "Subject"]  # the first two where KRules has them
 
 
 _CONTAINERS: Final = (list, dict)
@@ -46,6 +52,24 @@ def _changed(old: Any, new: Any) -> bool:
     return type(new) in _CONTAINERS and encode(new) != encode(old)  # [1] == [True]
 
 
+_STAR_ARGS: Final = inspect.CO_VARARGS | inspect.CO_VARKEYWORDS
+
+
+def _takes_no_argument(fn: Callable[..., Any]) -> bool:
+    """Whether KRules would call ``fn`` without the old value: a plain function of no parameter.
+
+    KRules checks ``inspect.isfunction`` and counts the signature's parameters; the code object
+    answers the same without building a signature (only a ``functools.wraps`` wrapper needs one).
+    Other callables (partials, bound methods, callable objects) get the old value.
+    """
+    if type(fn) is not FunctionType:
+        return False
+    if hasattr(fn, "__wrapped__"):
+        return not inspect.signature(fn).parameters
+    code = fn.__code__
+    return not (code.co_argcount or code.co_kwonlyargcount or code.co_flags & _STAR_ARGS)
+
+
 def _compose(outer: Callable[[Any], Any], inner: Callable[[Any], Any]) -> Callable[[Any], Any]:
     return lambda value: outer(inner(value))
 
@@ -60,14 +84,45 @@ class _Missing:
 _MISSING: Final = _Missing()
 
 
+def _engine_of(name: str, engine: Engine | None, storage: Any, event_bus: Any) -> Engine:
+    """The engine of KRules' constructor, ``Subject(name, storage=..., event_bus=...)``: the event
+    bus is ``container.event_bus()`` (the engine), the storage, if given, that engine's storage."""
+    if engine is not None and event_bus is not None and event_bus is not engine:
+        raise ConfigurationError(
+            f"Subject {name!r} was given two engines; pass engine or event_bus, not both."
+        )
+    engine = engine if engine is not None else event_bus
+    if not (hasattr(engine, "emit_change") and hasattr(engine, "storage")):  # the engine imports us
+        raise ConfigurationError(
+            f"Subject {name!r} needs the app's engine, not {engine!r}; write container.subject({name!r}) "
+            "(or Subject(name, event_bus=container.event_bus()))."
+        )
+    if storage is not None and storage is not engine.storage:
+        raise ConfigurationError(
+            f"Subject {name!r} uses its engine's storage, not {storage!r}; override "
+            "container.subject_storage and write container.subject(name) instead of passing storage=."
+        )
+    return engine
+
+
 class Subject:
     """A named entity with properties (reactive) and extended properties (silent metadata)."""
 
     __slots__ = ("_changes", "_engine", "_ext", "_props", "_turn", "_use_cache", "name")
 
-    def __init__(self, name: str, engine: Engine, use_cache_default: bool = True) -> None:
+    def __init__(
+        self,
+        name: str,
+        engine: Engine | None = None,
+        use_cache_default: bool = True,
+        *,
+        storage: Any = None,
+        event_bus: Engine | None = None,
+    ) -> None:
         if not isinstance(name, str) or not name:
             raise ValueError(f"A subject name must be a non-empty string, not {name!r}.")
+        if engine is None or event_bus is not None or storage is not None:
+            engine = _engine_of(name, engine, storage, event_bus)
         self.name = name
         self._engine = engine
         self._use_cache = use_cache_default
@@ -146,16 +201,20 @@ class Subject:
         old = values.get(prop, _MISSING)
         pending = changes.get(prop)
         if callable(value):
-            fn: Callable[[Any], Any] = value
-            new = fn(None if old is _MISSING else old)
-            encoded = encode(new, self.name, prop)
-            if pending is None:
-                expected = None if old is _MISSING else encode(old, self.name, prop)
-                changes[prop] = Update(expected, fn, encoded)
-            elif type(pending) is Update:
-                changes[prop] = Update(pending.expected, _compose(fn, pending.fn), encoded)
-            else:  # after a plain write or a delete the result is absolute
-                changes[prop] = encoded
+            if _takes_no_argument(value):  # called once; the result does not depend on ``old``
+                new = value()
+                changes[prop] = encode(new, self.name, prop)
+            else:
+                fn: Callable[[Any], Any] = value
+                new = fn(None if old is _MISSING else old)
+                encoded = encode(new, self.name, prop)
+                if pending is None:
+                    expected = None if old is _MISSING else encode(old, self.name, prop)
+                    changes[prop] = Update(expected, fn, encoded)
+                elif type(pending) is Update:
+                    changes[prop] = Update(pending.expected, _compose(fn, pending.fn), encoded)
+                else:  # after a plain write or a delete the result is absolute
+                    changes[prop] = encoded
         else:
             new = value
             changes[prop] = encode(value, self.name, prop)
@@ -213,7 +272,8 @@ class Subject:
         extra: dict[str, Any] | None = None,
         use_cache: bool | None = None,
     ) -> tuple[Any, Any]:
-        """Set a property (a value, or a callable of the old value); return ``(new, old)``.
+        """Set a property (a value, a callable of the old value, or a function of no argument,
+        called once); return ``(new, old)``.
 
         Fires ``subject-property-changed`` inline when the value changed and ``muted`` is False.
         ``old`` is None when the property did not exist.
@@ -227,12 +287,12 @@ class Subject:
             engine.check_depth(self.name, SUBJECT_PROPERTY_CHANGED, ctx)
         if use_cache is False or (use_cache is None and not self._use_cache):
             storage = self._engine.storage
-            if callable(value):
+            if callable(value) and not _takes_no_argument(value):
                 await self._store_pending(prop, ext=False)
                 new, old, existed = await storage.update(self.name, prop, value)
-            else:
-                existed, old = await storage.set(self.name, prop, encode(value, self.name, prop))
-                new = value
+            else:  # a value, or a function of no argument: called once, its result written as is
+                new = value() if callable(value) else value
+                existed, old = await storage.set(self.name, prop, encode(new, self.name, prop))
             if self._props is not None:
                 self._props[prop] = new
                 self._forget_pending(prop, ext=False)
@@ -323,16 +383,17 @@ class Subject:
             return default
 
     async def set_ext(self, prop: str, value: Any, use_cache: bool | None = None) -> tuple[Any, Any]:
-        """Set an extended property (a value or a callable of the old value); never emits."""
+        """Set an extended property (a value, a callable of the old value or a function of no
+        argument); never emits."""
         if use_cache is False or (use_cache is None and not self._use_cache):
-            if callable(value):
+            if callable(value) and not _takes_no_argument(value):
                 await self._store_pending(prop, ext=True)
                 new, old, _ = await self._engine.storage.update(self.name, prop, value, ext=True)
-            else:
+            else:  # a value, or a function of no argument: called once, its result written as is
+                new = value() if callable(value) else value
                 _, old = await self._engine.storage.set(
-                    self.name, prop, encode(value, self.name, prop), ext=True
+                    self.name, prop, encode(new, self.name, prop), ext=True
                 )
-                new = value
             if self._props is not None:
                 self._ext[prop] = new
                 self._forget_pending(prop, ext=True)
@@ -424,8 +485,9 @@ class Subject:
         self._ext = {}
         self._changes = None
 
-    async def flush(self) -> None:
-        """Delete the subject: property-deleted for each property, then ``subject-deleted``."""
+    async def flush(self) -> Subject:
+        """Delete the subject: property-deleted for each property, then ``subject-deleted``;
+        return the subject (as KRules does, for chaining)."""
         props = dict(self._props if self._props is not None else await self._load())
         ext = dict(self._ext)
         ctx = self._engine.handler_context()
@@ -437,3 +499,4 @@ class Subject:
                 self, SUBJECT_PROPERTY_DELETED, {"property_name": prop, "old_value": value}, None, ctx
             )
         await self._engine.emit_change(self, SUBJECT_DELETED, {"props": props, "ext_props": ext}, None, ctx)
+        return self

@@ -1,5 +1,8 @@
 """The Redis subject storage: ``create_redis_storage(url=..., key_prefix=...)``, or from settings.
 
+KRules' setup, ``create_redis_storage(redis_client=create_redis_client(url), redis_prefix="app:")``,
+works too.
+
 :mod:`storage.redis.factory` makes it; :mod:`storage.redis.store` is the storage itself,
 :mod:`storage.redis.batches` its store-script calls and conflict handling, :mod:`storage.redis.errors`
 its retries and error messages, :mod:`storage.redis.keys` the key schema, :mod:`storage.redis.scripts`
@@ -11,13 +14,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from storage.redis.factory import create_redis_storage
+from storage.redis.factory import create_redis_client, create_redis_storage
 from storage.redis.store import RedisStorage
 
 if TYPE_CHECKING:
     from krules.config import Settings
 
-__all__ = ["RedisStorage", "create_redis_storage", "storage_from_settings"]
+__all__ = ["RedisStorage", "create_redis_client", "create_redis_storage", "storage_from_settings"]
 
 
 def storage_from_settings(settings: Settings, **options: Any) -> RedisStorage:

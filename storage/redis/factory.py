@@ -7,6 +7,8 @@ storage's (:mod:`storage.redis.errors`).  A client passed in is used as is.
 
 from __future__ import annotations
 
+from typing import Any
+
 import redis.asyncio as aioredis
 
 from krules.errors import ConfigurationError
@@ -15,7 +17,31 @@ from storage.redis.errors import reason, redact
 from storage.redis.keys import KeySchema
 from storage.redis.store import RedisStorage
 
-__all__ = ["create_redis_storage"]
+__all__ = ["create_redis_client", "create_redis_storage"]
+
+_DEFAULT_URL = "redis://127.0.0.1:6379/0"
+
+
+def create_redis_client(redis_url: str = _DEFAULT_URL, **options: Any) -> aioredis.Redis:
+    """Return a ``redis.asyncio`` client for ``redis_url``, as KRules' ``create_redis_client`` does.
+
+    For rule modules ported from KRules, whose setup is
+    ``create_redis_storage(redis_client=create_redis_client(url), redis_prefix="app:")``.  KRules'
+    function is a coroutine function; this one returns the client at once, and the client is
+    awaitable (``await create_redis_client(url)`` gives the same client), so both spellings of the
+    KRules setup work.  ``options`` go to ``redis.asyncio.Redis.from_url``.  The client is the
+    caller's: close it (``await client.aclose()``) when done.  A storage made from a URL instead
+    (``create_redis_storage(url=...)``) uses one auto-pipelined connection and is faster.
+    """
+    if not isinstance(redis_url, str):
+        raise ConfigurationError(f"The Redis URL must be a string, not {redis_url!r}.")
+    try:
+        return aioredis.Redis.from_url(redis_url, **options)
+    except ValueError as exc:
+        raise ConfigurationError(
+            f"The Redis URL {redact(redis_url)!r} is not valid ({reason(exc)}); use "
+            "redis://[user:password@]host[:port][/db], rediss://... or unix:///path/to/socket."
+        ) from None
 
 
 def create_redis_storage(
@@ -23,6 +49,7 @@ def create_redis_storage(
     key_prefix: str = "krules:",
     *,
     client: aioredis.Redis | None = None,
+    redis_client: aioredis.Redis | None = None,
     redis_prefix: str | None = None,
     partitions: int = 1,
     retries: int = 8,
@@ -46,9 +73,15 @@ def create_redis_storage(
     bounds connecting, ``socket_timeout`` the wait for a reply.  ``dedupe_window`` is how long (in
     seconds) a partition remembers the ids of the events it committed, to drop re-deliveries.
 
-    For rule modules ported from KRules, ``create_redis_storage(redis_client, redis_prefix="app:")``
-    works too: a client passed first is taken as ``client``, ``redis_prefix`` as ``key_prefix``.
+    For rule modules ported from KRules, the KRules call works too:
+    ``create_redis_storage(redis_client=create_redis_client(url), redis_prefix="app:")`` or with the
+    client passed first.  ``redis_client`` is another name for ``client``, ``redis_prefix`` for
+    ``key_prefix``; the storage reads and writes the same keys as one made from a URL.
     """
+    if redis_client is not None:
+        if client is not None:
+            raise ConfigurationError("Pass the Redis client as client=... or redis_client=..., not both.")
+        client = redis_client
     if url is not None and not isinstance(url, str):
         if client is not None:
             raise ConfigurationError("Pass the Redis client either first or as client=..., not both.")
@@ -72,7 +105,7 @@ def create_redis_storage(
         commands = ClientCommands(client)
         display = redact(url) if url is not None else commands.server_url()
     else:
-        url = url if url is not None else "redis://127.0.0.1:6379/0"
+        url = url if url is not None else _DEFAULT_URL
         display = redact(url)
         try:
             commands = ConnectionCommands.from_url(

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import functools
+import operator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -244,3 +247,83 @@ async def test_a_list_changed_in_place_and_set_again_fires(krules_app: KRulesTes
         ["a"],
         ["a", "b"],
     ]
+
+
+# -- callables of no argument (as in KRules) ----------------------------------------------------
+
+
+def token_maker() -> tuple[Callable[[], str], list[str]]:
+    """A function of no argument that makes a new token at each call, and the tokens it made."""
+    made: list[str] = []
+
+    def new_token() -> str:
+        made.append(f"token-{len(made) + 1}")
+        return made[-1]
+
+    return new_token, made
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+async def test_a_function_of_no_argument_is_called_once_and_its_result_is_stored(
+    krules_app: KRulesTestApp, use_cache: bool
+) -> None:
+    new_token, made = token_maker()
+    s = krules_app.subject("session")
+    await s.set("token", "old")
+
+    assert await s.set("token", lambda: new_token(), use_cache=use_cache) == ("token-1", "old")
+    await s.store()
+    assert made == ["token-1"]
+    assert await krules_app.stored("session") == {"token": "token-1"}
+    changed = krules_app.recorder.of_type(SUBJECT_PROPERTY_CHANGED)[-1]
+    assert (changed.data["old_value"], changed.data["value"]) == ("old", "token-1")
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+async def test_set_ext_takes_a_function_of_no_argument_too(
+    krules_app: KRulesTestApp, use_cache: bool
+) -> None:
+    new_token, made = token_maker()
+    s = krules_app.subject("session")
+
+    assert await s.set_ext("token", new_token, use_cache=use_cache) == ("token-1", None)
+    await s.store()
+    assert made == ["token-1"]
+    assert await krules_app.storage.load("session") == ({}, {"token": "token-1"})
+
+
+async def test_a_function_of_no_argument_is_not_called_again_when_another_writer_stored_first(
+    krules_app: KRulesTestApp,
+) -> None:
+    new_token, made = token_maker()
+    mine, theirs = krules_app.subject("session"), krules_app.subject("session")
+    await mine.set("token", new_token, muted=True)
+    await theirs.set("token", "theirs", muted=True)
+    await theirs.store()
+    await mine.store()  # a plain write: the last writer wins, with the token its handler saw
+
+    assert made == ["token-1"]
+    assert await krules_app.stored("session") == {"token": "token-1"}
+    assert await mine.get("token") == "token-1"
+
+
+async def test_callables_that_are_not_plain_functions_of_no_argument_get_the_old_value(
+    krules_app: KRulesTestApp,
+) -> None:
+    class AddOne:
+        def __call__(self, n: Any) -> int:
+            return (n or 0) + 1
+
+    def wrapped_zero() -> int:
+        return 100
+
+    @functools.wraps(wrapped_zero)
+    def wrapper(*args: Any) -> int:
+        return wrapped_zero(*args)
+
+    s = krules_app.subject("s")
+    await s.set("n", 1, muted=True)
+    assert await s.set("n", functools.partial(operator.add, 10), muted=True) == (11, 1)
+    assert await s.set("n", AddOne(), muted=True) == (12, 11)
+    assert await s.set("n", lambda n=0: n * 2, muted=True) == (24, 12)  # a parameter, with a default
+    assert await s.set("n", wrapper, muted=True) == (100, 24)  # KRules reads the wrapped signature
