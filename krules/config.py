@@ -202,6 +202,7 @@ class Settings(EnvSettings):
     max_cascade_depth: int = setting(32, integer(1, 10_000))
     max_concurrent_turns: int = setting(256, integer(1))
     max_queued_turns: int = setting(10_000, integer(1))
+    handler_order: str = setting("concurrent", choice("concurrent", "sequential"))
     source: str = setting("krules", text)
     redis_url: str | None = setting(None, optional_text)
     key_prefix: str = setting("krules:", text)

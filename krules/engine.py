@@ -6,7 +6,8 @@ What ``emit`` checks in an event is :mod:`krules.validation`.
 
 Hot path of one event: one memoised registry lookup, one :class:`EventContext` per matching
 handler, and the handler's pre-composed middleware chain.  A single matching handler runs inline in
-the caller's task; several run concurrently in a task group.  A handler that raises (or whose filter
+the caller's task; several run concurrently in a task group (or one after another in registration
+order, as in KRules, with ``KRULES_HANDLER_ORDER=sequential``).  A handler that raises (or whose filter
 raises) is logged and recorded on the turn; the other handlers and the cascade go on.
 
 Root events (from the HTTP ingress, a stream, or ``emit`` outside a handler) each start a
@@ -48,7 +49,7 @@ from krules.validation import check_extensions, check_json, check_payload
 
 if TYPE_CHECKING:
     from krules.ports import EventTransport, Receipt, SubjectStorage
-    from krules.rules import RuleRegistry
+    from krules.rules import Rule, RuleRegistry
 
 __all__ = ["Engine"]
 
@@ -100,6 +101,7 @@ class Engine:
         self._max_depth = self.settings.max_cascade_depth
         self._source = self.settings.source
         self._partitions = self.settings.partitions
+        self._in_order = self.settings.handler_order == "sequential"
         self.transport = transport
         """Where root events go in Redis mode (the partition streams); None: processed here."""
         self._admission = Admission(self.settings.max_concurrent_turns)
@@ -358,6 +360,9 @@ class Engine:
             finally:
                 _current.reset(single)
             return
+        if self._in_order:
+            await self._run_in_order(event, turn, subject, rules, extra)
+            return
         # Several rules: their sync filters decide here, so rules filtered out cost no task.
         chosen: list[EventContext] = []
         token: Token[EventContext | None] | None = None
@@ -381,6 +386,30 @@ class Engine:
             async with asyncio.TaskGroup() as group:
                 for ctx in chosen:
                     group.create_task(self._run(ctx))
+
+    async def _run_in_order(
+        self,
+        event: Event,
+        turn: Turn,
+        subject: Subject,
+        rules: tuple[Rule, ...],
+        extra: dict[str, Any] | None,
+    ) -> None:
+        """KRules' order (``KRULES_HANDLER_ORDER=sequential``): each rule in registration order, its
+        filters applied only when the rule before it (and the cascade that rule caused) is over, so
+        they see its writes.  A failure is recorded and the next rule runs, as in KRules."""
+        for rule in rules:
+            ctx = EventContext(self, turn, event, subject, rule, extra)
+            token = _current.set(ctx)
+            try:
+                if not rule.filters or await self._passes(ctx, 0):
+                    await rule.call(ctx)
+            except SkipEvent:
+                pass
+            except Exception as exc:
+                await self._handler_failed(ctx, exc)
+            finally:
+                _current.reset(token)
 
     async def _replay(
         self, event: Event, turn: Turn, subject: Subject | None, extra: dict[str, Any] | None, handler: str
