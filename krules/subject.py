@@ -3,7 +3,8 @@
 One class of about 460 lines, kept whole: the KRules subject API (properties and extended
 properties, each with get/set/delete/has) shares one cache and one set of pending writes.
 
-A subject loads its properties from storage on first use and then serves reads from its cache.
+A subject loads its properties from storage on first use and then serves reads from its cache,
+until ``store()`` drops it (at the end of the turn, when called from a handler), as in KRules.
 Writes are cached too (the default) and stored together when the turn ends or on ``store()``;
 ``use_cache=False`` writes go to storage at once, atomically.  ``set`` fires
 ``subject-property-changed`` inline (handlers run before ``set`` returns) when the value really
@@ -454,16 +455,30 @@ class Subject:
         return out
 
     async def store(self) -> None:
-        """Write the cached changes now (otherwise they are written when the turn ends)."""
+        """Write the cached changes now (otherwise they are written when the turn ends), then drop
+        the cache, as KRules does: the next read loads what is stored, other writers' values too.
+
+        Inside a handler the turn keeps its view until it ends: its reads stay consistent with what
+        it loaded and wrote, and the cache is dropped when the turn ends."""
         changes = self.take_changes()
-        if changes is None:
-            return
-        try:
-            await self._engine.storage.store((changes,))
-        except BaseException:
-            self.restore_changes(changes)
-            raise
-        self.stored(changes)
+        if changes is not None:
+            try:
+                await self._engine.storage.store((changes,))
+            except BaseException:
+                self.restore_changes(changes)
+                raise
+            self.stored(changes)
+        ctx = self._engine.handler_context()
+        if ctx is not None and not ctx.turn.closed:
+            ctx.turn.reread_after(self)
+        elif self._changes is None:  # a write made while storing stays readable until it is stored
+            self.forget_cache()
+
+    def forget_cache(self) -> None:
+        """Drop the cached values (never unstored writes): the next read loads from storage."""
+        if self._changes is None:
+            self._props = None
+            self._ext = {}
 
     def stored(self, changes: SubjectChanges) -> None:
         """Called after ``changes`` were written: cache what the storage really wrote for callables."""

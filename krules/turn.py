@@ -37,6 +37,7 @@ class Turn:
 
     __slots__ = (
         "_others",
+        "_reread",
         "aborted",
         "closed",
         "committed",
@@ -56,6 +57,7 @@ class Turn:
         self.failures: list[HandlerFailure] = []
         self.outbox: list[Event] = []
         self._others: list[Subject] | None = None
+        self._reread: list[Subject] | None = None
         self.closed = False
         self.committed = True
         """False when the commit found the root event committed before (nothing was written)."""
@@ -80,6 +82,14 @@ class Turn:
             if subject not in self._others:
                 self._others.append(subject)
 
+    def reread_after(self, subject: Subject) -> None:
+        """Drop ``subject``'s cache when the turn ends (it called ``store()``): a subject object that
+        outlives the turn then reads what is stored, as after a store in KRules."""
+        if self._reread is None:
+            self._reread = []
+        if subject not in self._reread:
+            self._reread.append(subject)
+
     def close(self) -> list[tuple[Subject, SubjectChanges]]:
         """End the turn: no more writes; hand over every touched subject's cached changes."""
         self.closed = True
@@ -94,6 +104,11 @@ class Turn:
                 changes = subject.take_changes()
                 if changes is not None:
                     taken.append((subject, changes))
+        if self._reread:  # those with writes to store: once they are stored (commit)
+            storing = {id(subject) for subject, _ in taken}
+            for subject in self._reread:
+                if id(subject) not in storing:
+                    subject.forget_cache()
         return taken
 
     async def commit(self, taken: list[tuple[Subject, SubjectChanges]] | None = None) -> None:
@@ -121,3 +136,6 @@ class Turn:
             raise
         for subject, changes in taken:
             subject.stored(changes)
+        if self._reread:
+            for subject in self._reread:
+                subject.forget_cache()

@@ -327,3 +327,68 @@ async def test_callables_that_are_not_plain_functions_of_no_argument_get_the_old
     assert await s.set("n", AddOne(), muted=True) == (12, 11)
     assert await s.set("n", lambda n=0: n * 2, muted=True) == (24, 12)  # a parameter, with a default
     assert await s.set("n", wrapper, muted=True) == (100, 24)  # KRules reads the wrapped signature
+
+
+# -- store() drops the cache, as in KRules --------------------------------------------------------
+
+
+async def test_after_store_a_long_lived_subject_reads_what_another_writer_stored(
+    krules_app: KRulesTestApp,
+) -> None:
+    reader, writer = krules_app.subject("user-1"), krules_app.subject("user-1")
+    await reader.set("name", "Ada", muted=True)
+    await reader.store()
+
+    await writer.set("name", "Grace", muted=True)
+    await writer.store()
+
+    assert await reader.get("name") == "Grace"
+
+
+async def test_a_store_with_nothing_to_write_still_makes_the_next_read_load(
+    krules_app: KRulesTestApp,
+) -> None:
+    reader, writer = krules_app.subject("user-1"), krules_app.subject("user-1")
+    assert await reader.get("email", default=None) is None
+    await writer.set("email", "ada@example.com", muted=True)
+    await writer.store()
+    assert await reader.get("email", default=None) is None  # still its cache, as in KRules
+
+    await reader.store()
+
+    assert await reader.get("email") == "ada@example.com"
+    assert await reader.get_ext_props() == {}
+
+
+async def test_within_a_turn_a_subject_keeps_its_view_after_store(krules_app: KRulesTestApp) -> None:
+    other_client = KRulesTestApp(storage=krules_app.storage)  # another instance on the same storage
+    seen: list[int] = []
+
+    @krules_app.on("count")
+    async def count(ctx: EventContext) -> None:
+        await ctx.subject.set("n", 1, muted=True)
+        await ctx.subject.store()
+        await other_client.subject("counter").set("n", 2, muted=True, use_cache=False)
+        seen.append(await ctx.subject.get("n"))
+
+    await krules_app.emit("count", "counter")
+
+    assert seen == [1]
+    assert await krules_app.stored("counter") == {"n": 2}
+
+
+async def test_a_subject_stored_in_a_handler_reads_anew_once_the_turn_is_over(
+    krules_app: KRulesTestApp,
+) -> None:
+    other_client = KRulesTestApp(storage=krules_app.storage)
+    tracked = krules_app.subject("counter")  # outlives the turns that write it
+
+    @krules_app.on("count")
+    async def count(ctx: EventContext) -> None:
+        await tracked.set("n", lambda n: (n or 0) + 1, muted=True)
+        await tracked.store()
+
+    await krules_app.emit("count", "counter")
+    await other_client.subject("counter").set("n", 10, muted=True, use_cache=False)
+
+    assert await tracked.get("n") == 10
