@@ -108,12 +108,15 @@ class Event:
         "data",
         "depth",
         "extensions",
+        "local_metadata",
         "parent",
         "source",
         "subject",
         "time",
         "type",
     )
+    local_metadata: dict[str, Any]
+    """``emit``'s keywords that do not travel as extensions; set only on events that have some."""
 
     def __init__(
         self,
@@ -140,6 +143,9 @@ class Event:
         self.extensions = extensions
         self._seq = seq
         self._key = key
+        # ``local_metadata`` (emit's keywords that are not CloudEvents extensions) is left unset here
+        # and assigned only on the events that have some, so the events that do not pay nothing;
+        # read it with ``getattr(event, "local_metadata", None)``.
 
     @property
     def id(self) -> str:

@@ -145,3 +145,27 @@ def test_a_container_reads_a_krules_deployment_s_storage_variables_and_tolerates
 def test_a_container_reads_the_legacy_subjects_redis_url(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SUBJECTS_REDIS_URL", "redis://legacy:6379/1")
     assert KRulesContainer().settings().redis_url == "redis://legacy:6379/1"
+
+
+# -- emit's keyword arguments ----------------------------------------------------------------------
+
+
+async def test_the_container_s_emit_passes_krules_keyword_metadata_and_extra_to_middleware() -> None:
+    container = KRulesContainer()
+    on, _when, middleware, emit = container.handlers()
+    routed: list[tuple[Any, ...]] = []
+
+    @middleware
+    async def route(ctx: EventContext, next: Any) -> None:
+        routed.append((ctx.get_metadata("topic"), ctx.get_metadata("dispatch_url"), ctx.extra))
+        await next()
+
+    @on("alert.critical")
+    async def alert(ctx: EventContext) -> None:
+        pass
+
+    await emit(
+        "alert.critical", "device-1", {}, topic="alerts", dispatch_url="https://x", extra={"why": "hot"}
+    )
+
+    assert routed == [("alerts", "https://x", {"why": "hot"})]
