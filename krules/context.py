@@ -126,7 +126,7 @@ class EventContext:
         extensions = self._event.extensions
         if extensions is not None and key in extensions:
             return extensions[key]
-        local: dict[str, Any] | None = getattr(self._event, "local_metadata", None)
+        local = self._event.local_metadata
         if local is not None and key in local:
             return local[key]
         return default

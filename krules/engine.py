@@ -40,7 +40,14 @@ from krules.clock import Clock, SystemClock
 from krules.config import Settings
 from krules.context import EventContext, _current
 from krules.errors import CascadeDepthExceeded, EventFormatError, TurnEndedError, aborts_turn
-from krules.events import REPLAY_EXTENSION, TRACEPARENT_EXTENSION, Event, IdGenerator, trace_context
+from krules.events import (
+    REPLAY_EXTENSION,
+    TRACEPARENT_EXTENSION,
+    Event,
+    EventWithMetadata,
+    IdGenerator,
+    trace_context,
+)
 from krules.partitioning import partition_of
 from krules.subject import Subject
 from krules.turn import HandlerFailure, Turn
@@ -175,7 +182,7 @@ class Engine:
         data = check_json(event_type, payload if payload.__class__ is dict else check_payload(payload))
         if extensions:
             return self._emit_with_keywords(event_type, name, subject_obj, data, extensions)
-        event = self.new_event(event_type, name, data)
+        event = self.new_event(event_type, name, data, None)
         if self.transport is not None:
             return self.transport.send([event])
         return self.process(event, subject_obj)
@@ -192,7 +199,7 @@ class Engine:
         extensions, local, extra = split_emit_keywords(keywords)
         event = self.new_event(event_type, name, data, extensions)
         if local is not None:
-            event.local_metadata = local
+            event = EventWithMetadata.of(event, local)
         if self.transport is not None:
             if local is not None or extra is not None:
                 raise _stays_local(event_type, local, extra)
@@ -206,8 +213,13 @@ class Engine:
         payload: dict[str, Any] | None,
         subject: Subject | str | None,
         extensions: dict[str, Any] | None,
+        local: dict[str, Any] | None = None,
+        extra: dict[str, Any] | None = None,
     ) -> Awaitable[None]:
-        """Emit an event caused by ``ctx``'s event; ``await`` the result to handle it inline in the turn."""
+        """Emit an event caused by ``ctx``'s event; ``await`` the result to handle it inline in the turn.
+
+        ``extensions`` are ``emit``'s keyword arguments; ``local`` and ``extra`` are set from them
+        (parameters, not statements, so that a plain emit pays nothing for them)."""
         if event_type.__class__ is not str or not event_type:
             raise EventFormatError(f"An event type must be a non-empty string, not {event_type!r}.")
         turn = ctx.turn
@@ -236,7 +248,7 @@ class Engine:
         if extensions:
             extensions, local, extra = split_emit_keywords(extensions)
         else:
-            extensions = local = extra = None
+            extensions = None
         # ctx.child_event, inlined (hot path)
         ctx.emitted = seq = ctx.emitted + 1
         if ctx.emit_extensions is not None:
@@ -260,7 +272,7 @@ class Engine:
             ctx.rule.key,
         )
         if local is not None:
-            child.local_metadata = local
+            child = EventWithMetadata.of(child, local)
         receipt = turn.receipt
         if (
             receipt is not None

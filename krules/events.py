@@ -34,6 +34,7 @@ __all__ = [
     "TRACEPARENT_EXTENSION",
     "TRACESTATE_EXTENSION",
     "Event",
+    "EventWithMetadata",
     "IdGenerator",
     "event_from_cloudevent",
     "event_from_dict",
@@ -108,15 +109,15 @@ class Event:
         "data",
         "depth",
         "extensions",
-        "local_metadata",
         "parent",
         "source",
         "subject",
         "time",
         "type",
     )
-    local_metadata: dict[str, Any]
-    """``emit``'s keywords that do not travel as extensions; set only on events that have some."""
+    local_metadata: dict[str, Any] | None = None
+    """``emit``'s keywords that do not travel as extensions (:class:`EventWithMetadata`); a class
+    attribute here, so the events without any pay nothing for it."""
 
     def __init__(
         self,
@@ -143,9 +144,6 @@ class Event:
         self.extensions = extensions
         self._seq = seq
         self._key = key
-        # ``local_metadata`` (emit's keywords that are not CloudEvents extensions) is left unset here
-        # and assigned only on the events that have some, so the events that do not pay nothing;
-        # read it with ``getattr(event, "local_metadata", None)``.
 
     @property
     def id(self) -> str:
@@ -224,6 +222,22 @@ class Event:
 
     def __repr__(self) -> str:
         return f"Event({self.type!r}, subject={self.subject!r}, id={self.id!r}, depth={self.depth})"
+
+
+class EventWithMetadata(Event):
+    """An event emitted with keyword arguments that stay in this process (``dispatch_url=``...):
+    its handlers read them with ``ctx.get_metadata``; they never leave with the event."""
+
+    __slots__ = ("local_metadata",)
+
+    @classmethod
+    def of(cls, event: Event, local_metadata: dict[str, Any]) -> EventWithMetadata:
+        """``event`` (just built, not yet dispatched) with ``local_metadata``."""
+        copy = cls.__new__(cls)
+        for name in Event.__slots__:
+            setattr(copy, name, getattr(event, name))
+        copy.local_metadata = local_metadata
+        return copy
 
 
 def _payload(data: Any, datacontenttype: str | None) -> dict[str, Any]:
