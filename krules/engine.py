@@ -219,7 +219,8 @@ class Engine:
         """Emit an event caused by ``ctx``'s event; ``await`` the result to handle it inline in the turn.
 
         ``extensions`` are ``emit``'s keyword arguments; ``local`` and ``extra`` are set from them
-        (parameters, not statements, so that a plain emit pays nothing for them)."""
+        (left to their defaults by callers: parameters rather than assignments on the plain path,
+        which ``bench.instructions`` measured unchanged, 122,295 against 122,180-122,530)."""
         if event_type.__class__ is not str or not event_type:
             raise EventFormatError(f"An event type must be a non-empty string, not {event_type!r}.")
         turn = ctx.turn
