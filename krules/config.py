@@ -4,17 +4,24 @@
 environment (the built-in middleware's ``KRULES_CIRCUIT_*``...) declares them the same way, as an
 :class:`EnvSettings` dataclass whose fields are declared with :func:`setting` and a parser, and
 hands it to :meth:`Settings.from_env` (``extra=``) so that its variables count as krules settings:
-a misspelt ``KRULES_*`` variable is refused, naming the closest known one.
+a misspelt ``KRULES_*`` variable (within two edits of a known one) is refused, naming it; any other
+``KRULES_*`` variable belongs to someone else (a test suite's ``KRULES_TEST_REDIS_URL``) and is
+logged once as ignored.
+
+KRules 3's storage variables (:class:`KRules3Storage`: ``KRULES_STORAGE_PROVIDER``,
+``KRULES_STORAGE_REDIS_*`` and the legacy ``SUBJECTS_REDIS_URL``) are read too, with KRules'
+meaning, so a KRules deployment's environment starts krules in the mode it started KRules in.
 """
 
 from __future__ import annotations
 
-import difflib
+import logging
 import math
 import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Final, Self, TypeVar
+from urllib.parse import quote, urlsplit, urlunsplit
 
 from krules.decoding import MAX_EVENT_BYTES
 from krules.errors import ConfigurationError
@@ -22,6 +29,7 @@ from krules.partitioning import parse_partition_ids
 
 __all__ = [
     "EnvSettings",
+    "KRules3Storage",
     "Parser",
     "Settings",
     "boolean",
@@ -36,6 +44,8 @@ __all__ = [
 ]
 
 T = TypeVar("T")
+
+logger = logging.getLogger(__name__)
 
 Parser = Callable[[str, str], Any]
 """``parse(var, raw) -> value`` for one environment variable; a bad value raises ConfigurationError
@@ -245,8 +255,9 @@ class Settings(EnvSettings):
         """
         env = os.environ if env is None else env
         extra = tuple(extra)
-        _refuse_unknown(env, (cls, *extra))
+        _check_unknown(env, (cls, KRules3Storage, *extra))
         values = _read(cls, env)
+        _apply_krules3_storage(env, values)
         if "partition_id" not in values and env.get("PARTITION_ID") is not None:
             values["partition_id"] = _partition_spec("PARTITION_ID", env["PARTITION_ID"])
         for section in extra:
@@ -257,15 +268,130 @@ class Settings(EnvSettings):
         return settings
 
 
+def _storage_provider(var: str, raw: str) -> str | None:
+    value = raw.strip().lower()
+    if value in {"", "redis"}:
+        return value or None  # unset or empty: decided by whether a Redis server is named, as in KRules
+    if value in {"empty", "memory"}:
+        return "empty"
+    raise ConfigurationError(
+        f"{var}={raw!r} is not a storage krules has; use redis, or empty for the embedded in-memory storage."
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class KRules3Storage(EnvSettings):
+    """KRules 3's storage variables (``KRULES_STORAGE_*``), read with KRules' defaults and meaning.
+
+    They name krules' ``redis_url`` and ``key_prefix`` another way: see :func:`_apply_krules3_storage`.
+    """
+
+    storage_provider: str | None = setting(None, _storage_provider)
+    storage_redis_host: str | None = setting(None, optional_text)
+    storage_redis_port: int = setting(6379, integer(1, 65535))
+    storage_redis_db: int = setting(0, integer(0))
+    storage_redis_password: str | None = setting(None, optional_text)
+    storage_redis_use_tls: bool = setting(False, boolean)
+    storage_redis_key_prefix: str | None = setting(None, text)
+
+    @property
+    def redis_url(self) -> str | None:
+        """The URL KRules builds from the parts (``rediss`` with TLS), or None without a host."""
+        if self.storage_redis_host is None:
+            return None
+        auth = f":{quote(self.storage_redis_password, safe='')}@" if self.storage_redis_password else ""
+        scheme = "rediss" if self.storage_redis_use_tls else "redis"
+        return f"{scheme}://{auth}{self.storage_redis_host}:{self.storage_redis_port}/{self.storage_redis_db}"
+
+
+def _apply_krules3_storage(env: Mapping[str, str], values: dict[str, Any]) -> None:
+    """Turn KRules 3's storage variables into ``redis_url``/``key_prefix`` in ``values``.
+
+    As in KRules, ``SUBJECTS_REDIS_URL`` wins over the ``KRULES_STORAGE_REDIS_*`` parts, a named
+    server means Redis unless ``KRULES_STORAGE_PROVIDER`` says otherwise, and ``empty`` means the
+    embedded storage even with a server named.  Against krules' own ``KRULES_REDIS_URL`` and
+    ``KRULES_KEY_PREFIX`` nothing wins: the same value twice is fine, two different ones are refused.
+    """
+    krules3 = KRules3Storage.from_env(env)
+    own_url: str | None = values.get("redis_url")
+    url, url_var = env.get("SUBJECTS_REDIS_URL") or None, "SUBJECTS_REDIS_URL"
+    if url is None:
+        url, url_var = krules3.redis_url, "KRULES_STORAGE_REDIS_HOST"
+    provider = krules3.storage_provider or ("redis" if url is not None else None)
+    if provider == "empty":
+        if own_url is not None:
+            raise ConfigurationError(
+                f"KRULES_STORAGE_PROVIDER={env['KRULES_STORAGE_PROVIDER']!r} asks for the embedded storage "
+                f"but KRULES_REDIS_URL={_redacted(own_url)!r} for Redis; unset one of them."
+            )
+    elif provider == "redis":
+        if url is None and own_url is None:
+            raise ConfigurationError(
+                "KRULES_STORAGE_PROVIDER='redis' names no Redis server; set KRULES_STORAGE_REDIS_HOST "
+                "(or KRULES_REDIS_URL)."
+            )
+        if url is not None and own_url is not None and url != own_url:
+            raise ConfigurationError(
+                f"{url_var} names {_redacted(url)!r} but KRULES_REDIS_URL names {_redacted(own_url)!r}; "
+                "set only one of them."
+            )
+        values["redis_url"] = url or own_url
+    prefix = krules3.storage_redis_key_prefix
+    if prefix is not None:
+        own_prefix = values.get("key_prefix")
+        if own_prefix is not None and own_prefix != prefix:
+            raise ConfigurationError(
+                f"KRULES_STORAGE_REDIS_KEY_PREFIX={prefix!r} and KRULES_KEY_PREFIX={own_prefix!r} differ; "
+                "set only one of them."
+            )
+        values["key_prefix"] = prefix
+
+
+def _redacted(url: str) -> str:
+    """``url`` without its password, fit for an error message."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rpartition("@")[2]
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+
+
 _KNOWN_ELSEWHERE = frozenset({"KRULES_BASELINE_PYTHON"})  # the benchmarks' own
+_TYPO_EDITS: Final = 2
+"""A ``KRULES_*`` variable this many edits (or fewer) from a setting is taken for a misspelling of it."""
+_ignored_logged: set[str] = set()  # unknown variables already logged, to log each once per process
 
 
-def _refuse_unknown(env: Mapping[str, str], sections: Iterable[type[EnvSettings]]) -> None:
-    """A misspelt ``KRULES_*`` variable would silently be ignored: refuse it, naming the closest one."""
+def _check_unknown(env: Mapping[str, str], sections: Iterable[type[EnvSettings]]) -> None:
+    """Refuse a misspelt ``KRULES_*`` variable, naming the setting it is close to; log others once.
+
+    A misspelling would silently be ignored, so it stops start-up; a name far from every setting is
+    some other program's (a test suite's ``KRULES_TEST_REDIS_URL``) and only logged as ignored.
+    """
     known = {var for section in sections for var, _ in _variables(section).values()}
     known |= _KNOWN_ELSEWHERE
     for var in env:
-        if var.startswith("KRULES_") and var not in known:
-            close = difflib.get_close_matches(var, sorted(known), n=1)
-            hint = f"; did you mean {close[0]}?" if close else "; see the README's configuration table."
-            raise ConfigurationError(f"{var} is not a krules setting{hint}")
+        if not var.startswith("KRULES_") or var in known:
+            continue
+        distance, closest = min((_edit_distance(var.upper(), name), name) for name in known)
+        if distance <= _TYPO_EDITS:
+            raise ConfigurationError(f"{var} is not a krules setting; did you mean {closest}?")
+        if var not in _ignored_logged:
+            _ignored_logged.add(var)
+            logger.warning("%s is not a krules setting; ignored (see the README's configuration table)", var)
+
+
+def _edit_distance(a: str, b: str) -> int:
+    """Insertions, deletions, substitutions and swaps of neighbours that turn ``a`` into ``b``."""
+    previous2: list[int] = []
+    previous = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        current = [i]
+        for j, cb in enumerate(b, 1):
+            cost = min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (ca != cb))
+            if i > 1 and j > 1 and ca == b[j - 2] and a[i - 2] == cb:
+                cost = min(cost, previous2[j - 2] + 1)
+            current.append(cost)
+        previous2, previous = previous, current
+    return previous[-1]

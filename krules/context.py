@@ -119,12 +119,16 @@ class EventContext:
 
     # -- metadata shared by middleware and the handler ----------------------------------------
     def get_metadata(self, key: str, default: Any = None) -> Any:
-        """Metadata set by middleware, falling back to the event's CloudEvents extensions."""
+        """Metadata set by middleware, falling back to the event's CloudEvents extensions, then to the
+        other keyword arguments its ``emit`` was given (``dispatch_url=``...), as in KRules."""
         if self._metadata is not None and key in self._metadata:
             return self._metadata[key]
         extensions = self._event.extensions
         if extensions is not None and key in extensions:
             return extensions[key]
+        local = self._event.local_metadata
+        if local is not None and key in local:
+            return local[key]
         return default
 
     def set_metadata(self, key: str, value: Any) -> None:

@@ -34,6 +34,7 @@ __all__ = [
     "TRACEPARENT_EXTENSION",
     "TRACESTATE_EXTENSION",
     "Event",
+    "EventWithMetadata",
     "IdGenerator",
     "event_from_cloudevent",
     "event_from_dict",
@@ -114,6 +115,9 @@ class Event:
         "time",
         "type",
     )
+    local_metadata: dict[str, Any] | None = None
+    """``emit``'s keywords that do not travel as extensions (:class:`EventWithMetadata`); a class
+    attribute here, so the events without any pay nothing for it."""
 
     def __init__(
         self,
@@ -218,6 +222,22 @@ class Event:
 
     def __repr__(self) -> str:
         return f"Event({self.type!r}, subject={self.subject!r}, id={self.id!r}, depth={self.depth})"
+
+
+class EventWithMetadata(Event):
+    """An event emitted with keyword arguments that stay in this process (``dispatch_url=``...):
+    its handlers read them with ``ctx.get_metadata``; they never leave with the event."""
+
+    __slots__ = ("local_metadata",)
+
+    @classmethod
+    def of(cls, event: Event, local_metadata: dict[str, Any]) -> EventWithMetadata:
+        """``event`` (just built, not yet dispatched) with ``local_metadata``."""
+        copy = cls.__new__(cls)
+        for name in Event.__slots__:
+            setattr(copy, name, getattr(event, name))
+        copy.local_metadata = local_metadata
+        return copy
 
 
 def _payload(data: Any, datacontenttype: str | None) -> dict[str, Any]:

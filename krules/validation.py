@@ -21,6 +21,7 @@ __all__ = [
     "check_json",
     "check_payload",
     "reserved_attribute",
+    "split_emit_keywords",
 ]
 
 EXTENSION_NAME: Final = re.compile(r"^[a-z0-9]{1,20}$")
@@ -88,6 +89,46 @@ def check_extensions(extensions: dict[str, Any]) -> dict[str, Any] | None:
                 f"CloudEvents extension {name!r} must be a string, integer or boolean, not {value!r}."
             )
     return extensions or None
+
+
+LOCAL_ONLY_NAMES: Final = frozenset({"dataschema"})
+"""Reserved names ``emit`` still takes as local metadata: CloudEvents attributes krules never sets,
+which KRules code passes to ``emit`` for middleware to read (so nothing of the event is overridden)."""
+
+
+def split_emit_keywords(
+    keywords: dict[str, Any],
+) -> tuple[dict[str, Any] | None, dict[str, Any] | None, dict[str, Any] | None]:
+    """``emit``'s keyword arguments as (CloudEvents extensions, local metadata, ``extra``).
+
+    As in KRules, every keyword is metadata that the emitted event's handlers (and their middleware)
+    read with ``ctx.get_metadata``.  Those that can be CloudEvents extensions (a valid name, a
+    string, integer or boolean value) also travel with the event; the others (``dispatch_url=``, a
+    dict value...) stay with the event in this process.  ``extra=`` is what handlers read as
+    ``ctx.extra``.  A core attribute or a ``krules*`` name is refused: a keyword never overrides them.
+    """
+    extensions: dict[str, Any] = {}
+    local: dict[str, Any] = {}
+    extra: dict[str, Any] | None = None
+    for name, value in keywords.items():
+        if name == "extra":
+            if value is not None and not isinstance(value, dict):
+                raise EventFormatError(
+                    f"extra= of emit must be a dict (its handlers read it as ctx.extra), not {value!r}."
+                )
+            extra = value
+        elif name in LOCAL_ONLY_NAMES:
+            local[name] = value
+        elif name in RESERVED_NAMES or name.lower().startswith(RESERVED_PREFIX):
+            raise EventFormatError(
+                f"{name!r} is a CloudEvents attribute krules sets; it cannot be an extension "
+                f"(names starting with {RESERVED_PREFIX!r} are the engine's own)."
+            )
+        elif EXTENSION_NAME.match(name) and isinstance(value, str | int):  # bool is an int
+            extensions[name] = value
+        else:
+            local[name] = value
+    return extensions or None, local or None, extra
 
 
 _SCALARS: Final = frozenset({str, int, float, bool, type(None)})

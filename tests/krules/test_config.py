@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 
 from krules.config import Settings
@@ -92,3 +94,148 @@ def test_a_container_reads_a_built_in_middleware_setting_from_the_environment_an
     monkeypatch.setenv("KRULES_CIRCUT_FAILURES", "3")
     with pytest.raises(ConfigurationError, match="KRULES_CIRCUIT_FAILURES"):
         KRulesContainer().settings()
+
+
+# -- KRules 3's environment ------------------------------------------------------------------------
+def test_krules3_storage_host_selects_redis_with_the_url_krules3_builds_from_the_parts() -> None:
+    settings = Settings.from_env(
+        {
+            "KRULES_STORAGE_REDIS_HOST": "redis.internal",
+            "KRULES_STORAGE_REDIS_PORT": "6380",
+            "KRULES_STORAGE_REDIS_DB": "2",
+            "KRULES_STORAGE_REDIS_PASSWORD": "pass123",
+            "KRULES_STORAGE_REDIS_KEY_PREFIX": "app:",
+        }
+    )
+    assert (settings.redis_url, settings.key_prefix) == ("redis://:pass123@redis.internal:6380/2", "app:")
+
+
+def test_krules3_storage_defaults_port_6379_db_0_and_tls_makes_the_url_rediss() -> None:
+    settings = Settings.from_env(
+        {"KRULES_STORAGE_REDIS_HOST": "secure.example", "KRULES_STORAGE_REDIS_USE_TLS": "true"}
+    )
+    assert settings.redis_url == "rediss://secure.example:6379/0"
+    assert settings.key_prefix == "krules:"  # KRules' prefix only when its variable is set
+
+
+def test_a_krules3_password_with_url_characters_is_quoted_into_the_url() -> None:
+    settings = Settings.from_env(
+        {"KRULES_STORAGE_REDIS_HOST": "h", "KRULES_STORAGE_REDIS_PASSWORD": "p@ss/w:rd"}
+    )
+    assert settings.redis_url == "redis://:p%40ss%2Fw%3Ard@h:6379/0"
+
+
+def test_the_legacy_subjects_redis_url_selects_redis_and_wins_over_the_krules3_parts() -> None:
+    assert (
+        Settings.from_env({"SUBJECTS_REDIS_URL": "redis://legacy:6379/0"}).redis_url
+        == "redis://legacy:6379/0"
+    )
+    settings = Settings.from_env(
+        {"SUBJECTS_REDIS_URL": "redis://legacy:6379/0", "KRULES_STORAGE_REDIS_HOST": "new"}
+    )
+    assert settings.redis_url == "redis://legacy:6379/0"
+
+
+@pytest.mark.parametrize("provider", ["redis", "REDIS"])
+def test_the_krules3_redis_provider_is_redis_mode(provider: str) -> None:
+    env = {"KRULES_STORAGE_PROVIDER": provider, "KRULES_STORAGE_REDIS_HOST": "localhost"}
+    assert Settings.from_env(env).redis_url == "redis://localhost:6379/0"
+    assert Settings.from_env(
+        {"KRULES_STORAGE_PROVIDER": provider, "KRULES_REDIS_URL": "redis://r/1"}
+    ).redis_url == ("redis://r/1")
+
+
+@pytest.mark.parametrize("provider", ["empty", "memory", ""])
+def test_the_krules3_empty_provider_is_the_embedded_mode_even_with_a_host_named(provider: str) -> None:
+    assert Settings.from_env({"KRULES_STORAGE_PROVIDER": provider}).redis_url is None
+    if provider:  # an explicit choice overrides the host, as in KRules
+        env = {"KRULES_STORAGE_PROVIDER": provider, "KRULES_STORAGE_REDIS_HOST": "localhost"}
+        assert Settings.from_env(env).redis_url is None
+
+
+def test_the_same_redis_url_from_krules3_and_krules_variables_is_accepted() -> None:
+    env = {"SUBJECTS_REDIS_URL": "redis://r:6379/0", "KRULES_REDIS_URL": "redis://r:6379/0"}
+    assert Settings.from_env(env).redis_url == "redis://r:6379/0"
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"KRULES_STORAGE_REDIS_PORT": "abc"}, "KRULES_STORAGE_REDIS_PORT='abc' is not an integer."),
+        (
+            {"KRULES_STORAGE_REDIS_DB": "-1"},
+            "KRULES_STORAGE_REDIS_DB='-1' is out of range; use a value at least 0.",
+        ),
+        (
+            {"KRULES_STORAGE_REDIS_USE_TLS": "si"},
+            "KRULES_STORAGE_REDIS_USE_TLS='si' is not a boolean; use true or false.",
+        ),
+        (
+            {"KRULES_STORAGE_PROVIDER": "postgres"},
+            "KRULES_STORAGE_PROVIDER='postgres' is not a storage krules has; use redis, or empty for the "
+            "embedded in-memory storage.",
+        ),
+        (
+            {"KRULES_STORAGE_PROVIDER": "redis"},
+            "KRULES_STORAGE_PROVIDER='redis' names no Redis server; set KRULES_STORAGE_REDIS_HOST "
+            "(or KRULES_REDIS_URL).",
+        ),
+        (
+            {"SUBJECTS_REDIS_URL": "redis://a:6379/0", "KRULES_REDIS_URL": "redis://:secret@b:6379/0"},
+            "SUBJECTS_REDIS_URL names 'redis://a:6379/0' but KRULES_REDIS_URL names 'redis://:***@b:6379/0'; "
+            "set only one of them.",
+        ),
+        (
+            {"KRULES_STORAGE_REDIS_HOST": "a", "KRULES_REDIS_URL": "redis://b:6379/0"},
+            "KRULES_STORAGE_REDIS_HOST names 'redis://a:6379/0' but KRULES_REDIS_URL names "
+            "'redis://b:6379/0'; set only one of them.",
+        ),
+        (
+            {"KRULES_STORAGE_PROVIDER": "empty", "KRULES_REDIS_URL": "redis://b:6379/0"},
+            "KRULES_STORAGE_PROVIDER='empty' asks for the embedded storage but "
+            "KRULES_REDIS_URL='redis://b:6379/0' for Redis; unset one of them.",
+        ),
+        (
+            {"KRULES_STORAGE_REDIS_KEY_PREFIX": "app:", "KRULES_KEY_PREFIX": "other:"},
+            "KRULES_STORAGE_REDIS_KEY_PREFIX='app:' and KRULES_KEY_PREFIX='other:' differ; "
+            "set only one of them.",
+        ),
+    ],
+)
+def test_bad_or_conflicting_krules3_storage_settings_are_one_sentence(
+    env: dict[str, str], message: str
+) -> None:
+    with pytest.raises(ConfigurationError) as info:
+        Settings.from_env(env)
+    assert str(info.value) == message
+
+
+def test_an_unknown_krules_variable_far_from_every_setting_is_logged_once_and_ignored(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    env = {"KRULES_TEST_REDIS_URL_K16B": "redis://elsewhere/0"}
+    with caplog.at_level(logging.WARNING, logger="krules.config"):
+        first = Settings.from_env(env)
+        Settings.from_env(env)
+    assert first == Settings()
+    warnings = [r.getMessage() for r in caplog.records if "KRULES_TEST_REDIS_URL_K16B" in r.getMessage()]
+    assert warnings == [
+        "KRULES_TEST_REDIS_URL_K16B is not a krules setting; ignored (see the README's configuration table)"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("var", "closest"),
+    [
+        ("KRULES_REDIS_ULR", "KRULES_REDIS_URL"),  # two letters swapped
+        ("KRULES_HTTP_PORTS", "KRULES_HTTP_PORT"),
+        ("KRULES_STORAGE_REDIS_HOTS", "KRULES_STORAGE_REDIS_HOST"),
+        ("KRULES_Redis_Url", "KRULES_REDIS_URL"),
+    ],
+)
+def test_a_krules_variable_within_two_edits_of_a_setting_is_still_refused_as_a_typo(
+    var: str, closest: str
+) -> None:
+    with pytest.raises(ConfigurationError) as info:
+        Settings.from_env({var: "x"})
+    assert str(info.value) == f"{var} is not a krules setting; did you mean {closest}?"

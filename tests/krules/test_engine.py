@@ -7,10 +7,12 @@ import contextvars
 from typing import Any
 
 import pytest
+from dependency_injector import providers
 
 from krules import SkipEvent
 from krules.config import Settings
 from krules.context import EventContext
+from krules.engine import Engine
 from krules.errors import CascadeDepthExceeded, EventFormatError
 from krules.event_types import SUBJECT_PROPERTY_CHANGED
 from krules.testing import KRulesTestApp
@@ -292,8 +294,6 @@ async def test_a_retried_handler_call_re_emits_the_same_child_ids(krules_app: KR
 async def test_emit_rejects_a_payload_that_is_not_a_dict(krules_app: KRulesTestApp) -> None:
     with pytest.raises(EventFormatError, match="payload must be a dict"):
         await krules_app.emit("x", "s", [1, 2])  # type: ignore[arg-type]
-    with pytest.raises(EventFormatError, match="extension name 'Topic'"):
-        await krules_app.emit("x", "s", {}, Topic="alerts")
 
 
 async def test_extensions_are_visible_as_metadata(krules_app: KRulesTestApp) -> None:
@@ -421,3 +421,156 @@ async def test_settle_waits_for_turns_started_elsewhere(krules_app: KRulesTestAp
 async def test_the_dead_letter_extension_is_reserved_for_replays(krules_app: KRulesTestApp) -> None:
     with pytest.raises(EventFormatError, match="krulesdlq"):
         await krules_app.engine.emit("x", "s", {}, krulesdlq="dlq-1")
+
+
+# -- emit's keyword arguments: KRules' event metadata ----------------------------------------------
+async def test_emit_keywords_are_metadata_a_middleware_reads_as_krules_documents(
+    krules_app: KRulesTestApp,
+) -> None:
+    routed: list[tuple[Any, Any, Any]] = []
+
+    @krules_app.middleware
+    async def route(ctx: EventContext, next: Any) -> None:
+        if ctx.event_type == "order.shipped":
+            routed.append(
+                (ctx.get_metadata("topic"), ctx.get_metadata("dispatch_url"), ctx.get_metadata("priority"))
+            )
+        await next()
+
+    @krules_app.on("order.placed")
+    async def ship(ctx: EventContext) -> None:
+        await ctx.emit(
+            "order.shipped", topic="orders", dispatch_url="https://hooks.example/ship", priority=1.5
+        )
+
+    @krules_app.on("order.shipped")
+    async def shipped(ctx: EventContext) -> None:
+        pass
+
+    await krules_app.emit("order.placed", "order-1", {}, dispatch_url="https://hooks.example/place")
+    await krules_app.emit(
+        "order.shipped", "order-2", {}, topic="direct", dispatch_url="https://hooks.example/x"
+    )
+
+    assert routed == [
+        ("orders", "https://hooks.example/ship", 1.5),  # a handler's emit
+        ("direct", "https://hooks.example/x", None),  # a root emit
+    ]
+
+
+async def test_only_keywords_that_are_valid_cloudevents_extensions_travel_with_the_event(
+    krules_app: KRulesTestApp,
+) -> None:
+    @krules_app.on("alert")
+    async def alert(ctx: EventContext) -> None:
+        pass
+
+    await krules_app.emit(
+        "alert", "device-1", {}, topic="alerts", retries=3, dispatch_url="https://x", level=2.5, Topic="x"
+    )
+
+    (event,) = krules_app.recorder.of_type("alert")
+    assert event.extensions == {"topic": "alerts", "retries": 3}
+    assert event.local_metadata == {"dispatch_url": "https://x", "level": 2.5, "Topic": "x"}
+    cloudevent = event.to_cloudevent()
+    assert cloudevent.get_extension("topic") == "alerts"
+    assert "dispatch_url" not in cloudevent.get_attributes()
+
+
+async def test_emit_extra_becomes_ctx_extra_of_the_emitted_event_s_handlers(
+    krules_app: KRulesTestApp,
+) -> None:
+    seen: list[Any] = []
+
+    @krules_app.on("alert.critical")
+    async def alert(ctx: EventContext) -> None:
+        seen.append((ctx.extra, ctx.get_metadata("extra")))
+        await ctx.emit("alert.logged", extra={"from": "alert"})
+
+    @krules_app.on("alert.logged")
+    async def logged(ctx: EventContext) -> None:
+        seen.append((ctx.extra, ctx.get_metadata("reason")))
+
+    await krules_app.emit("alert.critical", "device-1", {}, extra={"reason": "high_temp"})
+
+    assert seen == [({"reason": "high_temp"}, None), ({"from": "alert"}, None)]
+
+
+async def test_dataschema_is_local_metadata_and_not_an_attribute_of_the_event(
+    krules_app: KRulesTestApp,
+) -> None:
+    seen: list[Any] = []
+
+    @krules_app.on("reading")
+    async def reading(ctx: EventContext) -> None:
+        seen.append(ctx.get_metadata("dataschema"))
+        seen.append(ctx.event.get_dataschema())
+
+    await krules_app.emit("reading", "sensor-1", {"v": 1}, dataschema="https://schemas.example/reading")
+
+    assert seen == ["https://schemas.example/reading", None]
+
+
+async def test_emit_metadata_belongs_to_the_emitted_event_only_not_to_what_its_handlers_emit(
+    krules_app: KRulesTestApp,
+) -> None:
+    seen: list[Any] = []
+
+    @krules_app.on("a")
+    async def first(ctx: EventContext) -> None:
+        await ctx.emit("b")
+
+    @krules_app.on("b")
+    async def second(ctx: EventContext) -> None:
+        seen.append((ctx.get_metadata("dispatch_url"), ctx.extra))
+
+    await krules_app.emit("a", "s", {}, dispatch_url="https://x", extra={"k": 1})
+
+    assert seen == [(None, None)]
+
+
+@pytest.mark.parametrize(
+    "name", ["id", "source", "type", "time", "specversion", "data", "krulesdepth", "KrulesDepth"]
+)
+async def test_a_keyword_never_overrides_a_core_attribute_or_a_krules_extension(
+    krules_app: KRulesTestApp, name: str
+) -> None:
+    @krules_app.on("x")
+    async def emits(ctx: EventContext) -> None:
+        await ctx.emit("y", **{name: "spoofed"})
+
+    with pytest.raises(EventFormatError, match="cannot be an extension"):
+        await krules_app.emit("x", "s", {}, **{name: "spoofed"})
+    await krules_app.emit(
+        "x", "s2"
+    )  # the same refusal inside a handler: the handler fails, nothing is emitted
+    assert krules_app.recorder.of_type("y") == []
+    assert [f.error for f in krules_app.recorder.failures][-1].__class__ is EventFormatError
+
+
+async def test_an_extra_that_is_not_a_dict_is_one_sentence(krules_app: KRulesTestApp) -> None:
+    with pytest.raises(EventFormatError) as info:
+        await krules_app.emit("x", "s", {}, extra="why")
+    assert str(info.value) == "extra= of emit must be a dict (its handlers read it as ctx.extra), not 'why'."
+
+
+async def test_metadata_that_cannot_travel_is_refused_when_the_event_goes_to_a_partition_stream() -> None:
+    from krules import KRulesContainer
+    from krules.transport.memory import MemoryStreams
+    from storage.memory import MemoryStorage
+
+    container = KRulesContainer()
+    container.subject_storage.override(providers.Object(MemoryStorage()))
+    engine: Engine = container.engine()
+    streams = MemoryStreams(engine.storage)
+    engine.transport = streams
+
+    with pytest.raises(EventFormatError) as info:
+        await engine.emit("order.placed", "order-1", {}, topic="orders", dispatch_url="https://x")
+    assert str(info.value).startswith(
+        "Event 'order.placed' goes through a partition stream, which carries CloudEvents extensions only, "
+        "so dispatch_url= would not reach its handlers;"
+    )
+    await engine.emit("order.placed", "order-1", {}, topic="orders")  # extensions travel
+    (delivery,) = await streams.read(10, 0)
+    assert delivery.event.extensions == {"topic": "orders"}

@@ -119,3 +119,53 @@ def test_overriding_the_event_bus_is_refused_with_what_to_override_instead() -> 
     with pytest.raises(ConfigurationError, match=r"override container\.middlewares"):
         container.event_bus.override(providers.Object(object()))
     assert container.event_bus() is container.engine()  # nothing was replaced
+
+
+# -- a KRules deployment's environment -------------------------------------------------------------
+
+
+def test_a_container_reads_a_krules_deployment_s_storage_variables_and_tolerates_a_test_suite_s_own(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for name, value in {
+        "KRULES_STORAGE_PROVIDER": "redis",
+        "KRULES_STORAGE_REDIS_HOST": "redis.internal",
+        "KRULES_STORAGE_REDIS_PORT": "6390",
+        "KRULES_STORAGE_REDIS_DB": "3",
+        "KRULES_STORAGE_REDIS_KEY_PREFIX": "shop:",
+        "KRULES_TEST_REDIS_URL": "redis://localhost:6379/15",  # a KRules test suite's, not a setting
+    }.items():
+        monkeypatch.setenv(name, value)
+
+    settings = KRulesContainer().settings()
+
+    assert (settings.redis_url, settings.key_prefix) == ("redis://redis.internal:6390/3", "shop:")
+
+
+def test_a_container_reads_the_legacy_subjects_redis_url(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SUBJECTS_REDIS_URL", "redis://legacy:6379/1")
+    assert KRulesContainer().settings().redis_url == "redis://legacy:6379/1"
+
+
+# -- emit's keyword arguments ----------------------------------------------------------------------
+
+
+async def test_the_container_s_emit_passes_krules_keyword_metadata_and_extra_to_middleware() -> None:
+    container = KRulesContainer()
+    on, _when, middleware, emit = container.handlers()
+    routed: list[tuple[Any, ...]] = []
+
+    @middleware
+    async def route(ctx: EventContext, next: Any) -> None:
+        routed.append((ctx.get_metadata("topic"), ctx.get_metadata("dispatch_url"), ctx.extra))
+        await next()
+
+    @on("alert.critical")
+    async def alert(ctx: EventContext) -> None:
+        pass
+
+    await emit(
+        "alert.critical", "device-1", {}, topic="alerts", dispatch_url="https://x", extra={"why": "hot"}
+    )
+
+    assert routed == [("alerts", "https://x", {"why": "hot"})]

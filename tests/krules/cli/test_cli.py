@@ -395,3 +395,38 @@ def test_subject_show_reads_redis_directly_after_the_instance_stopped(
 
     assert shown.returncode == 0, shown.stderr
     assert json.loads(shown.stdout)["properties"] == {"total": 9, "status": "placed"}
+
+
+@pytest.mark.redis_server
+def test_run_with_a_krules_deployment_s_storage_variables_serves_in_redis_mode(
+    rules_file: Path, redis_server: LocalRedisServer, redis_key_prefix: str
+) -> None:
+    env = krules_env(
+        KRULES_STORAGE_PROVIDER="redis",
+        KRULES_STORAGE_REDIS_HOST="127.0.0.1",
+        KRULES_STORAGE_REDIS_PORT=str(redis_server.port),
+        KRULES_STORAGE_REDIS_DB="0",
+        KRULES_STORAGE_REDIS_KEY_PREFIX=redis_key_prefix,
+        KRULES_TEST_REDIS_URL=redis_server.url,  # a KRules test suite's variable: logged, not fatal
+    )
+    child = KRulesProcess(str(rules_file), "--port", "0", env=env)
+    try:
+        url = child.serving_url()
+        emitted = krules("emit", "order.placed", "order-7", "--data", '{"total": 7}', "--url", url, env=env)
+        assert emitted.returncode == 0, emitted.stderr
+        assert child.terminate() == 0
+    finally:
+        child.close()
+    assert "KRULES_TEST_REDIS_URL is not a krules setting; ignored" in child.log
+
+    # read back with krules' own variables: the subject is in that server under that prefix
+    own = krules_env(KRULES_REDIS_URL=redis_server.url, KRULES_KEY_PREFIX=redis_key_prefix)
+    shown = krules("subject", "show", "order-7", env=own)
+
+    assert shown.returncode == 0, shown.stderr
+    assert json.loads(shown.stdout)["properties"] == {"total": 7, "status": "placed"}
+
+
+def test_a_bad_krules_deployment_variable_is_one_line_and_exit_2(rules_file: Path) -> None:
+    result = krules("run", str(rules_file), env=krules_env(KRULES_STORAGE_REDIS_PORT="abc"))
+    assert assert_one_error_line(result, 2) == "KRULES_STORAGE_REDIS_PORT='abc' is not an integer."

@@ -169,3 +169,53 @@ async def test_an_entry_whose_turn_fails_unexpectedly_is_dead_lettered_after_max
     assert tries == [boom.id] * limit
     props, _ = await deployment.storage.load("after")
     assert props["n"] == 1
+
+
+async def test_a_handler_s_emit_to_another_partition_carries_its_extensions_and_refuses_local_metadata() -> (
+    None
+):
+    settings = Settings(partitions=PARTITIONS, stream_block_ms=20, claim_idle_ms=200)
+    storage = MemoryStorage()
+    container = KRulesContainer()
+    container.settings.override(providers.Object(settings))
+    container.subject_storage.override(providers.Object(storage))
+    on, _when, _middleware, _emit = container.handlers()
+    refused: list[str] = []
+    shipped: list[tuple[object, object]] = []
+
+    @on("order.placed")  # order-1 is in partition 1, ship-1 in partition 0
+    async def ship(ctx: EventContext) -> None:
+        try:
+            await ctx.emit("order.shipped", {}, "ship-1", dispatch_url="https://x")
+        except Exception as exc:
+            refused.append(str(exc))
+        await ctx.emit("order.shipped", {}, "ship-1", topic="orders")
+
+    @on("order.shipped")
+    async def arrived(ctx: EventContext) -> None:
+        shipped.append((ctx.get_metadata("topic"), ctx.get_metadata("dispatch_url")))
+
+    engine: Engine = container.engine()
+    streams = MemoryStreams(storage, PARTITIONS)
+    engine.transport = streams
+    worker = PartitionWorker(engine, streams)
+    await engine.start()
+    task = asyncio.ensure_future(worker.run())
+    try:
+        assert (partition_of("order-1", PARTITIONS), partition_of("ship-1", PARTITIONS)) == (1, 0)
+        await engine.emit("order.placed", "order-1", {})
+
+        async def has_shipped() -> bool:
+            return bool(shipped)
+
+        await wait_until(has_shipped)
+    finally:
+        worker.stop()
+        await task
+        await engine.close()
+
+    assert shipped == [("orders", None)]
+    assert len(refused) == 1 and refused[0].startswith(
+        "Event 'order.shipped' goes through a partition stream, which carries CloudEvents extensions only, "
+        "so dispatch_url= would not reach its handlers;"
+    )
