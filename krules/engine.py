@@ -437,11 +437,11 @@ class Engine:
             if token is not None:
                 _current.reset(token)
         if len(chosen) == 1:
-            await self._run(chosen[0])
+            await self._run(chosen[0], chosen[0].rule.sync_filters)
         elif chosen:
             async with asyncio.TaskGroup() as group:
                 for ctx in chosen:
-                    group.create_task(self._run(ctx))
+                    group.create_task(self._run(ctx, ctx.rule.sync_filters))
 
     async def _run_in_order(
         self,
@@ -455,17 +455,7 @@ class Engine:
         filters applied only when the rule before it (and the cascade that rule caused) is over, so
         they see its writes.  A failure is recorded and the next rule runs, as in KRules."""
         for rule in rules:
-            ctx = EventContext(self, turn, event, subject, rule, extra)
-            token = _current.set(ctx)
-            try:
-                if not rule.filters or await self._passes(ctx, 0):
-                    await rule.call(ctx)
-            except SkipEvent:
-                pass
-            except Exception as exc:
-                await self._handler_failed(ctx, exc)
-            finally:
-                _current.reset(token)
+            await self._run(EventContext(self, turn, event, subject, rule, extra), 0)
 
     async def _replay(
         self, event: Event, turn: Turn, subject: Subject | None, extra: dict[str, Any] | None, handler: str
@@ -480,14 +470,15 @@ class Engine:
         rule = next((r for r in self.registry.match(event.type) if r.name == handler), None)
         if rule is None:
             rule = self.registry.stand_in(handler)
-        await self._run(EventContext(self, turn, event, subject or turn.subject(event.subject), rule, extra))
+        ctx = EventContext(self, turn, event, subject or turn.subject(event.subject), rule, extra)
+        await self._run(ctx, rule.sync_filters)  # as before: a replay's sync filters are not applied
 
-    async def _run(self, ctx: EventContext) -> None:
-        """Run one handler call whose sync filters passed (its async filters still decide)."""
+    async def _run(self, ctx: EventContext, start: int) -> None:
+        """Run one handler call whose filters before ``start`` passed (the rest still decide)."""
         rule = ctx.rule
         token = _current.set(ctx)
         try:
-            if rule.sync_filters == len(rule.filters) or await self._passes(ctx, rule.sync_filters):
+            if start == len(rule.filters) or await self._passes(ctx, start):
                 await rule.call(ctx)
         except SkipEvent:
             pass
