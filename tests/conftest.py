@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import redis.asyncio as aioredis
 
 from krules.testing.redis_server import LocalRedisServer, find_redis_server
 
@@ -57,6 +58,15 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalRedi
 def redis_key_prefix() -> str:
     """A key prefix no other test uses, to share the session's server without interference."""
     return f"test-{uuid.uuid4().hex[:12]}:"
+
+
+@pytest.fixture
+async def raw(redis_server: LocalRedisServer) -> AsyncIterator[aioredis.Redis]:
+    """A plain redis-py client on the session's server (replies decoded), to look at or write what
+    krules reads and writes from another connection, as another service would."""
+    client = aioredis.Redis.from_url(redis_server.url, decode_responses=True)
+    yield client
+    await client.aclose()
 
 
 @pytest.fixture

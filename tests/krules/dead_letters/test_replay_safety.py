@@ -40,13 +40,6 @@ async def instance(redis_server: LocalRedisServer, redis_key_prefix: str) -> Asy
 
 
 @pytest.fixture
-async def raw(redis_server: LocalRedisServer) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.Redis.from_url(redis_server.url, decode_responses=True)
-    yield client
-    await client.aclose()
-
-
-@pytest.fixture
 def env(monkeypatch: pytest.MonkeyPatch, redis_server: LocalRedisServer, redis_key_prefix: str) -> None:
     monkeypatch.setenv("KRULES_REDIS_URL", redis_server.url)
     monkeypatch.setenv("KRULES_KEY_PREFIX", redis_key_prefix)

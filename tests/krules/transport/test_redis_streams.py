@@ -55,13 +55,6 @@ async def make_instance(
         await instance.stop()
 
 
-@pytest.fixture
-async def raw(redis_server: LocalRedisServer) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.Redis.from_url(redis_server.url, decode_responses=True)
-    yield client
-    await client.aclose()
-
-
 eventually = wait_until
 
 

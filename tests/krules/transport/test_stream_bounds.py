@@ -27,13 +27,6 @@ the node holding the oldest entry still needed."""
 
 
 @pytest.fixture
-async def raw(redis_server: LocalRedisServer) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.Redis.from_url(redis_server.url, decode_responses=True)
-    yield client
-    await client.aclose()
-
-
-@pytest.fixture
 async def streams(redis_server: LocalRedisServer, redis_key_prefix: str) -> AsyncIterator[RedisStreams]:
     """The streams of an instance owning partition 0 of 1, opened (its group exists), no worker."""
     storage = create_redis_storage(redis_server.url, redis_key_prefix)

@@ -23,14 +23,6 @@ def increment(n: Any) -> int:
 
 
 @pytest.fixture
-async def raw(redis_server: LocalRedisServer) -> AsyncIterator[aioredis.Redis]:
-    """A plain client on the session's server, to look at what the storage wrote."""
-    client = aioredis.Redis.from_url(redis_server.url, decode_responses=True)
-    yield client
-    await client.aclose()
-
-
-@pytest.fixture
 async def storage(redis_server: LocalRedisServer, redis_key_prefix: str) -> AsyncIterator[RedisStorage]:
     backend = create_redis_storage(redis_server.url, key_prefix=redis_key_prefix, partitions=4)
     await backend.check()

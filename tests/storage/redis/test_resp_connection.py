@@ -98,14 +98,6 @@ async def connection(connections: Connections) -> AsyncIterator[MultiplexedConne
     await connection.aclose()
 
 
-@pytest.fixture
-async def raw(redis_server: LocalRedisServer) -> AsyncIterator[aioredis.Redis]:
-    """A plain redis-py client on the session's server, to act from another connection."""
-    client = aioredis.Redis.from_url(redis_server.url, decode_responses=True)
-    yield client
-    await client.aclose()
-
-
 # -- RESP2 framing -----------------------------------------------------------------------------
 
 
