@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import urlsplit
 
@@ -32,7 +32,15 @@ if TYPE_CHECKING:
     from krules.transport.worker import PartitionWorker
     from middleware.registry import DefaultChain as BuiltChain
 
-__all__ = ["STORAGE_DRIVERS", "TRANSPORT_DRIVERS", "Instance", "assemble", "open_storage"]
+__all__ = [
+    "LAYOUT_READERS",
+    "STORAGE_DRIVERS",
+    "TRANSPORT_DRIVERS",
+    "Instance",
+    "assemble",
+    "open_storage",
+    "with_recorded_partitions",
+]
 
 StorageFactory = Callable[..., "SubjectStorage"]
 """``factory(settings, **options) -> storage``."""
@@ -47,6 +55,14 @@ STORAGE_DRIVERS: Final[dict[str, str]] = {
     "unix": "storage.redis:storage_from_settings",
 }
 """Subject storage backends by URL scheme (``module:factory``, imported when chosen)."""
+
+LAYOUT_READERS: Final[dict[str, str]] = {
+    "redis": "storage.redis:recorded_partitions",
+    "rediss": "storage.redis:recorded_partitions",
+    "unix": "storage.redis:recorded_partitions",
+}
+"""How to read the partition count a deployment recorded, by URL scheme (``module:function``,
+``function(settings) -> int | None``)."""
 
 TRANSPORT_DRIVERS: Final[dict[str, str]] = {
     "redis": "krules.transport.redis_streams:stream_worker",
@@ -127,6 +143,8 @@ def assemble(
     none), the default middleware chain (unless ``middleware`` is false) with its routes and
     observers, all in ``container`` (a new one by default)."""
     container = container if container is not None else KRulesContainer()
+    if settings.redis_url:
+        settings = with_recorded_partitions(settings)
     container.settings.override(providers.Object(settings))
     storage = open_storage(settings) if settings.redis_url else None
     if storage is not None:
@@ -147,6 +165,27 @@ def assemble(
             worker.partition_observers.append(_partition_exporter(metrics))
             worker.dead_letter_observers.append(metrics.record_dead_letter)
     return instance
+
+
+def with_recorded_partitions(settings: Settings) -> Settings:
+    """``settings`` with the partition count its deployment recorded (KRULES_PARTITIONS, or 1, when
+    none is recorded yet: the instance records it when it starts).  A KRULES_PARTITIONS that differs
+    from the recorded count is refused with one sentence."""
+    url = settings.redis_url
+    if not url:
+        return settings
+    read_count: Callable[[Settings], int | None] = _driver(LAYOUT_READERS, url, "storage")
+    recorded = read_count(settings)
+    if recorded is None:
+        return replace(settings, partitions=settings.partition_count)
+    if settings.partitions is not None and settings.partitions != recorded:
+        raise ConfigurationError(
+            f"The krules deployment under key prefix {settings.key_prefix!r} has {recorded} partitions, "
+            f"but this instance was started with KRULES_PARTITIONS={settings.partitions}; set "
+            f"KRULES_PARTITIONS={recorded} or leave it unset (the count cannot change while subjects are "
+            "stored by partition)."
+        )
+    return replace(settings, partitions=recorded)
 
 
 def _install_chain(settings: Settings, container: KRulesContainer) -> BuiltChain:

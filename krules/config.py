@@ -151,7 +151,9 @@ def _token(var: str, raw: str) -> str:
 
 def _partition_spec(var: str, raw: str) -> str:
     if not raw.strip():
-        raise ConfigurationError(f"{var} is empty; give a partition id, a list like 0,2, or all.")
+        raise ConfigurationError(f"{var} is empty; give auto, a partition id, a list like 0,2, or all.")
+    if raw.strip().lower() == "auto":
+        return "auto"
     parse_partition_ids(raw, 16_384, var)  # the syntax; the range is checked against KRULES_PARTITIONS
     return raw.strip()
 
@@ -216,9 +218,11 @@ class Settings(EnvSettings):
     source: str = setting("krules", text)
     redis_url: str | None = setting(None, optional_text)
     key_prefix: str = setting("krules:", text)
-    partitions: int = setting(1, integer(1, 16_384))
-    partition_id: str = setting("all", _partition_spec)
+    partitions: int | None = setting(None, integer(1, 16_384))
+    partition_id: str = setting("auto", _partition_spec)
     consumer: str | None = setting(None, _consumer)
+    lease_ms: int = setting(10_000, integer(100, 3_600_000))
+    lease_renew_ms: int = setting(1_000, integer(10, 1_800_000))
     stream_batch: int = setting(100, integer(1, 10_000))
     stream_block_ms: int = setting(1000, integer(1, 60_000))
     claim_idle_ms: int = setting(30_000, integer(100))
@@ -231,11 +235,25 @@ class Settings(EnvSettings):
     def __post_init__(self) -> None:
         if self.ingress_token is not None:  # Settings(ingress_token="") too, not only the variable
             _token("KRULES_INGRESS_TOKEN", self.ingress_token)
+        if self.lease_renew_ms * 2 > self.lease_ms:
+            raise ConfigurationError(
+                f"KRULES_LEASE_MS={self.lease_ms} must be at least twice KRULES_LEASE_RENEW_MS="
+                f"{self.lease_renew_ms}, so that a partition's lease outlives a missed renewal."
+            )
 
     @property
-    def owned_partitions(self) -> tuple[int, ...]:
-        """The partitions this instance reads (``partition_id`` parsed against ``partitions``)."""
-        return parse_partition_ids(self.partition_id, self.partitions)
+    def partition_count(self) -> int:
+        """The partition count: ``partitions``, or 1 when not given (a Redis-mode instance is
+        assembled with the count its deployment recorded, see :func:`krules.assembly.assemble`)."""
+        return self.partitions or 1
+
+    @property
+    def static_partitions(self) -> tuple[int, ...] | None:
+        """The partitions this instance asks for by id (``partition_id`` parsed against the
+        partition count), or None with ``auto``: a share, assigned as instances come and go."""
+        if self.partition_id == "auto":
+            return None
+        return parse_partition_ids(self.partition_id, self.partition_count)
 
     @classmethod
     def from_env(
@@ -264,7 +282,7 @@ class Settings(EnvSettings):
             section.from_env(env)
         values.update({k: v for k, v in overrides.items() if v is not None})
         settings = replace(cls(), **values)
-        settings.owned_partitions  # noqa: B018 - validates the spec against the partition count
+        settings.static_partitions  # noqa: B018 - validates the spec against the partition count
         return settings
 
 

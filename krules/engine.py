@@ -119,7 +119,7 @@ class Engine:
         self._ids = ids or IdGenerator()
         self._max_depth = self.settings.max_cascade_depth
         self._source = self.settings.source
-        self._partitions = self.settings.partitions
+        self._partitions = self.settings.partition_count
         self._in_order = self.settings.handler_order == "sequential"
         self.transport = transport
         """Where root events go in Redis mode (the partition streams); None: processed here."""

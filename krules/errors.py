@@ -71,6 +71,16 @@ class UpdateConflictError(StorageError):
     """Raised when an atomic update keeps losing to concurrent writers beyond the retry bound."""
 
 
+class LeaseLostError(StorageError):
+    """Raised when a write made on behalf of a partition's turn is refused because this instance no
+    longer holds the partition's lease (another instance owns it now and runs the entry again):
+    nothing of the write was applied."""
+
+    def __init__(self, message: str, partition: int) -> None:
+        super().__init__(message)
+        self.partition = partition
+
+
 class OverloadedError(KRulesError):
     """Raised when new events are refused because a bound on what waits is reached (queued turns,
     a partition stream's backlog): nothing of them was accepted, so the sender retries later.

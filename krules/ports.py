@@ -107,10 +107,13 @@ class EventTransport(Protocol):
         a second per partition found over its bound (to see it drain)."""
         ...
 
-    async def send(self, events: Sequence[Event]) -> list[str]:
+    async def send(self, events: Sequence[Event], on_behalf_of: Receipt | None = None) -> list[str]:
         """Append ``events`` (each to its partition's stream); return the entry ids.
 
         Raises a StorageError when they could not all be appended (appending is retried inside);
         sending the same events again is safe, since receivers drop ids they committed.
+        ``on_behalf_of``: the receipt of the turn whose outbox they are (a transport with partition
+        leases refuses them, :class:`~krules.errors.LeaseLostError`, once that turn's partition has
+        a newer owner).
         """
         ...

@@ -122,7 +122,7 @@ class Turn:
             transport = self.engine.transport
             if transport is None:
                 raise RuntimeError("a turn has an outbox but its engine has no transport")
-            await transport.send(self.outbox)
+            await transport.send(self.outbox, receipt)
         if not taken and receipt is None:
             return
         try:

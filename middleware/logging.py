@@ -227,5 +227,5 @@ def from_settings(build: ChainBuild) -> LoggingMiddleware:
     own = LoggingSettings.from_env(build.env)
     settings = build.settings
     return LoggingMiddleware(
-        level=own.handler_log_level, json=settings.log_json, partitions=settings.partitions
+        level=own.handler_log_level, json=settings.log_json, partitions=settings.partition_count
     )

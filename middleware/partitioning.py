@@ -83,15 +83,16 @@ class PartitioningMiddleware:
 
 
 def from_settings(build: ChainBuild) -> PartitioningMiddleware | None:
-    """The guard ``krules run`` installs in Redis mode when this instance owns only some of the
-    partitions (None otherwise: nothing to guard, or nowhere to re-route to)."""
+    """The guard ``krules run`` installs in Redis mode when this instance asks for only some of the
+    partitions by id (None otherwise: nothing to guard, nowhere to re-route to, or ``auto``, where
+    the engine itself sends a cascade that reaches another partition to that partition's stream)."""
     settings = build.settings
-    owned = settings.owned_partitions
-    if not settings.redis_url or len(owned) >= settings.partitions:
+    owned = settings.static_partitions
+    if not settings.redis_url or owned is None or len(owned) >= settings.partition_count:
         return None
     metrics = build.metrics
     return PartitioningMiddleware(
-        partitions=settings.partitions,
+        partitions=settings.partition_count,
         owned=owned,
         on_reroute=None if metrics is None else metrics.record_reroute,
     )

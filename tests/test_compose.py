@@ -152,7 +152,7 @@ class Service:
         while True:
             log = self.log
             url = re.search(r"krules ready on (http://\S+)", log)
-            if url and "krules.worker: reading partition(s)" in log:
+            if url and "krules.worker: instance " in log:
                 return url.group(1)
             if self.process.poll() is not None or time.monotonic() > deadline:
                 pytest.fail(f"{self.name} did not start\n{self.describe()}", pytrace=False)

@@ -1,13 +1,13 @@
-"""``krules partitions``: a Redis-mode deployment's partitions, their owners, stream lengths,
-pending entries and lag, read straight from Redis (so it works whether or not an instance runs).
+"""``krules partitions``: a Redis-mode deployment's partitions, their owners (instance, lease epoch,
+lease age and time left), the instances waiting for them, stream lengths, pending entries and lag,
+read straight from Redis (so it works whether or not an instance runs).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from krules.cli.common import (
     configure_quiet_logging,
@@ -26,16 +26,6 @@ if TYPE_CHECKING:
 
 __all__ = ["command_partitions"]
 
-_STALE_AFTER_MS = 60_000  # an instance not seen for this long is marked as gone
-
-
-def _ago(ms: float | None, now_ms: float) -> str:
-    if ms is None:
-        return "?"
-    seconds = max(0.0, (now_ms - ms) / 1000)
-    return f"{seconds:.0f}s" if seconds < 120 else f"{seconds / 60:.0f}m"
-
-
 async def _partition_status(settings: Settings) -> tuple[str, list[PartitionStatus]]:
     from krules.transport.redis_streams import RedisStreams
 
@@ -48,7 +38,8 @@ async def _partition_status(settings: Settings) -> tuple[str, list[PartitionStat
 
 
 def command_partitions(args: argparse.Namespace) -> int:
-    """``krules partitions``: the partition count, owners, stream lengths, pending entries and lag."""
+    """``krules partitions``: the partition count, owners, leases, waiting instances, stream lengths,
+    pending entries and lag."""
     settings = settings_from_env()
     configure_quiet_logging(settings)
     require_redis(settings, "partitions")
@@ -61,20 +52,37 @@ def command_partitions(args: argparse.Namespace) -> int:
             f"No krules instance has started on {url} under key prefix {settings.key_prefix!r} "
             "(no partition count is recorded)."
         )
-    now_ms = time.time() * 1000
     say(f"{len(partitions)} partition(s) under key prefix {settings.key_prefix!r} on {url}")
     rows = []
     for p in partitions:
-        owners = ", ".join(
-            f"{o['consumer']} ({'gone' if now_ms - (o['seen'] or 0) > _STALE_AFTER_MS else 'seen'} "
-            f"{_ago(o['seen'], now_ms)} ago)"
-            for o in p["owners"]
-        )
+        owner = p["owner"]
         consumers = ", ".join(
             f"{c.get('name')} ({c.get('pending', 0)} pending, idle {int(c.get('idle', 0)) / 1000:.0f}s)"
             for c in p["consumers"]
         )
         lag = "?" if p["lag"] is None else p["lag"]
-        rows.append([p["partition"], p["length"], p["pending"], lag, owners or "-", consumers or "-"])
-    print(format_table(["PARTITION", "LENGTH", "PENDING", "LAG", "OWNED BY", "CONSUMERS"], rows))
+        rows.append(
+            [
+                p["partition"],
+                p["length"],
+                p["pending"],
+                lag,
+                "-" if owner is None else owner["instance"],
+                "-" if owner is None or owner["epoch"] is None else owner["epoch"],
+                _lease(owner),
+                ", ".join(p["waiting"]) or "-",
+                consumers or "-",
+            ]
+        )
+    headers = ["PARTITION", "LENGTH", "PENDING", "LAG", "OWNER", "EPOCH", "LEASE", "WAITING", "CONSUMERS"]
+    print(format_table(headers, rows))
     return 0
+
+
+def _lease(owner: dict[str, Any] | None) -> str:
+    """A lease's age (time since its last renewal) and time left, e.g. ``renewed 1s ago, 9s left``."""
+    if owner is None:
+        return "-"
+    left = f"{owner['lease_left_ms'] / 1000:.0f}s left"
+    age = owner.get("lease_age_ms")
+    return left if age is None else f"renewed {age / 1000:.0f}s ago, {left}"

@@ -82,7 +82,7 @@ def handler_dead_letter(
         attempts=attempts,
         reason=reason,
         failed_at=failed_at,
-        partition=partition_of(event.subject, ctx._engine.settings.partitions),
+        partition=partition_of(event.subject, ctx._engine.settings.partition_count),
     )
 
 

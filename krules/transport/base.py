@@ -125,6 +125,9 @@ class Delivery:
     """Why the entry is not a valid event."""
     deliveries: int = 1
     """How many times the entry has been delivered, this time included."""
+    fence: str = ""
+    """The partition's lease the entry was read under ('' where there are no leases): its turn's
+    writes are refused once that lease is gone (see :mod:`krules.transport.redis_leases`)."""
 
 
 class PartitionFigures(NamedTuple):
@@ -143,11 +146,27 @@ class PartitionFigures(NamedTuple):
 class PartitionSource(Protocol):
     """The partitions an instance owns, as a source of deliveries (Redis Streams in practice)."""
 
-    partitions: tuple[int, ...]
-    """The partitions read."""
+    @property
+    def partitions(self) -> tuple[int, ...]:
+        """The partitions read now (with leases, this changes as instances come and go)."""
+        ...
+
+    tend_every: float | None
+    """Seconds between two :meth:`tend` calls (None: the partitions never change)."""
 
     async def open(self) -> None:
-        """Check the deployment (partition count), create what is missing, register this consumer."""
+        """Check the deployment (partition count), create what is missing, take this instance's
+        first partitions."""
+        ...
+
+    async def tend(self) -> list[int]:
+        """Keep the partitions: renew their leases, take a share of the free ones; return those to
+        stop reading (handed back or lost), which :meth:`give_back` releases once their turns are
+        over."""
+        ...
+
+    async def give_back(self, partitions: list[int]) -> None:
+        """Release ``partitions`` (returned by :meth:`tend`) now that their turns are over."""
         ...
 
     async def read(self, count: int, block_ms: int) -> list[Delivery]:
@@ -175,10 +194,9 @@ class PartitionSource(Protocol):
         ...
 
     async def maintain(self) -> dict[int, PartitionFigures]:
-        """Periodic upkeep: refresh this consumer's registration, trim what every consumer has read;
-        return each owned partition's figures."""
+        """Periodic upkeep: trim what every consumer has read; return each owned partition's figures."""
         ...
 
     async def close(self) -> None:
-        """Unregister this consumer and release what :meth:`open` opened."""
+        """Release the partitions, unregister, and release what :meth:`open` opened."""
         ...

@@ -25,7 +25,7 @@ from krules.transport.base import HOPS_FIELD, Delivery, PartitionFigures, delive
 if TYPE_CHECKING:
     from krules.changes import SubjectChanges
     from krules.events import Event
-    from krules.ports import SubjectStorage
+    from krules.ports import Receipt, SubjectStorage
 
 __all__ = ["MemoryReceipt", "MemoryStreams"]
 
@@ -84,8 +84,9 @@ class MemoryStreams:
                     "stream_backlog",
                 )
 
-    async def send(self, events: Sequence[Event]) -> list[str]:
-        """Append each event to its subject's partition; return the entry ids."""
+    async def send(self, events: Sequence[Event], on_behalf_of: Receipt | None = None) -> list[str]:
+        """Append each event to its subject's partition; return the entry ids (one process owns
+        every partition: nothing to fence)."""
         ids = []
         for event in events:
             partition = partition_of(event.subject, self.total)
@@ -100,8 +101,18 @@ class MemoryStreams:
         return entry_id
 
     # -- partition source --------------------------------------------------------------------
+    tend_every: float | None = None
+    """The partitions never change hands: one process owns them all."""
+
     async def open(self) -> None:
         """Nothing to create in memory."""
+
+    async def tend(self) -> list[int]:
+        """Nothing to renew: no other instance can take a partition."""
+        return []
+
+    async def give_back(self, partitions: list[int]) -> None:
+        """Never called (:meth:`tend` hands nothing back)."""
 
     async def read(self, count: int, block_ms: int) -> list[Delivery]:
         """Entries not delivered yet, oldest first, waiting up to ``block_ms`` for one."""

@@ -1,8 +1,8 @@
 """What ``krules partitions`` shows: each partition's stream, pending entries, lag and owners.
 
 Read from Redis by any process (no partition needs to be owned): the partition count recorded by the
-first instance, the instances hash each running instance refreshes, and per partition ``XLEN`` and
-``XINFO`` of its stream and consumer group.
+first instance, the instances hash each running instance refreshes, and per partition its lease,
+``XLEN`` and ``XINFO`` of its stream and consumer group.
 """
 
 from __future__ import annotations
@@ -20,12 +20,14 @@ __all__ = ["PartitionStatus", "partition_status"]
 
 class PartitionStatus(dict[str, Any]):
     """One partition's figures for ``krules partitions`` (a dict: partition, length, pending, lag,
-    last_delivered, consumers, owners)."""
+    last_delivered, consumers, owner (None, or instance, epoch, lease_left_ms, lease_age_ms, seen),
+    owners (the owner as a list, as earlier builds had it), waiting)."""
 
 
 async def partition_status(storage: RedisStorage) -> list[PartitionStatus]:
-    """Every partition's stream length, pending entries, lag, consumers and registered owners
-    (none when no instance has recorded a partition count under the storage's key prefix)."""
+    """Every partition's stream length, pending entries, lag, consumers, owner (from its lease: the
+    instance, its epoch, the lease's age and time left) and the instances waiting for it (none
+    when no instance has recorded a partition count under the storage's key prefix)."""
     keys, commands = storage.keys, storage.commands
     count_raw = await storage.run(
         partial(commands.execute, "GET", keys.partition_count()), "read the partition count"
@@ -33,17 +35,15 @@ async def partition_status(storage: RedisStorage) -> list[PartitionStatus]:
     if count_raw is None:
         return []
     partitions = int(text(count_raw))
-    instances = await storage.run(
-        partial(commands.execute, "HGETALL", keys.instances()), "read the instances"
-    )
-    owners: dict[int, list[dict[str, Any]]] = {}
+    instances = await storage.run(partial(commands.execute, "HGETALL", keys.instances()), "read the instances")
+    registered: dict[str, dict[str, Any]] = {}
     for name, raw in (fields(instances) or {}).items():
         try:
             info = json.loads(raw)
         except ValueError:
             continue
-        for p in info.get("partitions", ()):
-            owners.setdefault(int(p), []).append({"consumer": name, "seen": info.get("seen")})
+        if isinstance(info, dict):
+            registered[name] = info
     out: list[PartitionStatus] = []
     for p in range(partitions):
         stream = keys.stream(p)
@@ -62,6 +62,12 @@ async def partition_status(storage: RedisStorage) -> list[PartitionStatus]:
             )
         except Exception:  # no stream or group yet: nothing was sent to this partition
             length, groups, consumers = 0, [], []
+        lease, ttl = await storage.run(
+            partial(commands.execute_many, [("GET", keys.lease(p)), ("PTTL", keys.lease(p))]),
+            "read the lease of partition %d",
+            p,
+        )
+        owner = _owner(None if lease is None else text(lease), int(ttl), registered)
         group = group_info(groups) or {}
         out.append(
             PartitionStatus(
@@ -71,7 +77,33 @@ async def partition_status(storage: RedisStorage) -> list[PartitionStatus]:
                 lag=None if group.get("lag") is None else int(group["lag"]),
                 last_delivered=text(group.get("last-delivered-id", "-")),
                 consumers=[flat_map(c) for c in consumers or ()],
-                owners=owners.get(p, []),
+                owner=owner,
+                owners=[] if owner is None else [{"consumer": owner["instance"], "seen": owner["seen"]}],
+                waiting=sorted(
+                    name
+                    for name, info in registered.items()
+                    if info.get("mode") == "static"
+                    and p in (info.get("wants") or ())
+                    and (owner is None or owner["instance"] != name)
+                ),
             )
         )
     return out
+
+
+def _owner(lease: str | None, ttl_ms: int, registered: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
+    """A partition's owner from its lease ``<epoch>:<instance>:<nonce>`` and the lease's time left."""
+    if lease is None:
+        return None
+    epoch, _, rest = lease.partition(":")
+    instance = rest.rpartition(":")[0]
+    info = registered.get(instance, {})
+    lease_ms = info.get("lease_ms")
+    left = max(ttl_ms, 0)
+    return {
+        "instance": instance,
+        "epoch": int(epoch) if epoch.isdigit() else None,
+        "lease_left_ms": left,
+        "lease_age_ms": None if not isinstance(lease_ms, int) else max(lease_ms - left, 0),
+        "seen": info.get("seen"),
+    }

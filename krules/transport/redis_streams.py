@@ -7,13 +7,10 @@ re-exported here with the partition figures of :mod:`krules.transport.redis_stat
 
 from __future__ import annotations
 
-import socket
-from collections.abc import Sequence
-from functools import partial
 from typing import TYPE_CHECKING
 
 from krules.errors import ConfigurationError
-from krules.transport.redis_replies import text
+from krules.transport.redis_leases import PartitionLeases, default_instance_name
 from krules.transport.redis_status import PartitionStatus
 from krules.transport.redis_transport import RedisStreams, StreamReceipt
 from krules.transport.worker import PartitionWorker
@@ -27,49 +24,42 @@ __all__ = [
     "RedisStreams",
     "StreamReceipt",
     "connect_streams",
-    "default_consumer",
     "stream_worker",
 ]
 
 
 async def connect_streams(storage: RedisStorage) -> RedisStreams:
-    """Streams for sending from outside an instance: the partition count is read from Redis.
+    """Streams for sending from outside an instance, with the partition count recorded in Redis.
 
     Raises ConfigurationError when no instance has recorded a partition count under the
     storage's key prefix yet (nothing would read the events).
     """
-    raw = await storage.run(
-        partial(storage.commands.execute, "GET", storage.keys.partition_count()),
-        "read the partition count",
-    )
-    if raw is None:
+    if await storage.recorded_partitions() is None:
         raise ConfigurationError(
             f"No krules instance has started on this Redis under key prefix {storage.keys.prefix!r} "
             "(no partition count is recorded); start one first, or check KRULES_REDIS_URL and "
             "KRULES_KEY_PREFIX."
         )
-    count = int(text(raw))
-    if count != storage.keys.partitions:
-        storage = storage.with_partitions(count)
+    await storage.layout()
     return RedisStreams(storage, count_checked=True)
-
-
-def default_consumer(partitions: Sequence[int], total: int) -> str:
-    """The consumer name of an instance: its host name and the partitions it owns (stable across
-    restarts, so a restarted instance takes its own pending entries back at once)."""
-    owned = "all" if len(partitions) == total else ".".join(map(str, partitions))
-    return f"{socket.gethostname()}-p{owned}"
 
 
 def stream_worker(engine: Engine, storage: RedisStorage) -> PartitionWorker:
     """Put ``engine`` in Redis mode: its root events go to the partition streams (its transport), and
-    the returned worker reads the partitions its settings own (``KRULES_PARTITION_ID``)."""
+    the returned worker reads the partitions this instance owns: a share of them
+    (``KRULES_PARTITION_ID=auto``, the default) or the ids asked for, each under a lease
+    (:mod:`krules.transport.redis_leases`)."""
     settings = engine.settings
-    owned = settings.owned_partitions
+    leases = PartitionLeases(
+        storage,
+        name=settings.consumer or default_instance_name(),
+        wanted=settings.static_partitions,
+        lease_ms=settings.lease_ms,
+        renew_ms=settings.lease_renew_ms,
+    )
     streams = RedisStreams(
         storage,
-        partitions=owned,
-        consumer=settings.consumer or default_consumer(owned, settings.partitions),
+        leases=leases,
         claim_idle_ms=settings.claim_idle_ms,
         block_timeout=settings.stream_block_ms / 1000,
         max_backlog=settings.max_stream_backlog,

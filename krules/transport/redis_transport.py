@@ -31,7 +31,8 @@ What a consumer does, per partition it owns:
 
 from __future__ import annotations
 
-import json
+import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Sequence
@@ -41,7 +42,7 @@ from typing import TYPE_CHECKING, Any, Final
 from redis.exceptions import ResponseError
 
 from krules.dead_letters.signing import new_replay_key
-from krules.errors import ConfigurationError, KRulesError, OverloadedError
+from krules.errors import ConfigurationError, KRulesError, LeaseLostError, OverloadedError
 from krules.events import Event
 from krules.transport.base import (
     ENTRY_FIELD,
@@ -51,15 +52,18 @@ from krules.transport.base import (
     delivery_of,
     encode_entry,
 )
-from krules.transport.redis_replies import group_info, stream_entries, stream_id, text
+from krules.transport.redis_replies import flat_map, group_info, stream_entries, stream_id, text
 from krules.transport.redis_status import PartitionStatus, partition_status
 from storage.redis import RedisStorage
 from storage.redis._resp_connection import Arg, Command
 from storage.redis.commands import RedisCommands
 from storage.redis.keys import CONSUMER_GROUP
+from storage.redis.store import fence_epoch
 
 if TYPE_CHECKING:
     from krules.changes import SubjectChanges
+    from krules.ports import Receipt
+    from krules.transport.redis_leases import PartitionLeases
 
 __all__ = ["RedisStreams", "StreamReceipt"]
 
@@ -74,15 +78,19 @@ _TRIM_LIMIT: Final = 10_000
 
 class StreamReceipt:
     """A stream entry's receipt: committing it runs the storage's commit script, which stores the
-    turn's writes, marks ``event_id`` processed and acknowledges the entry, all at once."""
+    turn's writes, marks ``event_id`` processed and acknowledges the entry, all at once, if the
+    partition's lease is still ``fence`` (the one the entry was read under; '' for no check)."""
 
-    __slots__ = ("_storage", "entry_id", "event_id", "partition")
+    __slots__ = ("_storage", "entry_id", "event_id", "fence", "partition")
 
-    def __init__(self, storage: RedisStorage, partition: int, event_id: str, entry_id: str) -> None:
+    def __init__(
+        self, storage: RedisStorage, partition: int, event_id: str, entry_id: str, fence: str = ""
+    ) -> None:
         self._storage = storage
         self.partition = partition
         self.event_id = event_id
         self.entry_id = entry_id
+        self.fence = fence
 
     def commit(self, batch: Sequence[SubjectChanges]) -> Awaitable[bool]:
         """See :class:`krules.ports.Receipt` (a plain method: no coroutine of its own per turn)."""
@@ -96,26 +104,30 @@ class RedisStreams:
         self,
         storage: RedisStorage,
         *,
-        partitions: Sequence[int] = (),
-        consumer: str = "",
+        leases: PartitionLeases | None = None,
         claim_idle_ms: int = 30_000,
         block_timeout: float = 1.0,
         count_checked: bool = False,
         max_backlog: int | None = None,
     ) -> None:
-        """``count_checked``: the storage's partition count was read from Redis, no need to check it.
-        ``max_backlog``: the unprocessed entries (lag + pending) a partition's stream may hold before
-        :meth:`admit` refuses events for it (None: no bound, and no measuring)."""
+        """``leases``: this instance's partition leases, for an instance that reads partitions (None
+        for a process that only sends).  ``count_checked``: the storage's partition count was read
+        from Redis, no need to check it.  ``max_backlog``: the unprocessed entries (lag + pending) a
+        partition's stream may hold before :meth:`admit` refuses events for it (None: no bound, and
+        no measuring)."""
         self.storage = storage
         self.keys = storage.keys
-        self.partitions = tuple(partitions)
-        self.consumer = consumer
+        self.leases = leases
+        self.consumer = leases.name if leases is not None else ""
         self.claim_idle_ms = claim_idle_ms
+        self.tend_every: float | None = leases.renew_every if leases is not None else None
         self._commands: RedisCommands = storage.commands
         self._block_timeout = block_timeout
         self._reader: RedisCommands | None = None
-        self._cursors = dict.fromkeys(self.partitions, "0")  # "0": own pending entries first
-        self._claim_cursors = dict.fromkeys(self.partitions, "0-0")
+        self._cursors: dict[int, str] = {}  # "0": own pending entries first; ">": new ones
+        self._claim_cursors: dict[int, str] = {}
+        self._owned_changed = asyncio.Event()
+        self._scripts = {name: storage.script(name) for name in ("read", "claim", "append")}
         self._count_checked = count_checked
         self.max_backlog = max_backlog
         self._backlog: dict[int, tuple[int, float]] = {}  # partition -> (unprocessed, measured at)
@@ -125,29 +137,90 @@ class RedisStreams:
 
     async def check_partition_count(self) -> None:
         """Record the partition count when none is; refuse (ConfigurationError) a different one."""
-        key, wanted = self.keys.partition_count(), self.keys.partitions
-        commands: list[Command] = [("SET", key, wanted, "NX"), ("GET", key)]
-        reply = await self._run(partial(self._commands.execute_many, commands), "read the partition count")
-        recorded = int(text(reply[1]))
-        if recorded != wanted:
+        try:
+            self.keys = await self.storage.layout()
+        except ConfigurationError:
+            recorded = await self.storage.recorded_partitions()
             raise ConfigurationError(
                 f"The krules deployment under key prefix {self.keys.prefix!r} has {recorded} partitions, "
-                f"but this instance was started with KRULES_PARTITIONS={wanted}; set KRULES_PARTITIONS="
-                f"{recorded} (the count cannot change while subjects are stored by partition)."
-            )
+                f"but this instance was started with KRULES_PARTITIONS={self.keys.partitions}; set "
+                f"KRULES_PARTITIONS={recorded} or leave it unset (the count cannot change while subjects "
+                "are stored by partition)."
+            ) from None
         self._count_checked = True
 
     async def check(self) -> None:
         """The transport's start-up check: the partition count (see :meth:`check_partition_count`)."""
         await self.check_partition_count()
 
+    @property
+    def partitions(self) -> tuple[int, ...]:
+        """The partitions this instance owns and reads now."""
+        return self.leases.owned() if self.leases is not None else ()
+
     async def open(self) -> None:
-        """Check the partition count, create missing streams and groups, register this consumer."""
+        """Check the partition count, register this instance and take its first partitions."""
+        if self.leases is None:
+            raise RuntimeError("these streams have no leases: they only send")
         await self.check_partition_count()
-        for partition in self.partitions:
-            await self._create_group(partition)
         self._reader = self._commands.blocking(self._block_timeout)
-        await self.maintain()
+        await self.tend()
+
+    async def tend(self) -> list[int]:
+        """Renew and rebalance the leases (:meth:`PartitionLeases.tend`); start reading the
+        partitions taken, pending entries first; return those to stop reading, whose turns the
+        caller lets finish before :meth:`give_back`."""
+        if self.leases is None:
+            return []
+        done = await self.leases.tend()
+        for partition in done.give_back:
+            self._cursors.pop(partition, None)
+            self._claim_cursors.pop(partition, None)
+        for partition in done.acquired:
+            await self._take_over(partition)
+        if done.acquired or done.give_back:
+            self._owned_changed.set()
+        return done.give_back
+
+    async def give_back(self, partitions: list[int]) -> None:
+        """Release the leases of ``partitions`` once their turns are over (see :meth:`tend`)."""
+        if self.leases is not None:
+            await self.leases.release(partitions)
+
+    async def _take_over(self, partition: int) -> None:
+        """Start reading a partition just taken: its group exists, every entry still pending in it
+        (left by the previous owner) is this instance's, and they are read first, in stream order."""
+        assert self.leases is not None
+        await self._create_group(partition)
+        fence = self.leases.fence(partition)
+        start = "0-0"
+        claimed = 0
+        while True:
+            reply = await self._eval(
+                "claim",
+                [self.keys.lease(partition), self.keys.stream(partition)],
+                [fence, CONSUMER_GROUP, self.consumer, 0, start, _CLAIM_COUNT * 10, "JUSTID"],
+                "take over the pending entries of partition %d",
+                partition,
+            )
+            if int(reply[0]) != 1:
+                self.leases.lost(partition)
+                return
+            start = text(reply[1][0])
+            claimed += len(reply[1][1] or ())
+            if start == "0-0":
+                break
+        self._cursors[partition] = "0"
+        self._claim_cursors[partition] = "0-0"
+        lease = self.leases.held[partition]
+        _log.info(
+            "took partition %d (epoch %d)%s",
+            partition,
+            lease.epoch,
+            f", with {claimed} entr{'y' if claimed == 1 else 'ies'} left pending by its previous owner"
+            if claimed
+            else "",
+        )
 
     async def _create_group(self, partition: int) -> None:
         stream = self.keys.stream(partition)
@@ -198,24 +271,27 @@ class RedisStreams:
                 "stream_backlog",
             )
 
-    async def send(self, events: Sequence[Event]) -> list[str]:
+    async def send(self, events: Sequence[Event], on_behalf_of: Receipt | None = None) -> list[str]:
         """Append each event to its partition's stream, in one round trip; return the entry ids.
 
-        With a ``max_backlog``, the backlog of the streams appended to is measured in the same round
-        trip, at most once a second per partition (for :meth:`admit`)."""
+        ``on_behalf_of``: the receipt of the turn sending them (its outbox): with a fence, each
+        append is refused (LeaseLostError, before the turn commits) when a newer owner of the turn's
+        partition has started.  With a ``max_backlog``, the backlog of the streams appended to is
+        measured in the same round trip, at most once a second per partition (for :meth:`admit`)."""
         if not events:
             return []
         if not self._count_checked:
             await self.check_partition_count()
         keys = self.keys
+        fence = getattr(on_behalf_of, "fence", "")
+        source = getattr(on_behalf_of, "partition", -1)
         commands: list[Command] = []
         partitions: set[int] = set()
         for event in events:
             partition = keys.partition(event.subject)
             partitions.add(partition)
-            commands.append(
-                ("XADD", keys.stream(partition), "*", ENTRY_FIELD, encode_entry(event)[ENTRY_FIELD])
-            )
+            entry: list[Arg] = [ENTRY_FIELD, encode_entry(event)[ENTRY_FIELD]]
+            commands.append(self._append(partition, source, fence, entry))
         measure: list[int] = []
         if self.max_backlog is not None:
             now = time.monotonic()
@@ -228,7 +304,20 @@ class RedisStreams:
         )
         if measure:
             self._measured(measure, replies[len(events) :])
-        return [text(reply) for reply in replies[: len(events)]]
+        if not fence:
+            return [text(reply) for reply in replies[: len(events)]]
+        if any(int(reply[0]) != 1 for reply in replies[: len(events)]):
+            raise _fenced(source, f"sending {len(events)} event(s) of its turn")
+        return [text(reply[1]) for reply in replies[: len(events)]]
+
+    def _append(self, partition: int, source: int, fence: str, entry: list[Arg]) -> Command:
+        """The command appending ``entry`` to ``partition``'s stream: fenced by ``source``'s epoch
+        (``lua/append.lua``) when ``fence`` is a lease, a plain ``XADD`` otherwise."""
+        if not fence:
+            return ("XADD", self.keys.stream(partition), "*", *entry)
+        sha = self._scripts["append"].sha
+        keys = (self.keys.fences(partition), self.keys.stream(partition))
+        return ("EVALSHA", sha, 2, *keys, f"{source}:{fence_epoch(fence)}", *entry)
 
     def _measured(self, partitions: list[int], replies: Sequence[Any]) -> None:
         """Record the backlog of ``partitions`` from their :func:`_measure` replies."""
@@ -248,30 +337,71 @@ class RedisStreams:
     # -- reading -----------------------------------------------------------------------------
 
     async def read(self, count: int, block_ms: int) -> list[Delivery]:
-        """This consumer's pending entries first, then new ones; see the module docstring."""
-        if not self.partitions:
-            raise RuntimeError("these streams own no partition to read")
+        """The owned partitions' pending entries first, then new ones; see the module docstring.
+
+        Each partition is read by ``lua/read.lua``, which refuses an instance whose lease is gone;
+        when none has anything new, a blocking ``XREAD`` waits (up to ``block_ms``) for the next
+        entry of any of them, and the next call reads it."""
         reader = self._reader
-        if reader is None:
+        if reader is None or self.leases is None:
             raise RuntimeError("open() the streams before reading them")
-        reply = await self._run(
-            partial(self._read_once, reader, count, block_ms), "read the partition streams"
-        )
-        by_stream = {text(stream): stream_entries(entries) for stream, entries in reply or ()}
+        owned = self.partitions
+        if not owned:  # standing by: wait for a partition (the upkeep takes them)
+            self._owned_changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._owned_changed.wait(), block_ms / 1000)
+            return []
+        leases, keys, sha = self.leases, self.keys, self._scripts["read"].sha
+        commands: list[Command] = [
+            (
+                "EVALSHA",
+                sha,
+                2,
+                keys.lease(p),
+                keys.stream(p),
+                leases.fence(p),
+                CONSUMER_GROUP,
+                self.consumer,
+                count,
+                self._cursors.setdefault(p, "0"),
+            )
+            for p in owned
+        ]
+        try:
+            replies = await self._run(
+                partial(self._commands.execute_many, commands), "read the partition streams"
+            )
+        except KRulesError as exc:
+            if "NOGROUP" in str(exc):  # a stream was deleted (or the data lost): start it again
+                _log.warning("partition stream or group missing (%s); creating it again", exc)
+                for partition in owned:
+                    await self._create_group(partition)
+            raise
         deliveries: list[Delivery] = []
         history: list[tuple[int, list[Delivery]]] = []
         stale: list[tuple[int, str]] = []
-        for partition in self.partitions:
+        waits: list[tuple[int, str]] = []
+        for partition, reply in zip(owned, replies, strict=True):
+            status = int(reply[0])
+            if status == _READ_FENCED:
+                leases.lost(partition)
+                continue
+            if status == _READ_NOTHING:
+                waits.append((partition, text(reply[1])))
+                continue
             cursor = self._cursors[partition]
-            entries = by_stream.get(self.keys.stream(partition), [])
+            entries = stream_entries(reply[1])
             if cursor != ">":
                 self._cursors[partition] = entries[-1][0] if entries else ">"
+            fence = leases.fence(partition)
             mine: list[Delivery] = []
             for entry_id, fields in entries:
                 if fields is None:  # pending, but trimmed from the stream: nothing left to process
                     stale.append((partition, entry_id))
                 else:
-                    mine.append(delivery_of(partition, entry_id, fields))
+                    delivery = delivery_of(partition, entry_id, fields)
+                    delivery.fence = fence
+                    mine.append(delivery)
             if cursor != ">" and mine:
                 history.append((partition, mine))
             deliveries += mine
@@ -279,58 +409,61 @@ class RedisStreams:
             await self._ack(stale)
         if history:
             await self._count_deliveries(history)
+        if not deliveries and len(waits) == len(owned):
+            await self._wait(reader, waits, block_ms)
+            return []
         return await self._drop_committed(deliveries)
 
-    async def _read_once(self, reader: RedisCommands, count: int, block_ms: int) -> Any:
-        streams = [self.keys.stream(p) for p in self.partitions]
-        cursors = [self._cursors[p] for p in self.partitions]
-        args: list[Arg] = ["XREADGROUP", "GROUP", CONSUMER_GROUP, self.consumer, "COUNT", count]
-        if all(cursor == ">" for cursor in cursors):
-            args += ("BLOCK", block_ms)
-        try:
-            return await reader.execute(*args, "STREAMS", *streams, *cursors)
-        except ResponseError as exc:
-            if str(exc).startswith("NOGROUP"):  # a stream was deleted (or the data lost): start it again
-                _log.warning("partition stream or group missing (%s); creating it again", exc)
-                for partition in self.partitions:
-                    await self._create_group(partition)
-            raise
-        except BaseException:
-            # The reply may be lost while the server delivered entries: go over them again.
-            for partition in self.partitions:
-                self._cursors[partition] = "0"
-            raise
+    async def _wait(self, reader: RedisCommands, waits: list[tuple[int, str]], block_ms: int) -> None:
+        """Block until an entry comes after ``waits``' last ids (or ``block_ms`` pass)."""
+        args: list[Arg] = ["XREAD", "COUNT", 1, "BLOCK", block_ms, "STREAMS"]
+        args += [self.keys.stream(p) for p, _ in waits]
+        args += [last for _, last in waits]
+        await self._run(partial(reader.execute, *args), "wait for events")
 
     def receipt(self, delivery: Delivery, event_id: str) -> StreamReceipt:
-        """The receipt committing ``delivery``: the writes, ``event_id`` processed, the entry acked."""
-        return StreamReceipt(self.storage, delivery.partition, event_id, delivery.entry_id)
+        """The receipt committing ``delivery``: the writes, ``event_id`` processed, the entry acked,
+        if the partition's lease is still the one the entry was read under."""
+        return StreamReceipt(self.storage, delivery.partition, event_id, delivery.entry_id, delivery.fence)
 
     async def reclaim(self) -> list[Delivery]:
-        """Take over entries left idle longer than ``claim_idle_ms``, with their delivery counts."""
+        """Take back this instance's entries left idle longer than ``claim_idle_ms`` (a turn whose
+        commit kept failing), with their delivery counts; nothing of a partition whose lease is gone."""
+        leases, owned = self.leases, self.partitions
+        if leases is None or not owned:
+            return []
+        sha = self._scripts["claim"].sha
         commands: list[Command] = [
             (
-                "XAUTOCLAIM",
+                "EVALSHA",
+                sha,
+                2,
+                self.keys.lease(p),
                 self.keys.stream(p),
+                leases.fence(p),
                 CONSUMER_GROUP,
                 self.consumer,
                 self.claim_idle_ms,
-                self._claim_cursors[p],
-                "COUNT",
+                self._claim_cursors.setdefault(p, "0-0"),
                 _CLAIM_COUNT,
             )
-            for p in self.partitions
+            for p in owned
         ]
-        if not commands:
-            return []
         replies = await self._run(partial(self._commands.execute_many, commands), "reclaim idle entries")
         claimed: list[tuple[int, list[Delivery]]] = []
-        for partition, reply in zip(self.partitions, replies, strict=True):
-            self._claim_cursors[partition] = text(reply[0])
-            found = [
-                delivery_of(partition, entry_id, fields)
-                for entry_id, fields in stream_entries(reply[1])
-                if fields is not None
-            ]
+        for partition, reply in zip(owned, replies, strict=True):
+            if int(reply[0]) != 1:
+                leases.lost(partition)
+                continue
+            claim = reply[1]
+            self._claim_cursors[partition] = text(claim[0])
+            fence = leases.fence(partition)
+            found: list[Delivery] = []
+            for entry_id, fields in stream_entries(claim[1]):
+                if fields is not None:
+                    delivery = delivery_of(partition, entry_id, fields)
+                    delivery.fence = fence
+                    found.append(delivery)
             if found:
                 claimed.append((partition, found))
         if not claimed:
@@ -399,15 +532,24 @@ class RedisStreams:
     # -- what is not processed ---------------------------------------------------------------
 
     async def forward(self, delivery: Delivery, partition: int) -> None:
-        """Append ``delivery``'s entry to ``partition``'s stream (``hops=1``), then acknowledge it."""
+        """Append ``delivery``'s entry to ``partition``'s stream (``hops=1``), then acknowledge it;
+        refused (LeaseLostError) when a newer owner of the entry's partition has started."""
         fields = {**delivery.fields, HOPS_FIELD: "1"}
         flat: list[Arg] = []
         for name, value in fields.items():
             flat += (name, value)
+        append = self._append(partition, delivery.partition, delivery.fence, flat)
         commands: list[Command] = [
-            ("XADD", self.keys.stream(partition), "*", *flat),
+            append,
             ("XACK", self.keys.stream(delivery.partition), CONSUMER_GROUP, delivery.entry_id),
         ]
+        if append[0] == "EVALSHA":
+            reply = await self._run(
+                partial(self._commands.execute, *append), "forward entry %s", delivery.entry_id
+            )
+            if int(reply[0]) != 1:
+                raise _fenced(delivery.partition, f"forwarding stream entry {delivery.entry_id!r}")
+            commands = commands[1:]
         await self._run(partial(self._commands.execute_many, commands), "forward entry %s", delivery.entry_id)
         _log.info(
             "forwarded stream entry %s from partition %d to partition %d (its subject's)",
@@ -426,23 +568,32 @@ class RedisStreams:
     # -- upkeep ------------------------------------------------------------------------------
 
     async def maintain(self) -> dict[int, PartitionFigures]:
-        """Refresh this consumer's registration; trim the owned streams to what is still needed.
+        """Trim the owned streams to what is still needed; forget the consumers of earlier owners.
 
         Returns each owned partition's figures: its lag (entries not yet delivered to the group,
         None when Redis cannot tell), its pending entries (delivered, not acknowledged), its length
         after trimming and how many entries this upkeep trimmed."""
-        seen = {"partitions": list(self.partitions), "seen": int(time.time() * 1000)}
-        commands: list[Command] = [("HSET", self.keys.instances(), self.consumer, json.dumps(seen))]
-        for p in self.partitions:
+        owned = self.partitions
+        if not owned:
+            return {}
+        commands: list[Command] = []
+        for p in owned:
             commands += [
                 ("XPENDING", self.keys.stream(p), CONSUMER_GROUP),
                 ("XINFO", "GROUPS", self.keys.stream(p)),
+                ("XINFO", "CONSUMERS", self.keys.stream(p), CONSUMER_GROUP),
             ]
         replies = await self._run(partial(self._commands.execute_many, commands), "maintain the streams")
         keep: dict[int, str] = {}
         measured: dict[int, tuple[int | None, int]] = {}
-        for i, p in enumerate(self.partitions):
-            pending, groups = replies[1 + 2 * i], replies[2 + 2 * i]
+        gone: list[Command] = []
+        for i, p in enumerate(owned):
+            pending, groups, consumers = replies[3 * i], replies[3 * i + 1], replies[3 * i + 2]
+            for row in consumers or ():
+                info = flat_map(row)
+                name = text(info.get("name", ""))
+                if name != self.consumer and not int(info.get("pending", 0) or 0):
+                    gone.append(("XGROUP", "DELCONSUMER", self.keys.stream(p), CONSUMER_GROUP, name))
             group = group_info(groups)
             if group is None:
                 continue
@@ -453,6 +604,8 @@ class RedisStreams:
                 oldest = min(oldest, text(pending[1]), key=stream_id)
             if oldest != "0-0":
                 keep[p] = oldest
+        if gone:  # consumers of earlier owners, with nothing pending: XINFO would list them for ever
+            await self._run(partial(self._commands.execute_many, gone), "forget idle consumers")
         trimmed, lengths = await self._trim(keep, list(measured))
         return {
             p: PartitionFigures(lag, pending, lengths[p], trimmed.get(p, 0))
@@ -492,16 +645,17 @@ class RedisStreams:
                 return trimmed, {p: int(length) for p, length in zip(measure, lengths, strict=True)}
 
     async def close(self) -> None:
-        """Unregister this consumer and close the reading connection (the storage stays open)."""
-        if self.partitions and self.consumer:
+        """Release the leases, unregister this instance and close the reading connection (the
+        storage stays open).  Call it once the turns under way are over."""
+        if self.leases is not None:
+            owned = self.leases.owned()
             try:
-                await self._run(
-                    partial(self._commands.execute, "HDEL", self.keys.instances(), self.consumer),
-                    "unregister consumer %r",
-                    self.consumer,
-                )
-            except Exception as exc:  # the instance is stopping anyway; its entry just goes stale
-                _log.warning("could not unregister consumer %r: %s", self.consumer, exc)
+                await self.leases.leave()
+            except Exception as exc:  # stopping anyway: the leases expire, the registration goes stale
+                _log.warning("could not release the partition leases (%s); they expire on their own", exc)
+            else:
+                if owned:
+                    _log.info("released partition(s) %s", ",".join(map(str, owned)))
         reader, self._reader = self._reader, None
         if reader is not None and reader is not self._commands:
             await reader.aclose()
@@ -516,6 +670,25 @@ class RedisStreams:
 
     async def _run(self, op: Any, action: str, *details: object) -> Any:
         return await self.storage.run(op, action, *details)
+
+    async def _eval(
+        self, script: str, keys: list[str], args: list[Arg], action: str, *details: object
+    ) -> Any:
+        sha = self._scripts[script].sha
+        return await self._run(partial(self._commands.evalsha, sha, keys, args), action, *details)
+
+
+_READ_FENCED: Final = 0
+_READ_NOTHING: Final = 2
+"""Statuses of ``lua/read.lua`` (1: entries)."""
+
+
+def _fenced(partition: int, what: str) -> LeaseLostError:
+    return LeaseLostError(
+        f"Partition {partition}'s lease is no longer this instance's, so {what} was refused; the "
+        "partition's new owner runs its entries.",
+        partition,
+    )
 
 
 def _measure(stream: str) -> list[Command]:

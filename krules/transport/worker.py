@@ -49,7 +49,7 @@ from typing import TYPE_CHECKING, Final
 from krules.dead_letters.record import INVALID_EVENT, MAX_DELIVERIES, MISROUTED, RESERVED_EXTENSION
 from krules.dead_letters.signing import entry_problem
 from krules.dead_letters.store import entry_dead_letter, store_changes
-from krules.errors import KRulesError, StorageError, StorageUnavailableError
+from krules.errors import KRulesError, LeaseLostError, StorageError, StorageUnavailableError
 from krules.events import REPLAY_SIGNATURE_EXTENSION
 from krules.partitioning import partition_of
 from krules.transport.base import HOPS_FIELD
@@ -80,13 +80,14 @@ class PartitionWorker:
         self.max_deliveries = settings.max_deliveries
         self.maintain_every = max(0.05, settings.claim_idle_ms / 2000)
         self.max_inflight = max(settings.max_concurrent_turns, settings.stream_batch)
-        self._partitions = settings.partitions
+        self._partitions = settings.partition_count
         self._replay_key: str | None = None  # read when a signed replay first arrives
         # (partition, entry id): entry ids are only unique within one stream
         self._inflight: dict[tuple[int, str], asyncio.Future[None]] = {}
         self._room = asyncio.Event()
         self._stopping = False
         self._reading: asyncio.Task[list[Delivery]] | None = None
+        self._handing: dict[int, asyncio.Future[None]] = {}  # partitions being handed back
         self.processed = 0
         """Entries handled by this worker (turns committed, duplicates dropped, dead letters)."""
         self.partition_observers: list[Callable[[int, PartitionFigures], None]] = []
@@ -100,11 +101,13 @@ class PartitionWorker:
         second cancellation, while they drain, cancels them: their entries stay pending)."""
         await self.source.open()
         logger.info(
-            "reading partition(s) %s as consumer %r",
-            ",".join(map(str, self.source.partitions)),
+            "instance %r reads partition(s) %s",
             getattr(self.source, "consumer", "?"),
+            ",".join(map(str, self.source.partitions)) or "none yet",
         )
         upkeep = asyncio.ensure_future(self._maintain())
+        # The leases are kept while the turns under way drain, so that those can still commit.
+        tending = asyncio.ensure_future(self._tend()) if self.source.tend_every else None
         try:
             await self._read_loop()
         finally:
@@ -117,6 +120,9 @@ class PartitionWorker:
                     task.cancel()
                 raise
             finally:
+                if tending is not None:
+                    tending.cancel()
+                    await asyncio.gather(tending, return_exceptions=True)
                 await self.source.close()
 
     def stop(self) -> None:
@@ -167,6 +173,40 @@ class PartitionWorker:
                 continue  # re-read or reclaimed while its turn is still running here
             self._inflight[key] = asyncio.ensure_future(self._handle(delivery))
 
+    async def _tend(self) -> None:
+        """Keep the partitions' leases and take or hand back partitions (see the source's tend)."""
+        every = self.source.tend_every or 1.0
+        while True:
+            await asyncio.sleep(every)
+            try:
+                handed = await self.source.tend()
+            except KRulesError as exc:
+                logger.warning(
+                    "renewing the partition leases failed (%s); trying again in %.1f s", exc, every
+                )
+                continue
+            for partition in handed:
+                if partition not in self._handing:
+                    self._handing[partition] = asyncio.ensure_future(self._hand_back(partition))
+
+    async def _hand_back(self, partition: int) -> None:
+        """Let the turns of ``partition`` (no longer read) finish, then release it."""
+        try:
+            while True:
+                turns = [task for (p, _), task in self._inflight.items() if p == partition]
+                if not turns:
+                    break
+                await asyncio.gather(*turns, return_exceptions=True)
+            while True:
+                try:
+                    await self.source.give_back([partition])
+                    return
+                except KRulesError as exc:
+                    logger.warning("releasing partition %d failed (%s); trying again", partition, exc)
+                    await asyncio.sleep(self.source.tend_every or 1.0)
+        finally:
+            del self._handing[partition]
+
     async def _maintain(self) -> None:
         while True:
             await asyncio.sleep(self.maintain_every)
@@ -197,6 +237,14 @@ class PartitionWorker:
                     else:
                         await self._park(delivery, failed)
                     self.processed += 1
+                    return
+                except LeaseLostError as exc:
+                    logger.warning(
+                        "entry %s of partition %d was not committed here: %s",
+                        delivery.entry_id,
+                        delivery.partition,
+                        exc,
+                    )
                     return
                 except StorageError as exc:
                     # Nothing of the turn was stored.  Try it again here, still owning the entry

@@ -12,6 +12,8 @@ and :mod:`storage.redis._resp_connection` the private auto-pipelined connection 
 
 from __future__ import annotations
 
+import asyncio
+import threading
 from typing import TYPE_CHECKING, Any
 
 from storage.redis.factory import create_redis_client, create_redis_storage
@@ -20,7 +22,13 @@ from storage.redis.store import RedisStorage
 if TYPE_CHECKING:
     from krules.config import Settings
 
-__all__ = ["RedisStorage", "create_redis_client", "create_redis_storage", "storage_from_settings"]
+__all__ = [
+    "RedisStorage",
+    "create_redis_client",
+    "create_redis_storage",
+    "recorded_partitions",
+    "storage_from_settings",
+]
 
 
 def storage_from_settings(settings: Settings, **options: Any) -> RedisStorage:
@@ -30,7 +38,35 @@ def storage_from_settings(settings: Settings, **options: Any) -> RedisStorage:
     return create_redis_storage(
         url=settings.redis_url,
         key_prefix=settings.key_prefix,
-        partitions=settings.partitions,
+        partitions=settings.partitions,  # None: the recorded count (resolved on first use)
         dedupe_window=float(settings.dedupe_window),
         **options,
     )
+
+
+def recorded_partitions(settings: Settings) -> int | None:
+    """The partition count recorded by the deployment ``settings`` name (None when none is yet),
+    read before anything else is built, from any thread, event loop running or not (a short-lived
+    connection in a thread of its own).  Raises the storage's one-sentence errors."""
+    found: list[int | None] = []
+    failed: list[BaseException] = []
+
+    async def read() -> None:
+        storage = create_redis_storage(url=settings.redis_url, key_prefix=settings.key_prefix, partitions=1)
+        try:
+            found.append(await storage.recorded_partitions())
+        finally:
+            await storage.close()
+
+    def run() -> None:
+        try:
+            asyncio.run(read())
+        except BaseException as exc:  # handed to the caller's thread
+            failed.append(exc)
+
+    thread = threading.Thread(target=run, name="krules-read-partition-count", daemon=True)
+    thread.start()
+    thread.join()
+    if failed:
+        raise failed[0]
+    return found[0]

@@ -35,6 +35,7 @@ __all__ = [
     "CLAIM_AFTER",
     "CLAIM_LEASE_MS",
     "CONFLICT",
+    "FENCED",
     "NO_COMMIT",
     "STORED",
     "TOKENS_KEPT",
@@ -51,8 +52,8 @@ TOKEN_BYTES: Final = 8
 TOKENS_KEPT: Final = 16
 CLAIM_AFTER: Final = 3  # compare-and-sets lost in a row before a writer claims the subject
 CLAIM_LEASE_MS: Final = 250
-NO_COMMIT: Final = ("", "", "", 0)
-"""The commit header of a plain store (no event, no stream entry)."""
+NO_COMMIT: Final = ("", "", "", 0, "")
+"""The commit header of a plain store (no event, no stream entry, no fence)."""
 
 _CLAIM_BACKOFF: Final = 0.001
 _CLAIM_BACKOFF_CAP: Final = 0.05
@@ -62,6 +63,7 @@ CONFLICT: Final = 0
 STORED: Final = 1
 CLAIMED: Final = 2
 ALREADY_COMMITTED: Final = 3
+FENCED: Final = 4
 
 Group = list[SubjectChanges]
 """The changes of the subjects of one partition: what one store-script call writes."""

@@ -51,7 +51,7 @@ def create_redis_storage(
     client: aioredis.Redis | None = None,
     redis_client: aioredis.Redis | None = None,
     redis_prefix: str | None = None,
-    partitions: int = 1,
+    partitions: int | None = None,
     retries: int = 8,
     retry_backoff: float = 0.05,
     retry_backoff_cap: float = 2.0,
@@ -66,8 +66,11 @@ def create_redis_storage(
     connection of its own, used from one event loop.  Pass ``client`` to use a client you built
     (e.g. ``fakeredis.FakeAsyncRedis()``) instead; it is not closed by :meth:`RedisStorage.close`,
     keeps its own retry settings and pool, and ``url`` then only names the server in messages.
-    ``partitions`` must be the deployment's partition count: it decides the hash tag of every
-    subject key.  ``retries`` bounds the retries of an operation that cannot reach the server
+    ``partitions`` is the deployment's partition count, which decides the hash tag of every subject
+    key: leave it out to use the count the deployment recorded in Redis (read once, before the first
+    read or write); a count given that differs from the recorded one is refused with a
+    ConfigurationError.  When nothing is recorded yet, the first write records the count given (or
+    1), and reads use it.  ``retries`` bounds the retries of an operation that cannot reach the server
     (``retry_backoff`` doubling up to ``retry_backoff_cap`` seconds, jittered); ``update_attempts``
     bounds the compare-and-set attempts of callable updates under contention.  ``connect_timeout``
     bounds connecting, ``socket_timeout`` the wait for a reply.  ``dedupe_window`` is how long (in
@@ -88,7 +91,7 @@ def create_redis_storage(
         url, client = None, url
     if redis_prefix is not None:
         key_prefix = redis_prefix
-    keys = KeySchema(key_prefix, partitions)
+    keys = KeySchema(key_prefix, 1 if partitions is None else partitions)
     _require_count("retries", retries, 0)
     _require_count("update_attempts", update_attempts, 1)
     for name, value in (
@@ -125,6 +128,7 @@ def create_redis_storage(
         retry_backoff_cap=retry_backoff_cap,
         update_attempts=update_attempts,
         dedupe_window=dedupe_window,
+        partitions_given=partitions is not None,
     )
 
 

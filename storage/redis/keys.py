@@ -11,9 +11,16 @@ Keys::
                                          ``krules`` (:data:`CONSUMER_GROUP`)
     <prefix>{p<p>}:processed     zset    ids of the events the partition has committed, scored by commit
                                          time in ms, trimmed to the dedupe window
+    <prefix>{p<p>}:lease         string  the partition's owner: ``<epoch>:<instance>:<nonce>``, expiring
+                                         (``PX``) unless its owner renews it (:mod:`krules.transport.leases`)
+    <prefix>{p<p>}:fences        hash    partition number -> the epoch of its newest owner, as known in
+                                         this partition's slot: a write made on behalf of a turn of
+                                         partition ``q`` with an older epoch is refused here; field
+                                         ``<p>`` itself is partition ``p``'s epoch counter
     <prefix>partitions           string  the partition count, recorded by the first instance started
-    <prefix>instances            hash    consumer name -> JSON ``{"partitions": [...], "seen": <ms>}``,
-                                         refreshed by each running instance (``krules partitions``)
+    <prefix>instances            hash    instance name -> JSON ``{"partitions": [...], "seen": <ms>, ...}``,
+                                         refreshed by each running instance with the server's clock
+                                         (membership for partition assignment, ``krules partitions``)
     <prefix>replay-key           string  the deployment's replay key (64 hex digits): replays written
                                          to a stream are signed with it (:mod:`krules.dead_letters.signing`);
                                          created by the first instance or CLI that needs it
@@ -154,6 +161,14 @@ class KeySchema:
     def dead_letter_stream(self, partition: int) -> str:
         """Return the key of ``partition``'s dead-letter stream (reserved: no longer written)."""
         return f"{self.prefix}{{p{partition}}}:deadletter"
+
+    def lease(self, partition: int) -> str:
+        """Return the key of ``partition``'s ownership lease."""
+        return f"{self.prefix}{{p{partition}}}:lease"
+
+    def fences(self, partition: int) -> str:
+        """Return the key of the owner epochs known in ``partition``'s slot (see the module docstring)."""
+        return f"{self.prefix}{{p{partition}}}:fences"
 
     def instances(self) -> str:
         """Return the key of the hash of running instances and the partitions they own."""

@@ -19,15 +19,16 @@ from typing import Any, Final, Protocol, TypeVar
 
 from redis.exceptions import NoScriptError, RedisError
 
-from krules.errors import UpdateConflictError
+from krules.errors import ConfigurationError, LeaseLostError, UpdateConflictError
 from storage.base import SubjectChanges, decode, encode
-from storage.redis._resp_connection import Arg
+from storage.redis._resp_connection import Arg, Command
 from storage.redis.batches import (
     ALREADY_COMMITTED,
     CLAIM_AFTER,
     CLAIM_LEASE_MS,
     CLAIMED,
     CONFLICT,
+    FENCED,
     NO_COMMIT,
     STORED,
     TOKEN_BYTES,
@@ -60,12 +61,13 @@ from storage.redis.keys import (
 )
 from storage.redis.scripts import LuaScript, lua_script
 
-__all__ = ["RedisStorage", "StreamCommit"]
+__all__ = ["RedisStorage", "StreamCommit", "fence_epoch"]
 
 
 class StreamCommit(Protocol):
     """What :meth:`RedisStorage.commit` records with a turn's writes: the partition whose subjects
-    they are, the event id marked processed, and the stream entry acknowledged ('' for none)."""
+    they are, the event id marked processed, the stream entry acknowledged ('' for none), and the
+    partition's lease as its owner held it when the entry was read ('' for no fence)."""
 
     @property
     def partition(self) -> int: ...
@@ -73,6 +75,13 @@ class StreamCommit(Protocol):
     def event_id(self) -> str: ...
     @property
     def entry_id(self) -> str: ...
+    @property
+    def fence(self) -> str: ...
+
+
+def fence_epoch(fence: str) -> int:
+    """The epoch of a lease (``<epoch>:<instance>:<nonce>``), what other partitions check."""
+    return int(fence.partition(":")[0])
 
 
 _T = TypeVar("_T")
@@ -104,8 +113,11 @@ class RedisStorage:
         retry_backoff_cap: float,
         update_attempts: int,
         dedupe_window: float = 3600.0,
+        partitions_given: bool = True,
     ) -> None:
-        self.keys: Final = keys
+        """``partitions_given``: whether ``keys``' partition count was asked for (it must then be the
+        recorded one) or is a placeholder for the count the deployment recorded."""
+        self.keys = keys
         self.commands: Final = commands
         """The commands this storage sends (the stream transport sends its own on them too)."""
         self.dedupe_window_ms: Final = int(dedupe_window * 1000)
@@ -118,14 +130,18 @@ class RedisStorage:
         self._store_script = lua_script("store")
         self._set_script = lua_script("set")
         self._delete_script = lua_script("delete")
-        self._scripts = (self._store_script, self._set_script, self._delete_script)
+        self._scripts: tuple[LuaScript, ...] = (self._store_script, self._set_script, self._delete_script)
         self._scripts_missing = False
         self._last_values: dict[tuple[str, str], str | None] = {}
         self._commits = 0
+        self._partitions_given = partitions_given
+        self._layout_known = False
 
     # -- reads ---------------------------------------------------------------------------------
 
     async def load(self, name: str) -> tuple[dict[str, Any], dict[str, Any]]:
+        if not self._layout_known:
+            await self.layout(record=False)
         key = self.keys.subject(name)
         stored = await self._run(partial(self._commands.hgetall, key), "load subject %r", name)
         props: dict[str, Any] = {}
@@ -139,6 +155,8 @@ class RedisStorage:
         return props, ext
 
     async def get(self, name: str, prop: str, *, ext: bool = False) -> Any:
+        if not self._layout_known:
+            await self.layout(record=False)
         key, field = self.keys.subject(name), property_field(prop, ext)
         raw = await self._run(partial(self._commands.hget, key, field), "read subject %r", name)
         if raw is None:
@@ -146,6 +164,8 @@ class RedisStorage:
         return decode(raw)
 
     async def subjects(self, prefix: str = "") -> list[str]:
+        if not self._layout_known:
+            await self.layout(record=False)
         pattern = self.keys.subject_pattern(prefix)
 
         async def scan() -> set[str]:
@@ -165,6 +185,8 @@ class RedisStorage:
     # -- writes --------------------------------------------------------------------------------
 
     async def store(self, batch: Sequence[SubjectChanges]) -> None:
+        if not self._layout_known:
+            await self.layout()
         pending = list(by_partition(self.keys, batch).values())
         if pending:
             await self._store_groups(pending, os.urandom(TOKEN_BYTES).hex(), None)
@@ -178,35 +200,56 @@ class RedisStorage:
         acknowledges the entry, all at once.  Writes the turn made to subjects of other partitions
         are stored first, with a write token derived from the event id, so a turn re-run after a
         crash does not apply their callable updates twice.
+
+        With a fence (the receipt's lease), the commit is refused unless the partition's lease is
+        still that one, and the writes to other partitions unless no newer owner of the partition
+        has started: :class:`~krules.errors.LeaseLostError`, nothing of the refused part written.
         """
+        if not self._layout_known:
+            await self.layout()
         groups = by_partition(self.keys, batch)
         own = groups.pop(receipt.partition, [])
         if groups:
             # Stored before the commit, with a token that is the same when the turn is re-run.
             token = hashlib.blake2b(receipt.event_id.encode(), digest_size=TOKEN_BYTES).hexdigest()
-            await self._store_groups(list(groups.values()), token, None)
+            fence = f"{receipt.partition}:{fence_epoch(receipt.fence)}" if receipt.fence else ""
+            await self._store_groups(list(groups.values()), token, None, fence, receipt)
         return await self._store_groups([own], os.urandom(TOKEN_BYTES).hex(), receipt)
 
-    async def _store_groups(self, pending: list[Group], token: str, receipt: StreamCommit | None) -> bool:
+    async def _store_groups(
+        self,
+        pending: list[Group],
+        token: str,
+        receipt: StreamCommit | None,
+        fence: str = "",
+        on_behalf_of: StreamCommit | None = None,
+    ) -> bool:
         """Store each group (one partition's changes) with the store script, retrying conflicts
-        (:mod:`storage.redis.batches`) up to ``update_attempts`` times, then UpdateConflictError."""
+        (:mod:`storage.redis.batches`) up to ``update_attempts`` times, then UpdateConflictError.
+
+        ``fence`` (``<partition>:<epoch>``, plain stores only) is checked in each group's slot."""
         keys = self.keys
         waits = 0
         fresh = True
         for attempt in range(1, self._update_attempts + 1):
             lease = CLAIM_LEASE_MS if attempt > CLAIM_AFTER else 0
             if receipt is None:
-                calls = [store_call(keys, group, token, lease, [], NO_COMMIT) for group in pending]
+                if fence:
+                    header = (*NO_COMMIT[:4], fence)
+                    calls = [
+                        store_call(keys, g, token, lease, [keys.fences(keys.partition(g[0].name))], header)
+                        for g in pending
+                    ]
+                else:
+                    calls = [store_call(keys, group, token, lease, [], NO_COMMIT) for group in pending]
             else:  # a commit: one group, its partition's
                 partition = receipt.partition
                 self._commits += 1
                 window = self.dedupe_window_ms if self._commits % _TRIM_EVERY == 0 else 0
-                commit = (receipt.event_id, receipt.entry_id, CONSUMER_GROUP, window)
+                commit = (receipt.event_id, receipt.entry_id, CONSUMER_GROUP, window, receipt.fence)
+                header_keys = [keys.processed(partition), keys.stream(partition), keys.lease(partition)]
                 calls = [
-                    store_call(
-                        keys, group, token, lease, [keys.processed(partition), keys.stream(partition)], commit
-                    )
-                    for group in pending
+                    store_call(keys, group, token, lease, list(header_keys), commit) for group in pending
                 ]
             replies = await self._run(
                 partial(self._eval_all, self._store_script, calls),
@@ -216,6 +259,8 @@ class RedisStorage:
             unstored: list[Group] = []
             for group, reply in zip(pending, replies, strict=True):
                 status = reply[0]
+                if status == FENCED:
+                    raise _lease_lost(receipt or on_behalf_of, NamesOf([group]))
                 if status == CONFLICT:
                     reapply(group, reply[1:])
                 elif status == ALREADY_COMMITTED:
@@ -236,6 +281,8 @@ class RedisStorage:
         )
 
     async def set(self, name: str, prop: str, value: str, *, ext: bool = False) -> tuple[bool, Any]:
+        if not self._layout_known:
+            await self.layout()
         keys, args = [self.keys.subject(name)], [property_field(prop, ext), value]
         old = await self._run(lambda: self._eval(self._set_script, keys, args), "write subject %r", name)
         self._refresh_remembered((keys[0], args[0]), value)
@@ -244,6 +291,8 @@ class RedisStorage:
     async def update(
         self, name: str, prop: str, fn: Callable[[Any], Any], *, ext: bool = False
     ) -> tuple[Any, Any, bool]:
+        if not self._layout_known:
+            await self.layout()
         key, field = self.keys.subject(name), property_field(prop, ext)
         read = partial(self._run, partial(self._commands.hget, key, field), "update subject %r", name)
         # The first attempt bets on the value this storage last stored there, which saves the read
@@ -292,6 +341,8 @@ class RedisStorage:
         )
 
     async def delete(self, name: str, prop: str, *, ext: bool = False) -> tuple[bool, Any]:
+        if not self._layout_known:
+            await self.layout()
         keys, args = [self.keys.subject(name)], [property_field(prop, ext), WRITE_TOKENS_FIELD, CLAIM_FIELD]
         old = await self._run(
             lambda: self._eval(self._delete_script, keys, args), "delete from subject %r", name
@@ -300,8 +351,50 @@ class RedisStorage:
         return (old is not None, decode(old) if old is not None else None)
 
     async def flush(self, name: str) -> None:
+        if not self._layout_known:
+            await self.layout()
         key = self.keys.subject(name)
         await self._run(partial(self._commands.delete, key), "flush subject %r", name)
+
+    # -- layout --------------------------------------------------------------------------------
+
+    async def recorded_partitions(self) -> int | None:
+        """The partition count recorded under this storage's key prefix (None: none yet)."""
+        raw = await self._run(
+            partial(self._commands.execute, "GET", self.keys.partition_count()), "read the partition count"
+        )
+        return None if raw is None else int(text(raw))
+
+    async def layout(self, *, record: bool = True) -> KeySchema:
+        """Settle the partition count on the one the deployment recorded, and return the keys.
+
+        Done once, before the first read or write: subject keys depend on the count, so a storage
+        never reads nor writes the keys of another layout.  A count asked for that differs from the
+        recorded one is refused (ConfigurationError).  When nothing is recorded, the first writer
+        records its count (the one asked for, or 1): a write records it (``record``), a read uses it
+        without recording (and asks again next time)."""
+        wanted = self.keys.partitions if self._partitions_given else None
+        key = self.keys.partition_count()
+        if record:
+            commands: list[Command] = [("SET", key, wanted or 1, "NX"), ("GET", key)]
+            replies = await self._run(
+                partial(self._commands.execute_many, commands), "record the partition count"
+            )
+            recorded: int | None = int(text(replies[1]))
+        else:
+            recorded = await self.recorded_partitions()
+        if recorded is None:
+            return self.keys
+        if wanted is not None and recorded != wanted:
+            raise ConfigurationError(
+                f"The krules deployment under key prefix {self.keys.prefix!r} has {recorded} partitions, "
+                f"but this storage was opened with partitions={wanted}; open it with partitions={recorded}, "
+                "or leave partitions out to use the recorded count."
+            )
+        if recorded != self.keys.partitions:
+            self.keys = KeySchema(self.keys.prefix, recorded)
+        self._layout_known = True
+        return self.keys
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -321,18 +414,14 @@ class RedisStorage:
     def __repr__(self) -> str:
         return f"RedisStorage(url={self.url!r}, keys={self.keys!r})"
 
-    def with_partitions(self, partitions: int) -> RedisStorage:
-        """This storage's connection and settings, for a deployment of ``partitions`` partitions."""
-        return RedisStorage(
-            self.commands,
-            KeySchema(self.keys.prefix, partitions),
-            url=self.url,
-            retries=self._retries,
-            retry_backoff=self._retry_backoff,
-            retry_backoff_cap=self._retry_backoff_cap,
-            update_attempts=self._update_attempts,
-            dedupe_window=self.dedupe_window_ms / 1000,
-        )
+    def script(self, name: str) -> LuaScript:
+        """The script ``lua/<name>.lua``, loaded with this storage's own (again after a ``NOSCRIPT``
+        reply), for the transport's commands on this storage's connection."""
+        found = lua_script(name)
+        if found not in self._scripts:
+            self._scripts = (*self._scripts, found)
+            self._scripts_missing = True
+        return found
 
     async def run(self, op: Callable[[], Awaitable[_T]], action: str, *details: object) -> _T:
         """Run ``op`` (commands of this storage's connection) with this storage's retries and errors.
@@ -398,3 +487,13 @@ class RedisStorage:
                 )
             except RedisError as exc:
                 raise refused(exc, self.url, action % details) from None
+
+
+def _lease_lost(receipt: StreamCommit | None, names: NamesOf) -> LeaseLostError:
+    if receipt is None:  # not reached: only a fenced call is refused
+        return LeaseLostError(f"Writing subjects {names!r} was refused by a fence.", -1)
+    return LeaseLostError(
+        f"Partition {receipt.partition}'s lease is no longer this instance's, so the turn of event "
+        f"{receipt.event_id!r} was not stored (subjects {names!r}); the partition's new owner runs it.",
+        receipt.partition,
+    )

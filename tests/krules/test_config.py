@@ -59,10 +59,29 @@ def test_a_misspelt_krules_variable_is_refused_naming_the_closest_setting() -> N
         Settings.from_env({"KRULES_CIRCUT_FAILURES": "3"}, extra=MIDDLEWARE_SETTINGS)
 
 
-def test_partition_ownership_accepts_one_id_a_list_all_and_the_short_variable() -> None:
-    assert Settings.from_env({"KRULES_PARTITIONS": "4", "KRULES_PARTITION_ID": "2"}).owned_partitions == (2,)
-    assert Settings.from_env({"KRULES_PARTITIONS": "4", "PARTITION_ID": "3, 1"}).owned_partitions == (1, 3)
-    assert Settings.from_env({"KRULES_PARTITIONS": "3"}).owned_partitions == (0, 1, 2)
+def test_partition_ownership_accepts_auto_one_id_a_list_all_and_the_short_variable() -> None:
+    assert Settings.from_env({"KRULES_PARTITIONS": "4", "KRULES_PARTITION_ID": "2"}).static_partitions == (2,)
+    assert Settings.from_env({"KRULES_PARTITIONS": "4", "PARTITION_ID": "3, 1"}).static_partitions == (1, 3)
+    assert Settings.from_env({"KRULES_PARTITIONS": "3", "KRULES_PARTITION_ID": "all"}).static_partitions == (
+        0,
+        1,
+        2,
+    )
+    assert Settings.from_env({"KRULES_PARTITIONS": "3"}).static_partitions is None  # auto, the default
+    assert Settings.from_env({"KRULES_PARTITION_ID": "AUTO"}).partition_id == "auto"
+
+
+def test_the_partition_count_is_unset_unless_given_and_counts_as_one() -> None:
+    assert Settings.from_env({}).partitions is None
+    assert Settings.from_env({}).partition_count == 1
+    assert Settings.from_env({"KRULES_PARTITIONS": "8"}).partition_count == 8
+
+
+def test_a_lease_shorter_than_two_renewals_is_refused_in_one_sentence() -> None:
+    with pytest.raises(
+        ConfigurationError, match=r"KRULES_LEASE_MS=1500 must be at least twice KRULES_LEASE_RENEW_MS=1000"
+    ):
+        Settings.from_env({"KRULES_LEASE_MS": "1500"})
 
 
 @pytest.mark.parametrize(

@@ -113,7 +113,7 @@ class Instance:
     def wait_reading(self) -> None:
         """Wait until the instance reads its partitions (its partition count is recorded then)."""
         wait_until(
-            lambda: "krules.worker: reading partition(s)" in self.log or not self.running,
+            lambda: "krules.worker: instance " in self.log or not self.running,
             START_TIMEOUT,
             "the instance reading its partitions",
             self.describe,

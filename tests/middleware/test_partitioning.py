@@ -23,7 +23,7 @@ class RecordingTransport:
     async def check(self) -> None:
         return None
 
-    async def send(self, events: Any) -> list[str]:
+    async def send(self, events: Any, on_behalf_of: Any = None) -> list[str]:
         self.sent.extend(events)
         return [event.id for event in events]
 

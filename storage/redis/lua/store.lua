@@ -10,11 +10,15 @@
 -- ARGV[7]  commit: the stream entry to acknowledge, or ''
 -- ARGV[8]  commit: the consumer group
 -- ARGV[9]  commit: 0, or a window in ms: forget processed ids committed longer ago than that
+-- ARGV[10] the fence, or '' for none: for a commit, the partition's lease as its owner holds it
+--          ('<epoch>:<instance>:<nonce>'); for a plain store made on behalf of a turn of partition q,
+--          '<q>:<epoch>' (refused when this slot knows a newer epoch of q)
 -- then, for each subject key in order: nchecks, nsets, ndels, followed by
 --   nchecks pairs (field, the JSON a callable update saw, or '' for "missing"),
 --   nsets pairs (field, JSON to store), and ndels fields to remove.
--- KEYS     plain store: the subject hashes (one partition, hence one cluster slot);
---          commit: the partition's processed-id set, its stream, then the subject hashes
+-- KEYS     plain store: the subject hashes (one partition, hence one cluster slot), after the
+--          partition's fences hash when there is a fence;
+--          commit: the partition's processed-id set, its stream, its lease, then the subject hashes
 --
 -- Returns
 --   {1}  the changes are stored (and, for a commit, the event marked processed and the entry
@@ -25,7 +29,9 @@
 --   {2}  another writer holds an unexpired claim on a subject with callable updates: nothing is
 --        written; retry after a pause;
 --   {3}  commit only: the event was committed before (by another consumer, or by this commit
---        whose reply was lost): nothing is written, the entry is acknowledged.
+--        whose reply was lost): nothing is written, the entry is acknowledged;
+--   {4}  fenced: the lease is not (or no longer) the one given, or a newer owner of partition q
+--        started: nothing is written, nothing acknowledged.
 -- A claim ('<token>:<expiry ms>') lets a writer that keeps losing compare-and-sets win the next
 -- one: it blocks other callable updates of the subject until it is used or expires.
 local unpack = unpack or table.unpack
@@ -39,14 +45,25 @@ local event_id = ARGV[6]
 local entry_id = ARGV[7]
 local group = ARGV[8]
 local window = tonumber(ARGV[9])
+local fence = ARGV[10]
 local first = 1
 if event_id ~= '' then
-  first = 3
+  first = 4
+  if fence ~= '' and redis.call('GET', KEYS[3]) ~= fence then
+    return { 4 }
+  end
   if redis.call('ZSCORE', KEYS[1], event_id) then
     if entry_id ~= '' then
       redis.call('XACK', KEYS[2], group, entry_id)
     end
     return { 3 }
+  end
+elseif fence ~= '' then
+  first = 2
+  local sep = string.find(fence, ':', 1, true)
+  local newest = redis.call('HGET', KEYS[1], string.sub(fence, 1, sep - 1))
+  if newest and tonumber(newest) > tonumber(string.sub(fence, sep + 1)) then
+    return { 4 }
   end
 end
 local CHUNK = 1000 -- arguments per HSET/HDEL, far below Lua's unpack limit
@@ -76,7 +93,7 @@ end
 local plans = {}
 local conflicts = {}
 local blocked = false
-local pos = 10
+local pos = 11
 for k = first, #KEYS do
   local nchecks, nsets, ndels = tonumber(ARGV[pos]), tonumber(ARGV[pos + 1]), tonumber(ARGV[pos + 2])
   local checks = pos + 3

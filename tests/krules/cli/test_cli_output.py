@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -114,10 +115,10 @@ async def test_an_error_line_escapes_what_the_user_typed(
     assert_terminal_safe(err)
 
 
-async def test_the_partitions_table_escapes_a_forged_consumer_name(
+async def test_the_partitions_table_escapes_a_forged_instance_name(
     instance: RedisModeApp, raw: aioredis.Redis, env: None, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    seen = json.dumps({"partitions": [0], "seen": 0})
+    seen = json.dumps({"mode": "static", "wants": [0], "seen": int(time.time() * 1000)})
     await raw.hset(instance.storage.keys.instances(), f"evil\n0  0  0  0  fake{ESC}[8m", seen)
 
     code, out, _ = await krules(capsys, "partitions")

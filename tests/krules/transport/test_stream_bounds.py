@@ -14,6 +14,7 @@ from krules.config import Settings
 from krules.context import EventContext
 from krules.testing import wait_until
 from krules.testing.redis_server import LocalRedisServer
+from krules.transport.redis_leases import PartitionLeases
 from krules.transport.redis_streams import RedisStreams
 from krules.transport.stream_client import AsyncStreamClient
 from storage.redis import create_redis_storage
@@ -30,7 +31,7 @@ the node holding the oldest entry still needed."""
 async def streams(redis_server: LocalRedisServer, redis_key_prefix: str) -> AsyncIterator[RedisStreams]:
     """The streams of an instance owning partition 0 of 1, opened (its group exists), no worker."""
     storage = create_redis_storage(redis_server.url, redis_key_prefix)
-    streams = RedisStreams(storage, partitions=(0,), consumer="trimmer")
+    streams = RedisStreams(storage, leases=PartitionLeases(storage, name="trimmer", wanted=(0,)))
     await streams.open()
     yield streams
     await streams.close()
