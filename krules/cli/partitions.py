@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 
 __all__ = ["command_partitions"]
 
+
 async def _partition_status(settings: Settings) -> tuple[str, list[PartitionStatus]]:
     from krules.transport.redis_streams import RedisStreams
 

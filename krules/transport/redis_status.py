@@ -35,7 +35,9 @@ async def partition_status(storage: RedisStorage) -> list[PartitionStatus]:
     if count_raw is None:
         return []
     partitions = int(text(count_raw))
-    instances = await storage.run(partial(commands.execute, "HGETALL", keys.instances()), "read the instances")
+    instances = await storage.run(
+        partial(commands.execute, "HGETALL", keys.instances()), "read the instances"
+    )
     registered: dict[str, dict[str, Any]] = {}
     for name, raw in (fields(instances) or {}).items():
         try:
