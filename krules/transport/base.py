@@ -159,10 +159,10 @@ class PartitionSource(Protocol):
         first partitions."""
         ...
 
-    async def tend(self) -> list[int]:
-        """Keep the partitions: renew their leases, take a share of the free ones; return those to
-        stop reading (handed back or lost), which :meth:`give_back` releases once their turns are
-        over."""
+    async def tend(self, taking: bool = True) -> list[int]:
+        """Keep the partitions: renew their leases, take a share of the free ones (unless not
+        ``taking``: a stopping instance only keeps what it has); return those to stop reading
+        (handed back or lost), which :meth:`give_back` releases once their turns are over."""
         ...
 
     async def give_back(self, partitions: list[int]) -> None:

@@ -107,7 +107,7 @@ class MemoryStreams:
     async def open(self) -> None:
         """Nothing to create in memory."""
 
-    async def tend(self) -> list[int]:
+    async def tend(self, taking: bool = True) -> list[int]:
         """Nothing to renew: no other instance can take a partition."""
         return []
 

@@ -145,6 +145,7 @@ class PartitionLeases:
         self._scripts: dict[str, LuaScript] = {
             name: storage.script(name) for name in ("acquire", "renew", "fence", "members")
         }
+        self._found_lost: list[int] = []
         self._registered = False
         self._warned_shared_name = False
         self._warned_standby = False
@@ -165,18 +166,22 @@ class PartitionLeases:
 
     # -- one round -----------------------------------------------------------------------------
 
-    async def tend(self) -> Tending:
-        """Register, renew, rebalance: see the module docstring.  Storage errors propagate (after the
-        leases whose time ran out locally are dropped: they may be another's by now)."""
+    async def tend(self, taking: bool = True) -> Tending:
+        """Register, renew, rebalance (taking partitions only when ``taking``: not while stopping):
+        see the module docstring.  Storage errors propagate (after the leases whose time ran out
+        locally are dropped: they may be another's by now)."""
         done = Tending()
         try:
-            await self._tend(done)
+            await self._tend(done, taking)
         except Exception:
             self._expire_locally(done)
+            self._found_lost = done.give_back + self._found_lost  # handed back by the next round
             raise
         return done
 
-    async def _tend(self, done: Tending) -> None:
+    async def _tend(self, done: Tending, taking: bool) -> None:
+        done.give_back += self._found_lost
+        self._found_lost = []
         members = await self._register()
         partitions = self.keys.partitions
         held = dict(self.held)
@@ -195,7 +200,8 @@ class PartitionLeases:
                 self._lose(p, text(reply[1]) if len(reply) > 1 else None, done)
                 holders[p] = text(reply[1]) if len(reply) > 1 else None
         self._expire_locally(done)
-        self._rebalance(members, holders, done)
+        if taking:
+            self._rebalance(members, holders, done)
         if done.acquired:
             await self._publish(done.acquired)
 
@@ -306,13 +312,13 @@ class PartitionLeases:
                 value = text(reply[1])
                 taken.append((p, Lease(value, int(value.partition(":")[0]), sent + self.lease_ms / 1000)))
         fence = self._scripts["fence"].sha
+        epochs: list[int] = []
+        for p, lease in taken:
+            epochs += (p, lease.epoch)
         publish: list[Command] = [
-            ("EVALSHA", fence, 1, keys.fences(q), p, lease.epoch)
-            for p, lease in taken
-            for q in range(keys.partitions)
-            if q != p
-        ]
-        if publish:
+            ("EVALSHA", fence, 1, keys.fences(q), *epochs) for q in range(keys.partitions)
+        ]  # one call per slot (its own partition's epoch is there already: raising it is a no-op)
+        if epochs:
             await self._run(publish, "publish the new partition epochs")
         wanted.clear()
         for p, lease in taken:
@@ -322,11 +328,14 @@ class PartitionLeases:
             self.acquired_total += 1
             self._notify("acquired", p)
 
-    def _lose(self, partition: int, holder: str | None, done: Tending) -> None:
+    def _lose(self, partition: int, holder: str | None, done: Tending | None) -> None:
         if self.held.pop(partition, None) is None:
             return
         self.lost_total += 1
-        done.give_back.append(partition)
+        if done is not None:
+            done.give_back.append(partition)
+        else:
+            self._found_lost.append(partition)
         self.draining.add(partition)
         _log.warning(
             "lost partition %d: its lease is %s; its turns under way here will not be committed, "
@@ -346,10 +355,9 @@ class PartitionLeases:
                 self._lose(p, None, done)
 
     def lost(self, partition: int) -> None:
-        """Record that a fenced call found ``partition``'s lease gone (the next tend hands it back)."""
-        lease = self.held.get(partition)
-        if lease is not None:
-            self.held[partition] = Lease(lease.value, lease.epoch, 0.0)
+        """Record that a fenced call found ``partition``'s lease gone: it is no longer read, and the
+        next :meth:`tend` hands it back."""
+        self._lose(partition, None, None)
 
     # -- handing back ------------------------------------------------------------------------
 

@@ -127,6 +127,7 @@ class RedisStreams:
         self._cursors: dict[int, str] = {}  # "0": own pending entries first; ">": new ones
         self._claim_cursors: dict[int, str] = {}
         self._owned_changed = asyncio.Event()
+        self._ready: set[int] = set()  # owned partitions whose takeover is done: those are read
         self._scripts = {name: storage.script(name) for name in ("read", "claim", "append")}
         self._count_checked = count_checked
         self.max_backlog = max_backlog
@@ -155,8 +156,11 @@ class RedisStreams:
 
     @property
     def partitions(self) -> tuple[int, ...]:
-        """The partitions this instance owns and reads now."""
-        return self.leases.owned() if self.leases is not None else ()
+        """The partitions this instance owns and reads now (once taken over)."""
+        if self.leases is None:
+            return ()
+        ready = self._ready
+        return tuple(p for p in self.leases.owned() if p in ready)
 
     async def open(self) -> None:
         """Check the partition count, register this instance and take its first partitions."""
@@ -166,20 +170,23 @@ class RedisStreams:
         self._reader = self._commands.blocking(self._block_timeout)
         await self.tend()
 
-    async def tend(self) -> list[int]:
+    async def tend(self, taking: bool = True) -> list[int]:
         """Renew and rebalance the leases (:meth:`PartitionLeases.tend`); start reading the
         partitions taken, pending entries first; return those to stop reading, whose turns the
         caller lets finish before :meth:`give_back`."""
         if self.leases is None:
             return []
-        done = await self.leases.tend()
+        done = await self.leases.tend(taking)
         for partition in done.give_back:
+            self._ready.discard(partition)
             self._cursors.pop(partition, None)
             self._claim_cursors.pop(partition, None)
-        for partition in done.acquired:
-            await self._take_over(partition)
-        if done.acquired or done.give_back:
+        if done.give_back:
             self._owned_changed.set()
+        # Taken partitions are read once their takeover is done (tried again next round if it failed).
+        for partition in self.leases.owned():
+            if partition not in self._ready:
+                await self._take_over(partition)
         return done.give_back
 
     async def give_back(self, partitions: list[int]) -> None:
@@ -212,6 +219,8 @@ class RedisStreams:
                 break
         self._cursors[partition] = "0"
         self._claim_cursors[partition] = "0-0"
+        self._ready.add(partition)
+        self._owned_changed.set()
         lease = self.leases.held[partition]
         _log.info(
             "took partition %d (epoch %d)%s",

@@ -179,7 +179,7 @@ class PartitionWorker:
         while True:
             await asyncio.sleep(every)
             try:
-                handed = await self.source.tend()
+                handed = await self.source.tend(taking=not self._stopping)
             except KRulesError as exc:
                 logger.warning(
                     "renewing the partition leases failed (%s); trying again in %.1f s", exc, every
