@@ -197,8 +197,10 @@ class PartitionLeases:
                 self.held[p] = Lease(lease.value, lease.epoch, sent + self.lease_ms / 1000)
                 holders[p] = lease.value
             else:
-                self._lose(p, text(reply[1]) if len(reply) > 1 else None, done)
-                holders[p] = text(reply[1]) if len(reply) > 1 else None
+                holder = text(reply[1]) if len(reply) > 1 else None
+                why = f"its lease is held by instance {_holder_name(holder)!r} now" if holder else ""
+                self._lose(p, why or "its lease is gone (expired, or Redis lost it)", done)
+                holders[p] = holder
         self._expire_locally(done)
         if taking:
             self._rebalance(members, holders, done)
@@ -328,7 +330,7 @@ class PartitionLeases:
             self.acquired_total += 1
             self._notify("acquired", p)
 
-    def _lose(self, partition: int, holder: str | None, done: Tending | None) -> None:
+    def _lose(self, partition: int, why: str, done: Tending | None) -> None:
         if self.held.pop(partition, None) is None:
             return
         self.lost_total += 1
@@ -338,12 +340,10 @@ class PartitionLeases:
             self._found_lost.append(partition)
         self.draining.add(partition)
         _log.warning(
-            "lost partition %d: its lease is %s; its turns under way here will not be committed, "
-            "and its new owner runs their entries",
+            "lost partition %d: %s; its turns under way here will not be committed, and its new owner "
+            "runs their entries",
             partition,
-            f"held by instance {_holder_name(holder)!r} now"
-            if holder
-            else "gone (expired, or Redis lost it)",
+            why,
         )
         self._notify("lost", partition)
 
@@ -352,12 +352,14 @@ class PartitionLeases:
         now = time.monotonic()
         for p, lease in list(self.held.items()):
             if lease.deadline <= now:
-                self._lose(p, None, done)
+                self._lose(p, "its lease could not be renewed in time (Redis unreachable or slow)", done)
 
     def lost(self, partition: int) -> None:
         """Record that a fenced call found ``partition``'s lease gone: it is no longer read, and the
         next :meth:`tend` hands it back."""
-        self._lose(partition, None, None)
+        self._lose(
+            partition, "its lease is no longer this instance's (a fenced read or claim found it)", None
+        )
 
     # -- handing back ------------------------------------------------------------------------
 

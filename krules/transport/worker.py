@@ -120,9 +120,10 @@ class PartitionWorker:
                     task.cancel()
                 raise
             finally:
-                if tending is not None:
-                    tending.cancel()
-                    await asyncio.gather(tending, return_exceptions=True)
+                stopping = [*self._handing.values(), *([tending] if tending is not None else [])]
+                for task in stopping:  # closing the source releases what they would have
+                    task.cancel()
+                await asyncio.gather(*stopping, return_exceptions=True)
                 await self.source.close()
 
     def stop(self) -> None:
