@@ -190,9 +190,17 @@ class PartitionLeases:
         renew = self._scripts["renew"].sha
         for p, lease in held.items():
             commands.append(("EVALSHA", renew, 1, self.keys.lease(p), lease.value, self.lease_ms))
+        commands.append(("SET", self.keys.partition_count(), partitions, "NX"))
         replies = await self._run(commands, "renew the partition leases")
+        if replies[-1] is not None:  # it was missing: Redis lost its data (restarted without persistence?)
+            _log.warning(
+                "the deployment's partition count was missing from Redis (restarted without persistence, "
+                "or its keys deleted?); recorded it again (%d), and partitions whose leases are gone are "
+                "taken again with newer epochs",
+                partitions,
+            )
         holders = [None if reply is None else text(reply) for reply in replies[:partitions]]
-        for (p, lease), reply in zip(held.items(), replies[partitions:], strict=True):
+        for (p, lease), reply in zip(held.items(), replies[partitions : partitions + len(held)], strict=True):
             if int(reply[0]) == 1:
                 self.held[p] = Lease(lease.value, lease.epoch, sent + self.lease_ms / 1000)
                 holders[p] = lease.value

@@ -298,3 +298,31 @@ async def _equals(value: Any, expected: Any) -> bool:
 
 async def _true(value: bool) -> bool:
     return value
+
+
+async def test_an_instance_whose_redis_lost_every_key_records_the_count_again_and_goes_on(
+    make_instance: Callable[..., Instance], raw: aioredis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="krules.partitions")
+    instance = make_instance(partitions=2, consumer="amnesiac")
+
+    @instance.on("count.inc")
+    async def count(ctx: EventContext) -> None:
+        await ctx.subject.set("count", lambda n: (n or 0) + 1)
+
+    await instance.start()
+    await instance.emit("count.inc", "before")
+    await wait_until(lambda: _equals(_count(instance.storage, "before"), 1))
+    keys = instance.storage.keys
+    await raw.delete(*[key async for key in raw.scan_iter(match=f"{keys.prefix}*")])  # a restart without data
+
+    await wait_until(lambda: _equals(raw.get(keys.partition_count()), "2"))
+    await wait_until(lambda: _equals(instance.streams.partitions, (0, 1)))
+    assert "recorded it again (2)" in caplog.text
+    for name in ("after-1", "after-2", "after-3"):
+        await instance.emit("count.inc", name)
+
+    async def counted() -> bool:
+        return [await _count(instance.storage, n) for n in ("after-1", "after-2", "after-3")] == [1, 1, 1]
+
+    await wait_until(counted)
