@@ -326,3 +326,39 @@ async def test_an_instance_whose_redis_lost_every_key_records_the_count_again_an
         return [await _count(instance.storage, n) for n in ("after-1", "after-2", "after-3")] == [1, 1, 1]
 
     await wait_until(counted)
+
+
+async def test_a_turn_that_outlived_its_lease_is_dropped_and_run_again_by_the_next_owner(
+    make_instance: Callable[..., Instance], raw: aioredis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING)
+    instance = make_instance(partitions=1, consumer="slow")
+    entered, go_on = asyncio.Event(), asyncio.Event()
+    runs: list[str] = []
+
+    @instance.on("count.inc")
+    async def count(ctx: EventContext) -> None:
+        runs.append(ctx.subject.name)
+        if len(runs) == 1:
+            entered.set()
+            await go_on.wait()  # paused past its lease
+        await ctx.subject.set("count", lambda n: (n or 0) + 1)
+
+    await instance.start()
+    await instance.emit("count.inc", "late")
+    await asyncio.wait_for(entered.wait(), 5)
+    keys = instance.storage.keys
+    await raw.set(keys.lease(0), f"{int(time.time() * 1000) + 10_000}:other:0000", px=300)  # taken meanwhile
+    await wait_until(lambda: _equals(instance.streams.partitions, ()))
+    go_on.set()
+
+    await wait_until(lambda: _true("was not committed here" in caplog.text))
+    # The other instance's lease runs out; this one takes the partition again, with the entry.
+    await wait_until(lambda: _equals(_count(instance.storage, "late"), 1))
+    assert runs == ["late", "late"]
+    assert await raw.xpending(keys.stream(0), "krules") == {
+        "pending": 0,
+        "min": None,
+        "max": None,
+        "consumers": [],
+    }
