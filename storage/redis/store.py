@@ -135,6 +135,7 @@ class RedisStorage:
         self._last_values: dict[tuple[str, str], str | None] = {}
         self._commits = 0
         self._partitions_given = partitions_given
+        self._commit_keys: dict[int, tuple[str, str, str]] = {}  # partition -> a commit's header keys
         self._layout_known = False
 
     # -- reads ---------------------------------------------------------------------------------
@@ -247,10 +248,14 @@ class RedisStorage:
                 self._commits += 1
                 window = self.dedupe_window_ms if self._commits % _TRIM_EVERY == 0 else 0
                 commit = (receipt.event_id, receipt.entry_id, CONSUMER_GROUP, window, receipt.fence)
-                header_keys = [keys.processed(partition), keys.stream(partition), keys.lease(partition)]
-                calls = [
-                    store_call(keys, group, token, lease, list(header_keys), commit) for group in pending
-                ]
+                head = self._commit_keys.get(partition)
+                if head is None:
+                    head = self._commit_keys[partition] = (
+                        keys.processed(partition),
+                        keys.stream(partition),
+                        keys.lease(partition),
+                    )
+                calls = [store_call(keys, group, token, lease, list(head), commit) for group in pending]
             replies = await self._run(
                 partial(self._eval_all, self._store_script, calls),
                 "store subjects %r",
@@ -393,6 +398,7 @@ class RedisStorage:
             )
         if recorded != self.keys.partitions:
             self.keys = KeySchema(self.keys.prefix, recorded)
+            self._commit_keys.clear()
         self._layout_known = True
         return self.keys
 
