@@ -7,26 +7,39 @@ event to its partition's stream; the entry format is :mod:`krules.transport.base
 instance that owns partitions, the :class:`~krules.transport.base.PartitionSource` its
 :class:`~krules.transport.worker.PartitionWorker` reads.  Keys are :mod:`storage.redis.keys`'s;
 every command goes through the subject storage's connection and retry policy, except the
-blocking ``XREADGROUP``, which has a connection of its own (a blocked read must not hold back the
-storage's replies).
+blocking ``XREAD`` that waits for new entries, which has a connection of its own (a blocked read
+must not hold back the storage's replies).
 
-What a consumer does, per partition it owns:
+An instance reads only the partitions it holds a lease on (:mod:`krules.transport.redis_leases`),
+and everything it does on their behalf carries the lease as a *fence*: the reads and claims
+(``lua/read.lua``, ``lua/claim.lua``) and the commit (``lua/store.lua``) check that the lease is still
+the one the entry was read under, and writes to other partitions, forwards and a turn's outbox
+(``lua/append.lua``) that no newer owner of the partition has started.  An instance that lost a
+partition, paused or cut off, can therefore take, commit or send nothing of it afterwards
+(:class:`~krules.errors.LeaseLostError`); its new owner runs the entries.
+
+What an instance does, per partition it owns:
 
 * on :meth:`RedisStreams.open`: check the partition count recorded in Redis (record it when it is
-  the first instance), create the stream and the consumer group ``krules`` if missing, register
-  itself in the instances hash;
-* :meth:`~RedisStreams.read`: first its own pending entries (left by a previous run under the same
-  consumer name, or by a turn whose commit failed), then new ones, ``COUNT`` at a time, blocking;
+  the first instance), then take its first partitions (:meth:`~RedisStreams.tend`);
+* :meth:`~RedisStreams.tend` (every ``KRULES_LEASE_RENEW_MS``): renew the leases, take a share of
+  the free partitions, hand back those to give up; a partition taken is *taken over* before it is
+  read: its stream and group created if missing, and every entry still pending in the group (the
+  previous owner's) claimed, so that they are read first, in stream order;
+* :meth:`~RedisStreams.read`: first its own pending entries, then new ones, ``COUNT`` at a time, one
+  fenced script per partition in one round trip, then a blocking ``XREAD`` when none had anything;
   one ``ZMSCORE`` per batch drops the entries whose event id the partition already committed (an
   event re-sent by a re-run turn, a client retry), acknowledging them;
-* :meth:`~RedisStreams.reclaim`: ``XAUTOCLAIM`` entries idle longer than ``claim_idle_ms`` (a
-  consumer died holding them), with their delivery counts from ``XPENDING``;
+* :meth:`~RedisStreams.reclaim`: claim back its own entries idle longer than ``claim_idle_ms`` (a
+  turn whose commit kept failing), with their delivery counts from ``XPENDING``;
 * :meth:`~RedisStreams.forward` appends an entry that belongs to another partition there, marked
   ``hops=1``, and acknowledges it (an entry the worker will not process becomes a dead-letter
   subject, committed with its ack through the storage: see :mod:`krules.transport.worker`);
-* :meth:`~RedisStreams.maintain`: refresh the registration, and trim each stream to its oldest
-  entry still pending or not yet delivered (one consumer group per stream, so nothing before that
-  is needed again), ``XTRIM ... LIMIT`` repeated until done, so trimming keeps up at any rate.
+* :meth:`~RedisStreams.maintain`: trim each stream to its oldest entry still pending or not yet
+  delivered (one consumer group per stream, so nothing before that is needed again), ``XTRIM ...
+  LIMIT`` repeated until done, so trimming keeps up at any rate; forget the consumers of earlier
+  owners that have nothing pending;
+* :meth:`~RedisStreams.close`: release the leases (their turns are over by then) and unregister.
 """
 
 from __future__ import annotations

@@ -30,8 +30,13 @@ writes of the entry's partition in one script; its writes to other partitions (t
 subject and the index usually live elsewhere) are stored just before and are idempotent, so a crash
 in between only means the entry is taken again and the same dead letter rewritten.
 
-A maintenance task reclaims entries other consumers left idle longer than ``KRULES_CLAIM_IDLE_MS``
-(they died) and keeps the streams trimmed.  :meth:`PartitionWorker.stop` (or cancelling
+A maintenance task reclaims entries left idle longer than ``KRULES_CLAIM_IDLE_MS`` and keeps the
+streams trimmed.  Another keeps the partitions (every ``KRULES_LEASE_RENEW_MS``: the source's
+``tend``): a partition the source hands back (the share moved to another instance) or lost (its
+lease gone) is no longer read; once the turns already started for it are over, it is released.  A
+turn whose commit is refused because its partition's lease is gone
+(:class:`~krules.errors.LeaseLostError`) is dropped here, not retried nor dead-lettered: the
+partition's new owner runs its entry.  :meth:`PartitionWorker.stop` (or cancelling
 :meth:`PartitionWorker.run`) stops reading; the turns under way finish and commit, and
 :meth:`krules.engine.Engine.close` waits for them (cancelling ``run`` again while they drain, as a
 shutdown past its deadline does, cancels them: their entries stay pending, taken again later).
