@@ -361,6 +361,7 @@ class Engine:
                     raise turn.aborted
                 if taken or receipt is not None or turn.outbox:
                     await turn.commit(taken)
+                turn.release_subjects()
                 return turn
             finally:
                 admission.leave(name)

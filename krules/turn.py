@@ -72,6 +72,15 @@ class Turn:
             subject._turn = self
         return subject
 
+    def release_subjects(self) -> None:
+        """Unlink the turn's subjects from it once it is stored, so that no reference cycle is left
+        per turn (they are freed at once, not by the cyclic garbage collector)."""
+        for subject in self.subjects.values():
+            subject._turn = None
+        if self._others:
+            for subject in self._others:
+                subject._turn = None
+
     def adopt(self, subject: Subject) -> None:
         """Make a subject created elsewhere part of this turn, so its cached writes are stored too."""
         subject._turn = self
