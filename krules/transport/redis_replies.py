@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from storage.redis._resp_connection import undecoded
 from storage.redis.keys import CONSUMER_GROUP
 
 __all__ = ["entry_fields", "fields", "flat_map", "group_info", "stream_entries", "stream_id", "text"]
@@ -18,6 +19,10 @@ __all__ = ["entry_fields", "fields", "flat_map", "group_info", "stream_entries",
 
 def text(value: Any) -> str:
     """A reply item as ``str`` (undecodable bytes replaced, never raising)."""
+    if type(value) is str:
+        if value.isascii():
+            return value
+        value = undecoded(value)  # the C parser's escapes of bytes that are not UTF-8
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
 
@@ -36,9 +41,14 @@ def entry_fields(raw: Any) -> dict[str, str | bytes] | None:
     if raw is None:
         return None
     if isinstance(raw, dict):
-        return {text(k): v for k, v in raw.items()}
+        return {text(k): _value(v) for k, v in raw.items()}
     pairs = iter(raw)
-    return {text(k): v for k, v in zip(pairs, pairs, strict=True)}
+    return {text(k): _value(v) for k, v in zip(pairs, pairs, strict=True)}
+
+
+def _value(value: Any) -> Any:
+    """An entry's value as received: text, or bytes when it is not UTF-8 (whichever parser read it)."""
+    return undecoded(value) if type(value) is str and not value.isascii() else value
 
 
 def stream_entries(raw: Any) -> list[tuple[str, dict[str, str | bytes] | None]]:

@@ -40,7 +40,15 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import InvalidResponse, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-__all__ = ["Arg", "Command", "MultiplexedConnection", "pack_command", "parse_reply"]
+__all__ = [
+    "ENCODING_ERRORS",
+    "Arg",
+    "Command",
+    "MultiplexedConnection",
+    "pack_command",
+    "parse_reply",
+    "undecoded",
+]
 
 Arg = str | bytes | int | float
 Command = Sequence[Arg]
@@ -54,12 +62,33 @@ _ERROR: Final = ord("-")
 # redis-py's mapping of error codes to exceptions (NOSCRIPT -> NoScriptError...), typed here.
 _error_for: Callable[[str], RedisError] = BaseParser.parse_error
 
+_hiredis: Any
+try:  # the C parser and packer redis-py itself uses when it is installed (a dependency of krules)
+    import hiredis as _hiredis
+except ImportError:  # pragma: no cover - the pure-Python parser below does the same, slower
+    _hiredis = None
+
+ENCODING_ERRORS: Final = "surrogateescape"
+"""How the C parser decodes a bulk string that is not UTF-8: each byte that does not decode becomes a
+lone surrogate (``U+DC80`` to ``U+DCFF``), which no UTF-8 text holds, so :func:`undecoded` gives the
+bytes back."""
+
 
 # -- RESP2 -------------------------------------------------------------------------------------
 
 
 def pack_command(args: Command) -> bytes:
     """Encode one command as a RESP array of bulk strings (str as UTF-8, numbers in decimal)."""
+    if _hiredis is not None:
+        try:
+            packed: bytes = _hiredis.pack_command(args if type(args) is tuple else tuple(args))
+            return packed
+        except TypeError:
+            pass  # a bool, or another type: the pure-Python packer names it
+    return _pack_command(args)
+
+
+def _pack_command(args: Command) -> bytes:
     parts = [b"*%d\r\n" % len(args)]
     for arg in args:
         if type(arg) is str:  # the usual case first, without isinstance's subclass walk
@@ -135,6 +164,18 @@ def parse_reply(buf: bytes, pos: int = 0) -> tuple[Any, int]:
 # -- the multiplexed connection ----------------------------------------------------------------
 
 
+def undecoded(value: str) -> str | bytes:
+    """A bulk string as the server holds it: ``value``, or its bytes when the C parser found them
+    not UTF-8 (see :data:`ENCODING_ERRORS`); what the pure-Python parser gives directly."""
+    if value.isascii():
+        return value
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return value.encode("utf-8", ENCODING_ERRORS)
+    return value
+
+
 class _Link(asyncio.Protocol):
     """One socket's commands in flight: the protocol the transport calls back once connected."""
 
@@ -149,6 +190,16 @@ class _Link(asyncio.Protocol):
         self._outbox: list[bytes] = []
         self._partial = bytearray()
         self._need = 0
+        self._reader = (
+            None
+            if _hiredis is None
+            else _hiredis.Reader(
+                protocolError=InvalidResponse,
+                replyError=_error_for,
+                encoding="utf-8",
+                errors=ENCODING_ERRORS,
+            )
+        )
         self._replies = 0  # replies read so far: the watchdog's measure of progress
         self._replies_seen = 0
         self._watchdog: asyncio.TimerHandle | None = None
@@ -184,6 +235,10 @@ class _Link(asyncio.Protocol):
     # -- asyncio.Protocol --------------------------------------------------------------------
 
     def data_received(self, data: bytes) -> None:
+        reader = self._reader
+        if reader is not None:
+            self._read_c(reader, data)
+            return
         if self._partial:
             self._partial += data
             if len(self._partial) < self._need:
@@ -205,6 +260,25 @@ class _Link(asyncio.Protocol):
             self._partial += data[pos:]
             self._need = incomplete.need - pos
         except (InvalidResponse, ValueError) as exc:  # ValueError: a malformed length
+            self._fail(RedisConnectionError(f"Unreadable reply from {self._where}: {exc}"))
+        self._replies += read
+
+    def _read_c(self, reader: Any, data: bytes) -> None:
+        """:meth:`data_received` with the C parser, which keeps a partial reply itself."""
+        waiters = self._waiters
+        read = 0
+        try:
+            reader.feed(data)
+            reply = reader.gets()
+            while reply is not False:
+                read += 1
+                if not waiters:
+                    raise InvalidResponse(f"Protocol error: a reply nobody asked for: {reply!r}")
+                waiter = waiters.popleft()
+                if not waiter.done():  # a cancelled caller's reply is dropped
+                    waiter.set_result(reply)
+                reply = reader.gets()
+        except (InvalidResponse, ValueError) as exc:
             self._fail(RedisConnectionError(f"Unreadable reply from {self._where}: {exc}"))
         self._replies += read
 

@@ -9,6 +9,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from krules.testing.redis_server import LocalRedisServer
+from storage.redis._resp_connection import undecoded
 from storage.redis.commands import ClientCommands, ConnectionCommands, RedisCommands
 
 pytestmark = pytest.mark.redis_server
@@ -36,7 +37,7 @@ def values(reply: object) -> list[object]:
     return list(fields.values()) if isinstance(fields, dict) else list(fields[1::2])
 
 
-async def test_stream_reads_give_a_value_that_is_not_utf8_as_bytes(
+async def test_stream_reads_give_a_value_that_is_not_utf8_back_as_its_bytes(
     commands: RedisCommands, redis_key_prefix: str
 ) -> None:
     stream = f"{redis_key_prefix}stream"
@@ -48,5 +49,6 @@ async def test_stream_reads_give_a_value_that_is_not_utf8_as_bytes(
 
     for reply in (read[1], claimed[1]):
         first, second = values(reply)
-        assert first == b"\xff\xfe"  # never replaced, never an error
+        # never replaced, never an error: bytes, or the C parser's escapes of them
+        assert (undecoded(first) if isinstance(first, str) else first) == b"\xff\xfe"
         assert second in ("caf\xe9", "caf\xe9".encode())

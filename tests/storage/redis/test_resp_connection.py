@@ -18,6 +18,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ReadOnlyError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+import storage.redis._resp_connection as resp_connection
 from krules.testing.redis_server import LocalRedisServer, find_redis_server, free_port
 from storage.base import SubjectChanges
 from storage.redis import RedisStorage
@@ -135,13 +136,23 @@ REPLIES: list[tuple[bytes, Any]] = [
 STREAM = b"".join(data for data, _ in REPLIES)
 
 
+@pytest.fixture(params=["c", "python"])
+def parser(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Each link test runs with the C parser (hiredis, when installed) and the pure-Python one."""
+    if request.param == "python":
+        monkeypatch.setattr(resp_connection, "_hiredis", None)
+    elif resp_connection._hiredis is None:
+        pytest.skip("hiredis is not installed")
+    return str(request.param)
+
+
 def outcome(waiter: asyncio.Future[Any]) -> Any:
     result = waiter.result()
     return (type(result), str(result)) if isinstance(result, Exception) else result
 
 
 @pytest.mark.parametrize("cut", range(1, len(STREAM)))
-async def test_replies_cut_anywhere_reach_their_callers_in_order(cut: int) -> None:
+async def test_replies_cut_anywhere_reach_their_callers_in_order(cut: int, parser: str) -> None:
     link = _Link(FakeTransport(), "fake", None)
     waiters = link.send(b"(commands)", len(REPLIES))
 
@@ -151,7 +162,7 @@ async def test_replies_cut_anywhere_reach_their_callers_in_order(cut: int) -> No
     assert [outcome(waiter) for waiter in waiters] == [value for _, value in REPLIES]
 
 
-async def test_replies_arriving_one_byte_at_a_time_reach_their_callers() -> None:
+async def test_replies_arriving_one_byte_at_a_time_reach_their_callers(parser: str) -> None:
     link = _Link(FakeTransport(), "fake", None)
     waiters = link.send(b"(commands)", len(REPLIES))
 
@@ -180,7 +191,7 @@ async def test_a_command_sent_while_others_await_replies_waits_for_the_end_of_th
     ids=["unknown-type", "bad-length", "reply-nobody-asked-for"],
 )
 async def test_a_reply_that_is_not_resp2_or_not_asked_for_fails_the_link(
-    garbage: bytes, answered: bool
+    garbage: bytes, answered: bool, parser: str
 ) -> None:
     transport = FakeTransport()
     link = _Link(transport, "fake", None)
