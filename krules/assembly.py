@@ -164,6 +164,9 @@ def assemble(
         if metrics is not None:
             worker.partition_observers.append(_partition_exporter(metrics))
             worker.dead_letter_observers.append(metrics.record_dead_letter)
+            leases = getattr(worker.source, "leases", None)  # a transport whose partitions are leased
+            if leases is not None:
+                leases.observers.append(_ownership_exporter(metrics, leases))
     return instance
 
 
@@ -212,5 +215,19 @@ def _partition_exporter(metrics: Any) -> Callable[[int, PartitionFigures], None]
             metrics.record_stream_length(partition, figures.length)
         if figures.trimmed:
             metrics.record_stream_trimmed(partition, figures.trimmed)
+
+    return export
+
+
+def _ownership_exporter(metrics: Any, leases: Any) -> Callable[[str, int], None]:
+    """Counts each handover (``acquired`` / ``released``) and lease lost, and sets the owned
+    partitions' gauge, as ``leases`` reports them (``observers``, ``owned()``)."""
+
+    def export(what: str, partition: int) -> None:
+        if what == "lost":
+            metrics.record_lease_lost()
+        else:
+            metrics.record_handover(what)
+        metrics.record_partitions_owned(len(leases.owned()))
 
     return export

@@ -31,6 +31,15 @@ and tests never collide); ``registry=`` injects one.  Metrics:
   (:meth:`MetricsMiddleware.record_stream_length`, :meth:`MetricsMiddleware.record_stream_trimmed`).
 - ``krules_rerouted_total{partition}``: events the partitioning middleware sent to their owner's
   partition (:meth:`MetricsMiddleware.record_reroute`).
+- ``krules_partitions_owned``: the partitions this instance owns and reads, set at each handover
+  (:meth:`MetricsMiddleware.record_partitions_owned`); summed over a deployment's instances, the
+  partitions being processed.
+- ``krules_partition_handovers_total{direction}``: partitions this instance took (``acquired``) or
+  handed back after their turns committed (``released``), :meth:`MetricsMiddleware.record_handover`.
+- ``krules_partition_leases_lost_total``: partition leases this instance lost (expired before it
+  renewed them, e.g. paused or cut off from Redis, or found taken): the turns it had under way for
+  those partitions were not committed and their new owner runs them
+  (:meth:`MetricsMiddleware.record_lease_lost`).
 
 Register it before (outside) the retry middleware: it then counts one call per event and handler,
 with the final attempt count; inside it, every attempt would count as a call and the retries
@@ -75,6 +84,7 @@ __all__ = [
     "CIRCUIT_STATES",
     "DURATION_BUCKETS",
     "ENGINE_EVENT_TYPES",
+    "HANDOVER_DIRECTIONS",
     "OTHER_EVENT_TYPE",
     "MetricsMiddleware",
     "event_label",
@@ -102,6 +112,9 @@ DURATION_BUCKETS: Final = (
 
 CIRCUIT_STATES: Final = {"closed": 0, "half-open": 1, "half_open": 1, "open": 2}
 """Circuit breaker state -> value of the ``krules_circuit_state`` gauge."""
+
+HANDOVER_DIRECTIONS: Final = ("acquired", "released")
+"""The ``direction`` labels of ``krules_partition_handovers_total``."""
 
 OTHER_EVENT_TYPE: Final = "other"
 """The ``type`` label of the events whose type no rule subscribes to."""
@@ -196,11 +209,29 @@ class MetricsMiddleware(Observer):
                 ["partition"],
                 registry=registry,
             )
+            self.partitions_owned = Gauge(
+                "krules_partitions_owned",
+                "Partitions this instance owns and reads",
+                registry=registry,
+            )
+            self.partition_handovers = Counter(
+                "krules_partition_handovers",
+                "Partitions this instance took (acquired) or handed back (released)",
+                ["direction"],
+                registry=registry,
+            )
+            self.partition_leases_lost = Counter(
+                "krules_partition_leases_lost",
+                "Partition leases this instance lost (expired or taken) instead of handing them back",
+                registry=registry,
+            )
         except ValueError as exc:  # "Duplicated timeseries in CollectorRegistry"
             raise ConfigurationError(
                 f"MetricsMiddleware option registry={registry!r} already holds krules metrics ({exc}); "
                 "give each MetricsMiddleware its own registry."
             ) from None
+        for direction in HANDOVER_DIRECTIONS:  # both series exist from the start, at 0
+            self.partition_handovers.labels(direction)
 
     def enter(self, ctx: EventContext) -> float:
         """The start time."""
@@ -298,6 +329,22 @@ class MetricsMiddleware(Observer):
     def record_reroute(self, partition: int) -> None:
         """Count an event re-routed to ``partition``, which owns its subject."""
         self.rerouted.labels(str(partition)).inc()
+
+    def record_partitions_owned(self, count: int) -> None:
+        """Set how many partitions this instance owns and reads."""
+        self.partitions_owned.set(count)
+
+    def record_handover(self, direction: str) -> None:
+        """Count a partition taken (``acquired``) or handed back (``released``) by this instance."""
+        if direction not in HANDOVER_DIRECTIONS:
+            raise ValueError(
+                f"Partition handover direction {direction!r} is unknown; use 'acquired' or 'released'."
+            )
+        self.partition_handovers.labels(direction).inc()
+
+    def record_lease_lost(self) -> None:
+        """Count a partition lease this instance lost (it did not hand the partition back)."""
+        self.partition_leases_lost.inc()
 
     def __repr__(self) -> str:
         return f"MetricsMiddleware(handlers={len(self._hot.handlers)})"

@@ -1,12 +1,14 @@
 """docker-compose.yml, checked and run without Docker, so the compose file cannot rot.
 
-The file is read as data: a ``redis`` service with the append-only file on, and krules services
-owning partitions 0 and 1 with published ports.  Then each krules service's command runs as a local
-process (the Dockerfile's ``ENTRYPOINT ["krules"]`` plus the service's ``command``) with the
-Dockerfile's and the service's environment, changing only what must differ on this machine: the
-Redis host ``redis:6379`` becomes a local redis-server, and the published ports become free local
-ports on 127.0.0.1.  Orders sent over HTTP to both instances must all end ``shipped``, and SIGTERM
-must stop both instances with exit code 0.
+The file is read as data: a ``redis`` service with the append-only file on, and one krules service
+(built from the Dockerfile) run as ``deploy.replicas`` replicas with no per-replica setting: the
+partition count set once for the deployment, ids and names left to each instance, and a range of
+loopback ports, one per replica.  Then the service's command runs as one local process per replica
+(the Dockerfile's ``ENTRYPOINT ["krules"]`` plus the service's ``command``) with the Dockerfile's and
+the service's environment, changing only what must differ on this machine: the Redis host
+``redis:6379`` becomes a local redis-server, and each replica's published port a free local port on
+127.0.0.1.  The replicas must share the partitions evenly by themselves, orders sent over HTTP to
+each of them must all end ``shipped``, and SIGTERM must stop every replica with exit code 0.
 """
 
 from __future__ import annotations
@@ -80,26 +82,36 @@ def interpolate(value: object) -> str:
 
 
 def krules_services(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    return {
-        name: service
-        for name, service in compose["services"].items()
-        if "KRULES_PARTITION_ID" in (service.get("environment") or {})
-    }
+    """The services built from the Dockerfile: those run its ``krules`` entry point."""
+    return {name: service for name, service in compose["services"].items() if "build" in service}
 
 
-def published(service: dict[str, Any]) -> list[tuple[str, int, int]]:
-    """``(host address, host port, container port)`` of each port the service publishes."""
+def replicas(service: dict[str, Any]) -> int:
+    """How many replicas ``docker compose up`` starts of a service."""
+    count = (service.get("deploy") or {}).get("replicas", 1)
+    assert isinstance(count, int) and count >= 1, f"deploy.replicas {count!r} is not a count"
+    return count
+
+
+def published(service: dict[str, Any]) -> list[tuple[str, range, int]]:
+    """``(host address, host ports, container port)`` of each port the service publishes (a single
+    host port is a range of one)."""
     out = []
     for spec in service.get("ports") or ():
         parts = str(spec).split(":")
         if len(parts) != 3:
             raise AssertionError(f"expected ports as 'address:host:container', not {spec!r}")
-        out.append((parts[0], int(parts[1]), int(parts[2])))
+        first, _, last = parts[1].partition("-")
+        out.append((parts[0], range(int(first), int(last or first) + 1), int(parts[2])))
     return out
 
 
 # -- the compose file ------------------------------------------------------------------------------
-def test_compose_runs_redis_with_an_append_only_file_and_two_instances_owning_one_partition_each() -> None:
+PER_INSTANCE = ("KRULES_PARTITION_ID", "PARTITION_ID", "KRULES_CONSUMER")
+"""Settings that would tie the replicas' environment to one instance (all replicas share theirs)."""
+
+
+def test_compose_runs_redis_with_an_append_only_file_and_one_replicated_krules_service() -> None:
     compose = load_compose()
     redis_service = compose["services"]["redis"]
     command = [str(part) for part in redis_service["command"]]
@@ -109,21 +121,22 @@ def test_compose_runs_redis_with_an_append_only_file_and_two_instances_owning_on
     assert command[0] == "redis-server"
     assert command[command.index("--appendonly") + 1] == "yes"
     assert entrypoint == ["krules"]
-    envs = {name: {**image_env, **service_env(service)} for name, service in services.items()}
-    assert sorted(env["KRULES_PARTITION_ID"] for env in envs.values()) == ["0", "1"]
-    assert len({env["KRULES_CONSUMER"] for env in envs.values()}) == len(envs)
-    for name, service in services.items():
-        env = envs[name]
-        assert env["KRULES_PARTITIONS"] == "2", name
-        assert env["KRULES_REDIS_URL"].startswith(f"redis://{COMPOSE_REDIS}/"), name
-        assert service["command"][0] == "run", name
-        assert service["depends_on"]["redis"]["condition"] == "service_healthy", name
-        ports = published(service)
-        assert ports, f"{name} publishes no port"
-        assert {address for address, _, _ in ports} == {"127.0.0.1"}, f"{name} publishes beyond loopback"
-        assert [container for _, _, container in ports] == [int(env["KRULES_HTTP_PORT"])], name
-    host_ports = [port for s in services.values() for _, port, _ in published(s)]
-    assert len(set(host_ports)) == len(host_ports)
+    assert list(services) == ["krules"], "one krules service, scaled by replicas"
+    service = services["krules"]
+    env = {**image_env, **service_env(service)}
+    assert replicas(service) >= 2
+    assert "container_name" not in service, "a container name cannot be shared by replicas"
+    assert [name for name in PER_INSTANCE if name in (service.get("environment") or {})] == []
+    assert int(env["KRULES_PARTITIONS"]) >= replicas(service)  # fixed at first start: set once, here
+    assert env["KRULES_REDIS_URL"].startswith(f"redis://{COMPOSE_REDIS}/")
+    assert service["command"][0] == "run"
+    assert service["depends_on"]["redis"]["condition"] == "service_healthy"
+    ports = published(service)
+    assert ports, "the krules service publishes no port"
+    assert {address for address, _, _ in ports} == {"127.0.0.1"}, "published beyond loopback"
+    assert [container for _, _, container in ports] == [int(env["KRULES_HTTP_PORT"])]
+    for _, host_ports, _ in ports:  # one host port per replica: a fixed port would clash
+        assert len(host_ports) >= replicas(service), f"{host_ports} cannot give each replica a port"
 
 
 # -- the services, run as local processes ----------------------------------------------------------
@@ -205,49 +218,80 @@ def local_env(image_env: dict[str, str], service: dict[str, Any], redis_url: str
     return env
 
 
-def test_the_compose_services_run_as_local_processes_ship_orders_sent_to_either_and_stop_with_0(
+@pytest.mark.parametrize("scale", [None, 3], ids=["deploy.replicas", "scale=3"])
+def test_the_replicas_run_as_local_processes_share_the_partitions_ship_orders_sent_to_each_and_stop_with_0(
+    scale: int | None,
     redis_server_factory: Callable[..., LocalRedisServer],
     run_service: Callable[[str, list[str], dict[str, str]], Service],
 ) -> None:
+    """As ``docker compose up`` starts the service (``deploy.replicas``), and as the file's comment
+    scales it (``docker compose up --scale krules=3``)."""
     compose = load_compose()
     entrypoint, image_env = dockerfile()
     server = redis_server_factory(persistent=True)  # the compose Redis keeps an append-only file too
-    envs = {name: local_env(image_env, s, server.url) for name, s in krules_services(compose).items()}
-    services = [
-        run_service(name, local_command(entrypoint, compose["services"][name]["command"]), env)
-        for name, env in envs.items()
+    (name, service), *_ = krules_services(compose).items()
+    count = scale or replicas(service)
+    if scale is not None:
+        assert f"--scale {name}={scale}" in (REPO / "docker-compose.yml").read_text()
+    envs = [local_env(image_env, service, server.url) for _ in range(count)]  # each its own port
+    replicas_run = [
+        run_service(f"{name}-{n + 1}", local_command(entrypoint, service["command"]), env)
+        for n, env in enumerate(envs)
     ]
-    urls = [service.wait_ready() for service in services]
-    some_env = next(iter(envs.values()))
-    keys = KeySchema(some_env["KRULES_KEY_PREFIX"], int(some_env["KRULES_PARTITIONS"]))
-    orders = {f"order-{n}": 10 + n for n in range(ORDERS)}
-    assert {keys.partition(name) for name in orders} == {0, 1}  # each instance owns some orders
-
-    for n, (name, total) in enumerate(orders.items()):
-        assert httpx.get(f"{urls[n % 2]}/healthz", timeout=10).status_code == 200
-        with KRulesClient(urls[n % 2], some_env.get("KRULES_INGRESS_TOKEN")) as client:
-            client.emit("order.submitted", name, {"total": total, "customer": "ada", "items": ["book"]})
-
+    urls = [replica.wait_ready() for replica in replicas_run]
+    env = envs[0]
+    partitions = int(env["KRULES_PARTITIONS"])
+    keys = KeySchema(env["KRULES_KEY_PREFIX"], partitions)
     store = redis.Redis.from_url(server.url, decode_responses=True)
     try:
-
-        def stored(name: str, prop: str) -> Any:
-            raw = store.hget(keys.subject(name), f"p:{prop}")
-            return None if raw is None else json.loads(raw)
-
+        # The replicas share the partitions evenly by themselves (no per-replica setting).
         deadline = time.monotonic() + FINISH_TIMEOUT
-        while any(stored(name, "status") != "shipped" for name in orders):
+        while True:
+            owners = [owner_of(store.get(keys.lease(p))) for p in range(partitions)]
+            shares = sorted(owners.count(owner) for owner in set(owners) if owner is not None)
+            if None not in owners and len(shares) == count and shares[-1] - shares[0] <= 1:
+                break
             if time.monotonic() > deadline:
-                statuses = {name: stored(name, "status") for name in orders}
                 pytest.fail(
-                    f"not every order shipped: {statuses}\n" + "\n".join(s.describe() for s in services),
+                    f"the replicas did not share the {partitions} partitions: owners {owners}\n"
+                    + "\n".join(r.describe() for r in replicas_run),
                     pytrace=False,
                 )
             time.sleep(0.05)
-        assert {name: stored(name, "paid_amount") for name in orders} == orders
+
+        orders = {f"order-{n}": 10 + n for n in range(ORDERS)}
+        owning = {owners[keys.partition(order)] for order in orders}
+        assert len(owning) >= 2, f"the orders all go to partitions of one replica: {owning}"
+        for n, (order, total) in enumerate(orders.items()):
+            url = urls[n % count]  # through each replica's ingress in turn, whoever owns the order
+            assert httpx.get(f"{url}/healthz", timeout=10).status_code == 200
+            with KRulesClient(url, env.get("KRULES_INGRESS_TOKEN")) as client:
+                client.emit("order.submitted", order, {"total": total, "customer": "ada", "items": ["book"]})
+
+        def stored(subject: str, prop: str) -> Any:
+            raw = store.hget(keys.subject(subject), f"p:{prop}")
+            return None if raw is None else json.loads(raw)
+
+        deadline = time.monotonic() + FINISH_TIMEOUT
+        while any(stored(order, "status") != "shipped" for order in orders):
+            if time.monotonic() > deadline:
+                statuses = {order: stored(order, "status") for order in orders}
+                pytest.fail(
+                    f"not every order shipped: {statuses}\n" + "\n".join(r.describe() for r in replicas_run),
+                    pytrace=False,
+                )
+            time.sleep(0.05)
+        assert {order: stored(order, "paid_amount") for order in orders} == orders
     finally:
         store.close()
-    for service in services:
-        assert service.terminate() == 0, service.describe()
-        assert "krules stopped by SIGTERM" in service.log
-        assert "Traceback" not in service.log, service.describe()
+    for replica in replicas_run:
+        assert replica.terminate() == 0, replica.describe()
+        assert "krules stopped by SIGTERM" in replica.log
+        assert "Traceback" not in replica.log, replica.describe()
+
+
+def owner_of(lease: str | None) -> str | None:
+    """The instance named in a partition's lease ``<epoch>:<instance>:<nonce>`` (None: no owner)."""
+    if lease is None:
+        return None
+    return lease.partition(":")[2].rpartition(":")[0]

@@ -155,17 +155,18 @@ class RedisModeApp:
     engine's transport the partition streams, and its partition worker running as a task.
 
     ``settings`` override :class:`~krules.config.Settings` (defaults here: 2 partitions, short
-    blocking reads and claim time, so tests do not wait).  Register rules with ``app.on``, then
-    ``await app.start()``; ``await app.stop()`` stops reading, lets the turns under way commit and
-    closes the engine.
+    blocking reads and claim time, so tests do not wait).  ``middleware=True`` installs the default
+    chain as ``krules run`` does (its metrics in ``app.instance.chain.metrics``); by default none.
+    Register rules with ``app.on``, then ``await app.start()``; ``await app.stop()`` stops reading,
+    lets the turns under way commit and closes the engine.
     """
 
-    def __init__(self, url: str, key_prefix: str, **settings: Any) -> None:
+    def __init__(self, url: str, key_prefix: str, *, middleware: bool = False, **settings: Any) -> None:
         from krules.assembly import assemble  # the Redis drivers only when this is used
 
         defaults: dict[str, Any] = {"partitions": 2, "stream_block_ms": 50, "claim_idle_ms": 300}
         self.settings = Settings(redis_url=url, key_prefix=key_prefix, **{**defaults, **settings})
-        self.instance = assemble(self.settings, middleware=False)
+        self.instance = assemble(self.settings, middleware=middleware)
         self.container = self.instance.container
         self.storage: Any = self.instance.storage
         self.on, self.when, self.middleware, self.emit = self.container.handlers()

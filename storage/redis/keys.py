@@ -12,7 +12,8 @@ Keys::
     <prefix>{p<p>}:processed     zset    ids of the events the partition has committed, scored by commit
                                          time in ms, trimmed to the dedupe window
     <prefix>{p<p>}:lease         string  the partition's owner: ``<epoch>:<instance>:<nonce>``, expiring
-                                         (``PX``) unless its owner renews it (:mod:`krules.transport.leases`)
+                                         (``PX``) unless its owner renews it
+                                         (:mod:`krules.transport.redis_leases`)
     <prefix>{p<p>}:fences        hash    partition number -> the epoch of its newest owner, as known in
                                          this partition's slot: a write made on behalf of a turn of
                                          partition ``q`` with an older epoch is refused here; field

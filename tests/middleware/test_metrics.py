@@ -14,7 +14,8 @@ from starlette.applications import Starlette
 from krules.context import EventContext
 from krules.errors import ConfigurationError
 from krules.http.server import serve_in_background
-from krules.testing import KRulesTestApp
+from krules.testing import KRulesTestApp, RedisModeApp, wait_until
+from krules.testing.redis_server import LocalRedisServer
 from middleware.base import ATTEMPTS, DeadLetterEvent, Next, SkipEvent
 from middleware.metrics import DURATION_BUCKETS, MetricsMiddleware, metrics_route
 
@@ -157,6 +158,32 @@ def test_dead_letters_circuit_states_and_partition_gauges_are_recorded() -> None
     assert sample("krules_circuit_state", {"key": "rules.pack"}) == 0
     assert sample("krules_partition_lag", {"partition": "3"}) == 7
     assert sample("krules_partition_pending", {"partition": "0"}) == 2
+
+
+def test_partition_ownership_is_a_gauge_of_owned_partitions_and_counters_of_handovers_and_losses() -> None:
+    metrics = MetricsMiddleware()
+    sample = metrics.registry.get_sample_value
+    assert sample("krules_partitions_owned") == 0
+    assert sample("krules_partition_handovers_total", {"direction": "acquired"}) == 0  # there from the start
+    assert sample("krules_partition_handovers_total", {"direction": "released"}) == 0
+    assert sample("krules_partition_leases_lost_total") == 0
+
+    for _ in range(3):
+        metrics.record_handover("acquired")
+    metrics.record_handover("released")
+    metrics.record_lease_lost()
+    metrics.record_partitions_owned(3)
+    metrics.record_partitions_owned(1)
+
+    assert sample("krules_partitions_owned") == 1
+    assert sample("krules_partition_handovers_total", {"direction": "acquired"}) == 3
+    assert sample("krules_partition_handovers_total", {"direction": "released"}) == 1
+    assert sample("krules_partition_leases_lost_total") == 1
+
+
+def test_an_unknown_handover_direction_is_refused_with_the_valid_ones() -> None:
+    with pytest.raises(ValueError, match=r"direction 'lost' is unknown; use 'acquired' or 'released'"):
+        MetricsMiddleware().record_handover("lost")
 
 
 def test_an_unknown_circuit_state_is_refused_with_the_valid_ones() -> None:
@@ -353,3 +380,67 @@ async def test_without_the_rules_only_the_first_event_types_get_labels_of_their_
     assert sample("krules_events_received_total", {"type": "other"}) == 3
     with pytest.raises(ConfigurationError, match="max_event_types=0 is invalid"):
         MetricsMiddleware(max_event_types=0)
+
+
+@pytest.mark.redis_server
+async def test_redis_mode_instances_export_the_partitions_they_own_their_handovers_and_lost_leases(
+    redis_server: LocalRedisServer, redis_key_prefix: str, raw: Any
+) -> None:
+    """Two instances in ``auto`` mode share 4 partitions; one stops and the other takes them all; a
+    lease Redis loses is counted as lost, and the partition is taken again."""
+    fast = {"partitions": 4, "lease_ms": 1000, "lease_renew_ms": 100}
+    first = RedisModeApp(redis_server.url, redis_key_prefix, middleware=True, consumer="first", **fast)
+    second = RedisModeApp(redis_server.url, redis_key_prefix, middleware=True, consumer="second", **fast)
+
+    def sample(app: RedisModeApp, name: str, **labels: str) -> float | None:
+        chain = app.instance.chain
+        assert chain is not None and chain.metrics is not None
+        return chain.metrics.registry.get_sample_value(name, labels)
+
+    def owned(app: RedisModeApp) -> float | None:
+        return sample(app, "krules_partitions_owned")
+
+    def handovers(app: RedisModeApp, direction: str) -> float | None:
+        return sample(app, "krules_partition_handovers_total", direction=direction)
+
+    def leases_of(app: RedisModeApp) -> Any:
+        return getattr(app.worker.source, "leases")  # noqa: B009 - the Redis transport's, not the port's
+
+    await first.start()
+    try:
+
+        async def first_owns_all() -> bool:
+            return owned(first) == 4
+
+        await wait_until(first_owns_all)
+        assert handovers(first, "acquired") == 4
+        assert handovers(first, "released") == 0
+
+        await second.start()
+        try:
+
+            async def shared() -> bool:
+                return owned(first) == 2 and owned(second) == 2 and handovers(first, "released") == 2
+
+            await wait_until(shared)
+            assert handovers(second, "acquired") == 2
+            assert len(leases_of(first).owned()) == len(leases_of(second).owned()) == 2
+        finally:
+            await second.stop()
+        assert owned(second) == 0 and handovers(second, "released") == 2  # released at once on a stop
+
+        await wait_until(first_owns_all)
+        assert handovers(first, "acquired") == 6
+        assert sample(first, "krules_partition_leases_lost_total") == 0
+
+        await raw.delete(leases_of(first).keys.lease(0))  # as a Redis that lost the key
+
+        async def lost_and_taken_again() -> bool:
+            return sample(first, "krules_partition_leases_lost_total") == 1 and owned(first) == 4
+
+        await wait_until(lost_and_taken_again)
+        assert handovers(first, "acquired") == 7
+        assert handovers(first, "released") == 2  # a lost lease is not a release
+    finally:
+        await first.stop()
+    assert owned(first) == 0 and handovers(first, "released") == 6
