@@ -295,6 +295,14 @@ class PartitionLeases:
         if surplus:
             done.give_back += surplus
             self.draining.update(surplus)
+            _log.info(
+                "handing back partition(s) %s: %d instance(s) share %d partition(s), this one's share is "
+                "%d (released once their turns under way are committed)",
+                ",".join(map(str, sorted(surplus))),
+                len(autos),
+                len(pool),
+                share,
+            )
             return
         room = share - len(keep)
         if room <= 0:
@@ -385,6 +393,8 @@ class PartitionLeases:
             del self.held[p]
             self.released_total += 1
             self._notify("released", p)
+        if ours and self.draining.intersection(p for p, _ in ours):
+            _log.info("released partition(s) %s", ",".join(str(p) for p, _ in ours))
         self.draining.difference_update(partitions)
 
     async def leave(self) -> None:
