@@ -17,6 +17,9 @@ from storage.redis.keys import CONSUMER_GROUP
 
 __all__ = ["PartitionStatus", "partition_status"]
 
+_DEFAULT_LEASE_MS = 10_000
+"""The lease time of a registration that does not say (``KRULES_LEASE_MS``' default)."""
+
 
 class PartitionStatus(dict[str, Any]):
     """One partition's figures for ``krules partitions`` (a dict: partition, length, pending, lag,
@@ -26,7 +29,7 @@ class PartitionStatus(dict[str, Any]):
 
 async def partition_status(storage: RedisStorage) -> list[PartitionStatus]:
     """Every partition's stream length, pending entries, lag, consumers, owner (from its lease: the
-    instance, its epoch, the lease's age and time left) and the instances waiting for it (none
+    instance, its epoch, the lease's age and time left) and the live instances waiting for it (none
     when no instance has recorded a partition count under the storage's key prefix)."""
     keys, commands = storage.keys, storage.commands
     count_raw = await storage.run(
@@ -35,10 +38,12 @@ async def partition_status(storage: RedisStorage) -> list[PartitionStatus]:
     if count_raw is None:
         return []
     partitions = int(text(count_raw))
-    instances = await storage.run(
-        partial(commands.execute, "HGETALL", keys.instances()), "read the instances"
+    instances, clock = await storage.run(
+        partial(commands.execute_many, [("HGETALL", keys.instances()), ("TIME",)]), "read the instances"
     )
+    now = int(text(clock[0])) * 1000 + int(text(clock[1])) // 1000
     registered: dict[str, dict[str, Any]] = {}
+    live: set[str] = set()  # refreshed within their lease time (a stopped one's registration lingers)
     for name, raw in (fields(instances) or {}).items():
         try:
             info = json.loads(raw)
@@ -46,6 +51,9 @@ async def partition_status(storage: RedisStorage) -> list[PartitionStatus]:
             continue
         if isinstance(info, dict):
             registered[name] = info
+            seen, lease_ms = info.get("seen"), info.get("lease_ms", _DEFAULT_LEASE_MS)
+            if isinstance(seen, int) and isinstance(lease_ms, int) and now - seen <= lease_ms:
+                live.add(name)
     out: list[PartitionStatus] = []
     for p in range(partitions):
         stream = keys.stream(p)
@@ -84,7 +92,8 @@ async def partition_status(storage: RedisStorage) -> list[PartitionStatus]:
                 waiting=sorted(
                     name
                     for name, info in registered.items()
-                    if info.get("mode") == "static"
+                    if name in live
+                    and info.get("mode") == "static"
                     and p in (info.get("wants") or ())
                     and (owner is None or owner["instance"] != name)
                 ),

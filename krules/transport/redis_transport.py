@@ -374,6 +374,10 @@ class RedisStreams:
                 await asyncio.wait_for(self._owned_changed.wait(), block_ms / 1000)
             return []
         leases, keys, sha = self.leases, self.keys, self._scripts["read"].sha
+        # The leases and cursors this read is made under: the partitions may be handed back or lost
+        # (by the tending task) while it is under way.
+        fences = {p: leases.fence(p) for p in owned}
+        cursors = {p: self._cursors.setdefault(p, "0") for p in owned}
         commands: list[Command] = [
             (
                 "EVALSHA",
@@ -381,11 +385,11 @@ class RedisStreams:
                 2,
                 keys.lease(p),
                 keys.stream(p),
-                leases.fence(p),
+                fences[p],
                 CONSUMER_GROUP,
                 self.consumer,
                 count,
-                self._cursors.setdefault(p, "0"),
+                cursors[p],
             )
             for p in owned
         ]
@@ -404,6 +408,9 @@ class RedisStreams:
         stale: list[tuple[int, str]] = []
         waits: list[tuple[int, str]] = []
         for partition, reply in zip(owned, replies, strict=True):
+            fence = fences[partition]
+            if not self._reading_under(partition, fence):
+                continue  # its entries read now stay pending: its next owner takes them over
             status = int(reply[0])
             if status == _READ_FENCED:
                 leases.lost(partition)
@@ -411,11 +418,10 @@ class RedisStreams:
             if status == _READ_NOTHING:
                 waits.append((partition, text(reply[1])))
                 continue
-            cursor = self._cursors[partition]
+            cursor = cursors[partition]
             entries = stream_entries(reply[1])
             if cursor != ">":
                 self._cursors[partition] = entries[-1][0] if entries else ">"
-            fence = leases.fence(partition)
             mine: list[Delivery] = []
             for entry_id, fields in entries:
                 if fields is None:  # pending, but trimmed from the stream: nothing left to process
@@ -436,6 +442,11 @@ class RedisStreams:
             return []
         return await self._drop_committed(deliveries)
 
+    def _reading_under(self, partition: int, fence: str) -> bool:
+        """Whether ``partition`` is still read under the lease ``fence``: not handed back, lost or
+        taken again (with a new epoch) since a call made under that lease was sent."""
+        return partition in self._ready and self.leases is not None and self.leases.fence(partition) == fence
+
     async def _wait(self, reader: RedisCommands, waits: list[tuple[int, str]], block_ms: int) -> None:
         """Block until an entry comes after ``waits``' last ids (or ``block_ms`` pass)."""
         args: list[Arg] = ["XREAD", "COUNT", 1, "BLOCK", block_ms, "STREAMS"]
@@ -455,6 +466,7 @@ class RedisStreams:
         if leases is None or not owned:
             return []
         sha = self._scripts["claim"].sha
+        fences = {p: leases.fence(p) for p in owned}
         commands: list[Command] = [
             (
                 "EVALSHA",
@@ -462,7 +474,7 @@ class RedisStreams:
                 2,
                 self.keys.lease(p),
                 self.keys.stream(p),
-                leases.fence(p),
+                fences[p],
                 CONSUMER_GROUP,
                 self.consumer,
                 self.claim_idle_ms,
@@ -474,12 +486,14 @@ class RedisStreams:
         replies = await self._run(partial(self._commands.execute_many, commands), "reclaim idle entries")
         claimed: list[tuple[int, list[Delivery]]] = []
         for partition, reply in zip(owned, replies, strict=True):
+            fence = fences[partition]
+            if not self._reading_under(partition, fence):
+                continue  # handed back or lost meanwhile: what was claimed stays pending for the next owner
             if int(reply[0]) != 1:
                 leases.lost(partition)
                 continue
             claim = reply[1]
             self._claim_cursors[partition] = text(claim[0])
-            fence = leases.fence(partition)
             found: list[Delivery] = []
             for entry_id, fields in stream_entries(claim[1]):
                 if fields is not None:

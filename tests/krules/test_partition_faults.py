@@ -6,24 +6,24 @@ subject's ``count`` and, through a ``count.total`` event that may cross partitio
 so each test ends by comparing every counter with the number of events sent to it: after an
 instance is killed with SIGKILL and restarted, with two instances sharing the partitions, across a
 crash and restart of the Redis server itself (quick, and longer than the instances' retry budget),
-across a graceful SIGTERM, and after a client sends the same events (same ids) again.
+across a graceful SIGTERM, and after a client sends the same events (same ids) again.  The
+instances take their partitions as a deployment does by default (``KRULES_PARTITION_ID=auto``);
+the kill and the Redis crash are tried with static ids (``all``, ``0,1`` and ``2,3``) too.
 
 Progress is read straight from Redis (counters, the partitions' consumer group, the processed-id
 sets) and waited for with deadlines; the deadlines are guards against a hang, never the assertion.
+The harness (instances, deployment, waiting) is :mod:`processes`'s, beside this file.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
-import os
 import re
-import signal
 import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,14 +32,23 @@ import redis
 
 from krules.partitioning import partition_of
 from krules.testing.redis_server import LocalRedisServer
-from krules.transport.stream_client import AsyncStreamClient
-from storage.redis.keys import CONSUMER_GROUP, KeySchema
+from tests.krules.processes import (
+    FINISH_TIMEOUT,
+    REPO,
+    START_TIMEOUT,
+    Deployment,
+    Instance,
+    assert_clean_exit,
+    instance_env,
+    partitions_status,
+    wait_finished,
+    wait_until,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.redis_server]
 
 RULES = Path(__file__).with_name("counter_rules.py")
 FLAKY_RULES = Path(__file__).with_name("flaky_rules.py")
-REPO = Path(__file__).resolve().parents[2]
 
 EVENTS = 3000
 """``count.inc`` events per test: enough to catch an instance mid-stream on a fast machine."""
@@ -47,133 +56,22 @@ SUBJECTS = 40
 GROUPS = 6
 """How many ``total-<k>`` subjects the events are counted into."""
 
-START_TIMEOUT = 20.0
-FINISH_TIMEOUT = 45.0
-"""Guards against a hang, not timing assertions: a healthy run of EVENTS takes a few seconds."""
+StartInstance = Callable[[dict[str, str], Path], Instance]
+MakeDeployment = Callable[..., "CounterDeployment"]
 
 
-# -- the instances ---------------------------------------------------------------------------------
-def counter_env(
-    url: str, prefix: str, *, partitions: int, partition_id: str, consumer: str
-) -> dict[str, str]:
-    """The environment of one instance; short block and claim times, so nothing waits long."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("KRULES_")}
-    env.update(
-        PYTHONUNBUFFERED="1",
-        KRULES_REDIS_URL=url,
-        KRULES_KEY_PREFIX=prefix,
-        KRULES_PARTITIONS=str(partitions),
-        KRULES_PARTITION_ID=partition_id,
-        KRULES_CONSUMER=consumer,
-        KRULES_HTTP_PORT="0",
-        KRULES_STREAM_BLOCK_MS="100",
-        KRULES_CLAIM_IDLE_MS="1000",
-    )
-    return env
-
-
-def wait_until(condition: Callable[[], bool], timeout: float, what: str, details: Callable[[], str]) -> None:
-    """Poll ``condition`` until it holds; fail with ``what`` and ``details()`` after ``timeout`` s."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"{what} did not happen within {timeout:.0f} s\n{details()}", pytrace=False)
-        time.sleep(0.02)
-
-
-class Instance:
-    """``krules run counter_rules.py`` (or other ``rules``) in a child process, its stderr in a log file."""
-
-    def __init__(self, env: dict[str, str], log_path: Path, rules: Path = RULES) -> None:
-        self.env = env
-        self.log_path = log_path
-        self._log = log_path.open("wb")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "krules", "run", str(rules)],
-            env=env,
-            cwd=REPO,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=self._log,
-        )
-
-    @property
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    @property
-    def running(self) -> bool:
-        return self.process.poll() is None
-
-    def describe(self) -> str:
-        state = "running" if self.running else f"exited with {self.process.returncode}"
-        tail = "\n".join(self.log.splitlines()[-25:])
-        return f"--- {self.log_path.name} ({state}), last lines:\n{tail}"
-
-    def wait_reading(self) -> None:
-        """Wait until the instance reads its partitions (its partition count is recorded then)."""
-        wait_until(
-            lambda: "krules.worker: instance " in self.log or not self.running,
-            START_TIMEOUT,
-            "the instance reading its partitions",
-            self.describe,
-        )
-        if not self.running:
-            pytest.fail(f"krules run ended while starting\n{self.describe()}", pytrace=False)
-
-    def kill(self) -> None:
-        """SIGKILL: a crash, nothing finishes."""
-        self.process.send_signal(signal.SIGKILL)
-        self.process.wait(timeout=START_TIMEOUT)
-
-    def terminate(self) -> int:
-        """SIGTERM; the exit code."""
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            return self.process.wait(timeout=FINISH_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            pytest.fail(f"krules run did not exit after SIGTERM\n{self.describe()}", pytrace=False)
-
-    def close(self) -> None:
-        if self.running:
-            self.process.kill()
-            self.process.wait()
-        self._log.close()
-
-
-@pytest.fixture
-def start_instance(tmp_path: Path) -> Iterator[Callable[..., Instance]]:
-    """Start ``krules run`` instances; any still running at the end of the test is killed."""
-    started: list[Instance] = []
-
-    def start(env: dict[str, str], rules: Path = RULES) -> Instance:
-        instance = Instance(env, tmp_path / f"krules-{len(started)}-{env['KRULES_CONSUMER']}.log", rules)
-        started.append(instance)
-        return instance
-
-    yield start
-    for instance in started:
-        instance.close()
-
-
-# -- the deployment, read from Redis ---------------------------------------------------------------
-class Deployment:
-    """What the tests read and send: counters, stream progress, committed event ids."""
+# -- the counters, read from Redis ---------------------------------------------------------------
+class CounterDeployment(Deployment):
+    """A deployment serving :mod:`counter_rules`: the counters it must end with, and those it has."""
 
     def __init__(self, url: str, prefix: str, partitions: int) -> None:
-        self.url = url
-        self.prefix = prefix
-        self.keys = KeySchema(prefix, partitions)
-        self.redis = redis.Redis.from_url(url, decode_responses=True)
+        super().__init__(url, prefix, partitions)
         self.specs: list[dict[str, Any]] = []
         """The ``count.inc`` events sent, as given to ``emit_batch``, with their ids."""
         self.sent: dict[str, list[str]] = {}
         """Event ids of the ``count.inc`` events sent, by subject."""
         self.expected: Counter[str] = Counter()
         """The count every subject must end with."""
-
-    def close(self) -> None:
-        self.redis.close()
 
     # sending
     def send_counts(self, events: int = EVENTS) -> None:
@@ -182,7 +80,7 @@ class Deployment:
             {"type": "count.inc", "subject": f"c-{i % SUBJECTS}", "data": {"k": i % GROUPS}}
             for i in range(events)
         ]
-        for spec, event_id in zip(specs, asyncio.run(self._emit(specs)), strict=True):
+        for spec, event_id in zip(specs, self.emit(specs), strict=True):
             self.sent.setdefault(spec["subject"], []).append(event_id)
             self.specs.append({**spec, "id": event_id})
             self.expected[spec["subject"]] += 1
@@ -190,19 +88,11 @@ class Deployment:
 
     def send_again(self) -> None:
         """Queue every event sent so far once more, with the same ids (as a client retrying would)."""
-        asyncio.run(self._emit(self.specs))
-
-    async def _emit(self, specs: list[dict[str, Any]]) -> list[str]:
-        async with AsyncStreamClient(self.url, self.prefix) as client:
-            return await client.emit_batch(specs)
+        self.emit(self.specs)
 
     # reading
     def subjects(self) -> list[str]:
         return sorted(self.expected)
-
-    def prop(self, subject: str, name: str) -> Any:
-        raw = self.redis.hget(self.keys.subject(subject), f"p:{name}")
-        return None if raw is None else json.loads(raw)
 
     def counts(self) -> dict[str, int]:
         """Every subject's stored ``count`` (0 when it has none yet)."""
@@ -230,42 +120,8 @@ class Deployment:
             out[subject] = sum(score is not None for score in scores)
         return out
 
-    def unfinished(self) -> dict[int, str]:
-        """The partitions with entries not yet delivered or still pending, and why."""
-        out: dict[int, str] = {}
-        for p in range(self.keys.partitions):
-            stream = self.keys.stream(p)
-            if not self.redis.exists(stream):
-                continue
-            last = self.redis.xinfo_stream(stream)["last-generated-id"]
-            group = next((g for g in self.redis.xinfo_groups(stream) if g["name"] == CONSUMER_GROUP), None)
-            if group is None:
-                out[p] = "no consumer group"
-            elif group["pending"] or group["last-delivered-id"] != last:
-                delivered = group["last-delivered-id"]
-                out[p] = f"{group['pending']} pending, last delivered {delivered}, last added {last}"
-        return out
-
-    def finished(self) -> bool:
-        try:
-            return not self.unfinished()
-        except redis.ConnectionError:
-            return False
-
-    def dead_letters(self) -> int:
-        """Dead letters of any kind: parked stream entries and ``dlq-<id>`` subjects (by their index)."""
-        parked = sum(self.redis.xlen(self.keys.dead_letter_stream(p)) for p in range(self.keys.partitions))
-        indexed = self.redis.hkeys(self.keys.subject("dlq-index"))
-        return parked + sum(field.startswith("p:") for field in indexed)
-
-    def describe(self) -> str:
-        try:
-            return (
-                f"counted {self.counted()} of {sum(len(ids) for ids in self.sent.values())} events; "
-                f"unfinished partitions {self.unfinished()}; dead letters {self.dead_letters()}"
-            )
-        except redis.RedisError as exc:
-            return f"Redis unreadable: {exc!r}"
+    def progress(self) -> str:
+        return f"counted {self.counted()} of {sum(len(ids) for ids in self.sent.values())} events"
 
     # the verdicts
     def assert_counts_exact(self) -> None:
@@ -287,37 +143,7 @@ class Deployment:
             assert counts[f"total-{k}"] <= self.expected[f"total-{k}"]
 
 
-@pytest.fixture
-def deployment_factory() -> Iterator[Callable[..., Deployment]]:
-    made: list[Deployment] = []
-
-    def make(url: str, prefix: str, partitions: int) -> Deployment:
-        made.append(Deployment(url, prefix, partitions))
-        return made[-1]
-
-    yield make
-    for deployment in made:
-        deployment.close()
-
-
-def wait_finished(deployment: Deployment, *instances: Instance) -> None:
-    """Wait until every entry of every partition was delivered and committed (all instances alive)."""
-
-    def done() -> bool:
-        dead = [i for i in instances if not i.running]
-        if dead:
-            pytest.fail("krules run ended while processing\n" + "\n".join(i.describe() for i in dead))
-        return deployment.finished()
-
-    wait_until(
-        done,
-        FINISH_TIMEOUT,
-        "processing every event",
-        lambda: "\n".join([deployment.describe(), *(i.describe() for i in instances)]),
-    )
-
-
-def wait_partly_counted(deployment: Deployment, instances: list[Instance]) -> None:
+def wait_partly_counted(deployment: CounterDeployment, instances: list[Instance]) -> None:
     """Wait until some tenth of the events are counted: the instances are in mid-stream then."""
     wait_until(
         lambda: deployment.counted() >= EVENTS // 10,
@@ -327,21 +153,20 @@ def wait_partly_counted(deployment: Deployment, instances: list[Instance]) -> No
     )
 
 
-def assert_clean_exit(instance: Instance) -> None:
-    assert instance.terminate() == 0, instance.describe()
-    assert "Traceback" not in instance.log, instance.describe()
-
-
 # -- the tests -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("partition_id", ["auto", "all"])
 def test_an_instance_killed_mid_stream_and_restarted_loses_and_doubles_nothing(
+    partition_id: str,
     redis_server: LocalRedisServer,
     redis_key_prefix: str,
-    start_instance: Callable[[dict[str, str]], Instance],
-    deployment_factory: Callable[..., Deployment],
+    start_instance: StartInstance,
+    deployment_factory: MakeDeployment,
 ) -> None:
-    env = counter_env(redis_server.url, redis_key_prefix, partitions=4, partition_id="all", consumer="killed")
-    deployment = deployment_factory(redis_server.url, redis_key_prefix, 4)
-    first = start_instance(env)
+    env = instance_env(
+        redis_server.url, redis_key_prefix, partitions=4, partition_id=partition_id, consumer="killed"
+    )
+    deployment = deployment_factory(redis_server.url, redis_key_prefix, 4, CounterDeployment)
+    first = start_instance(env, RULES)
     first.wait_reading()
     deployment.send_counts()
     wait_partly_counted(deployment, [first])
@@ -350,40 +175,32 @@ def test_an_instance_killed_mid_stream_and_restarted_loses_and_doubles_nothing(
 
     assert deployment.counted() < EVENTS, "the instance finished before it could be killed mid-stream"
     deployment.assert_counts_match_commits()  # each turn's writes and its processed mark: both or neither
-    second = start_instance(env)
+    second = start_instance(env, RULES)  # takes the partitions over when the killed one's leases expire
     wait_finished(deployment, second)
     deployment.assert_counts_exact()
-    status = subprocess.run(
-        [sys.executable, "-m", "krules", "partitions", "--json"],
-        env=env,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert status.returncode == 0, status.stderr
-    assert [(p["pending"], p["lag"]) for p in json.loads(status.stdout)["partitions"]] == [(0, 0)] * 4
+    assert [(p["pending"], p["lag"]) for p in partitions_status(env)["partitions"]] == [(0, 0)] * 4
     assert_clean_exit(second)
 
 
 def test_two_instances_each_handle_only_their_partitions_and_together_all_of_them(
     redis_server: LocalRedisServer,
     redis_key_prefix: str,
-    start_instance: Callable[[dict[str, str]], Instance],
-    deployment_factory: Callable[..., Deployment],
+    start_instance: StartInstance,
+    deployment_factory: MakeDeployment,
 ) -> None:
     owners = ("0,1", "2,3")
     instances = [
         start_instance(
-            counter_env(
+            instance_env(
                 redis_server.url, redis_key_prefix, partitions=4, partition_id=spec, consumer=f"owner-{n}"
-            )
+            ),
+            RULES,
         )
         for n, spec in enumerate(owners)
     ]
     for instance in instances:
         instance.wait_reading()
-    deployment = deployment_factory(redis_server.url, redis_key_prefix, 4)
+    deployment = deployment_factory(redis_server.url, redis_key_prefix, 4, CounterDeployment)
 
     deployment.send_counts()
     wait_finished(deployment, *instances)
@@ -397,23 +214,27 @@ def test_two_instances_each_handle_only_their_partitions_and_together_all_of_the
         assert_clean_exit(instance)
 
 
+@pytest.mark.parametrize("owners", [("auto", "auto"), ("0,1", "2,3")], ids=["auto", "static"])
 def test_instances_reconnect_after_a_redis_crash_and_restart_and_finish_exactly(
+    owners: tuple[str, str],
     redis_server_factory: Callable[..., LocalRedisServer],
     redis_key_prefix: str,
-    start_instance: Callable[[dict[str, str]], Instance],
-    deployment_factory: Callable[..., Deployment],
+    start_instance: StartInstance,
+    deployment_factory: MakeDeployment,
 ) -> None:
     server = redis_server_factory(persistent=True)
-    owners = ("0,1", "2,3")
     instances = [
         start_instance(
-            counter_env(server.url, redis_key_prefix, partitions=4, partition_id=spec, consumer=f"owner-{n}")
+            instance_env(
+                server.url, redis_key_prefix, partitions=4, partition_id=spec, consumer=f"owner-{n}"
+            ),
+            RULES,
         )
         for n, spec in enumerate(owners)
     ]
     for instance in instances:
         instance.wait_reading()
-    deployment = deployment_factory(server.url, redis_key_prefix, 4)
+    deployment = deployment_factory(server.url, redis_key_prefix, 4, CounterDeployment)
     deployment.send_counts()
     wait_partly_counted(deployment, instances)
 
@@ -421,8 +242,9 @@ def test_instances_reconnect_after_a_redis_crash_and_restart_and_finish_exactly(
 
     wait_finished(deployment, *instances)
     deployment.assert_counts_exact()
-    for name in deployment.subjects():
-        assert deployment.prop(name, "handled_by") == [owners[partition_of(name, 4) // 2]]
+    if "auto" not in owners:  # static ids: each subject was handled by its partition's instance only
+        for name in deployment.subjects():
+            assert deployment.prop(name, "handled_by") == [owners[partition_of(name, 4) // 2]]
     for instance in instances:
         assert_clean_exit(instance)
 
@@ -430,13 +252,13 @@ def test_instances_reconnect_after_a_redis_crash_and_restart_and_finish_exactly(
 def test_a_redis_outage_longer_than_the_retry_budget_loses_no_event(
     redis_server_factory: Callable[..., LocalRedisServer],
     redis_key_prefix: str,
-    start_instance: Callable[[dict[str, str]], Instance],
-    deployment_factory: Callable[..., Deployment],
+    start_instance: StartInstance,
+    deployment_factory: MakeDeployment,
 ) -> None:
     server = redis_server_factory(persistent=True)
-    env = counter_env(server.url, redis_key_prefix, partitions=4, partition_id="all", consumer="outage")
-    deployment = deployment_factory(server.url, redis_key_prefix, 4)
-    instance = start_instance(env)
+    env = instance_env(server.url, redis_key_prefix, partitions=4, partition_id="auto", consumer="outage")
+    deployment = deployment_factory(server.url, redis_key_prefix, 4, CounterDeployment)
+    instance = start_instance(env, RULES)
     instance.wait_reading()
     deployment.send_counts()
     wait_partly_counted(deployment, [instance])
@@ -463,13 +285,14 @@ def test_a_redis_outage_longer_than_the_retry_budget_loses_no_event(
 def test_an_instance_with_a_different_partition_count_refuses_with_one_error_line(
     redis_server: LocalRedisServer,
     redis_key_prefix: str,
-    start_instance: Callable[[dict[str, str]], Instance],
+    start_instance: StartInstance,
 ) -> None:
     first = start_instance(
-        counter_env(redis_server.url, redis_key_prefix, partitions=4, partition_id="all", consumer="four")
+        instance_env(redis_server.url, redis_key_prefix, partitions=4, partition_id="auto", consumer="four"),
+        RULES,
     )
     first.wait_reading()
-    env = counter_env(redis_server.url, redis_key_prefix, partitions=2, partition_id="all", consumer="two")
+    env = instance_env(redis_server.url, redis_key_prefix, partitions=2, partition_id="auto", consumer="two")
 
     second = subprocess.run(
         [sys.executable, "-m", "krules", "run", str(RULES)],
@@ -492,14 +315,14 @@ def test_an_instance_with_a_different_partition_count_refuses_with_one_error_lin
 def test_sigterm_mid_stream_exits_0_having_committed_consistently_and_a_restart_finishes(
     redis_server: LocalRedisServer,
     redis_key_prefix: str,
-    start_instance: Callable[[dict[str, str]], Instance],
-    deployment_factory: Callable[..., Deployment],
+    start_instance: StartInstance,
+    deployment_factory: MakeDeployment,
 ) -> None:
-    env = counter_env(
-        redis_server.url, redis_key_prefix, partitions=4, partition_id="all", consumer="stopped"
+    env = instance_env(
+        redis_server.url, redis_key_prefix, partitions=4, partition_id="auto", consumer="stopped"
     )
-    deployment = deployment_factory(redis_server.url, redis_key_prefix, 4)
-    first = start_instance(env)
+    deployment = deployment_factory(redis_server.url, redis_key_prefix, 4, CounterDeployment)
+    first = start_instance(env, RULES)
     first.wait_reading()
     deployment.send_counts()
     wait_partly_counted(deployment, [first])
@@ -511,7 +334,8 @@ def test_sigterm_mid_stream_exits_0_having_committed_consistently_and_a_restart_
     assert "Traceback" not in first.log, first.describe()
     assert deployment.counted() < EVENTS, "the instance finished before SIGTERM could stop it mid-stream"
     deployment.assert_counts_match_commits()
-    second = start_instance(env)
+    assert deployment.owners() == dict.fromkeys(range(4)), "a stopped instance released its partitions"
+    second = start_instance(env, RULES)
     wait_finished(deployment, second)
     deployment.assert_counts_exact()
     assert_clean_exit(second)
@@ -520,12 +344,14 @@ def test_sigterm_mid_stream_exits_0_having_committed_consistently_and_a_restart_
 def test_events_sent_again_with_the_same_ids_are_dropped_not_counted_twice(
     redis_server: LocalRedisServer,
     redis_key_prefix: str,
-    start_instance: Callable[[dict[str, str]], Instance],
-    deployment_factory: Callable[..., Deployment],
+    start_instance: StartInstance,
+    deployment_factory: MakeDeployment,
 ) -> None:
-    env = counter_env(redis_server.url, redis_key_prefix, partitions=4, partition_id="all", consumer="resent")
-    deployment = deployment_factory(redis_server.url, redis_key_prefix, 4)
-    instance = start_instance(env)
+    env = instance_env(
+        redis_server.url, redis_key_prefix, partitions=4, partition_id="auto", consumer="resent"
+    )
+    deployment = deployment_factory(redis_server.url, redis_key_prefix, 4, CounterDeployment)
+    instance = start_instance(env, RULES)
     instance.wait_reading()
     deployment.send_counts(EVENTS // 3)
     wait_finished(deployment, instance)
@@ -541,20 +367,26 @@ def test_events_sent_again_with_the_same_ids_are_dropped_not_counted_twice(
 def test_a_retry_in_progress_when_the_instance_is_killed_is_not_lost_and_the_work_is_done_once(
     redis_server: LocalRedisServer,
     redis_key_prefix: str,
-    start_instance: Callable[..., Instance],
-    deployment_factory: Callable[..., Deployment],
+    start_instance: StartInstance,
+    deployment_factory: MakeDeployment,
     tmp_path: Path,
 ) -> None:
     switch, attempts = tmp_path / "downstream-unavailable", tmp_path / "attempts.log"
     switch.touch()
-    env = counter_env(
-        redis_server.url, redis_key_prefix, partitions=2, partition_id="all", consumer="crashed"
+    env = instance_env(
+        redis_server.url,
+        redis_key_prefix,
+        partitions=2,
+        partition_id="auto",
+        consumer="crashed",
+        FLAKY_SWITCH=str(switch),
+        FLAKY_ATTEMPTS=str(attempts),
+        KRULES_RETRY_MAX_ATTEMPTS="100",
     )
-    env.update(FLAKY_SWITCH=str(switch), FLAKY_ATTEMPTS=str(attempts), KRULES_RETRY_MAX_ATTEMPTS="100")
-    deployment = deployment_factory(redis_server.url, redis_key_prefix, 2)
+    deployment = deployment_factory(redis_server.url, redis_key_prefix, 2, CounterDeployment)
     first = start_instance(env, FLAKY_RULES)
     first.wait_reading()
-    (event_id,) = asyncio.run(deployment._emit([{"type": "work.requested", "subject": "job-1"}]))
+    (event_id,) = deployment.emit([{"type": "work.requested", "subject": "job-1"}])
 
     def attempts_by(instance: Instance) -> int:
         lines = attempts.read_text().splitlines() if attempts.exists() else []

@@ -129,6 +129,20 @@ async def test_the_partitions_table_escapes_a_forged_instance_name(
     assert "evil\\n0  0  0  0  fake\\x1b[8m" in out
 
 
+async def test_partitions_lists_as_waiting_only_the_live_instances_that_ask_for_a_partition(
+    instance: RedisModeApp, raw: aioredis.Redis, env: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    now = int(time.time() * 1000)
+    for name, seen in (("alive", now), ("killed", now - 60_000)):  # killed: not refreshed for a minute
+        info = {"mode": "static", "wants": [0], "seen": seen, "lease_ms": 10_000}
+        await raw.hset(instance.storage.keys.instances(), name, json.dumps(info))
+
+    code, out, _ = await krules(capsys, "partitions", "--json")
+
+    assert code == 0
+    assert [p["waiting"] for p in json.loads(out)["partitions"]] == [["alive"], [], [], []]
+
+
 async def test_the_dlq_commands_see_real_dead_letters_only(
     instance: RedisModeApp, env: None, capsys: pytest.CaptureFixture[str]
 ) -> None:
