@@ -175,6 +175,11 @@ class PartitionSource(Protocol):
         and left out."""
         ...
 
+    def reading(self, partition: int, fence: str) -> bool:
+        """Whether ``partition`` is still read under the lease ``fence`` (an entry read under it may
+        be started): False once the partition was handed back, lost or taken again since."""
+        ...
+
     def receipt(self, delivery: Delivery, event_id: str) -> Receipt:
         """The receipt a turn (or a dead letter) of ``delivery`` commits with: its writes, ``event_id``
         marked processed and the entry acknowledged, at once."""

@@ -409,7 +409,7 @@ class RedisStreams:
         waits: list[tuple[int, str]] = []
         for partition, reply in zip(owned, replies, strict=True):
             fence = fences[partition]
-            if not self._reading_under(partition, fence):
+            if not self.reading(partition, fence):
                 continue  # its entries read now stay pending: its next owner takes them over
             status = int(reply[0])
             if status == _READ_FENCED:
@@ -442,7 +442,7 @@ class RedisStreams:
             return []
         return await self._drop_committed(deliveries)
 
-    def _reading_under(self, partition: int, fence: str) -> bool:
+    def reading(self, partition: int, fence: str) -> bool:
         """Whether ``partition`` is still read under the lease ``fence``: not handed back, lost or
         taken again (with a new epoch) since a call made under that lease was sent."""
         return partition in self._ready and self.leases is not None and self.leases.fence(partition) == fence
@@ -487,7 +487,7 @@ class RedisStreams:
         claimed: list[tuple[int, list[Delivery]]] = []
         for partition, reply in zip(owned, replies, strict=True):
             fence = fences[partition]
-            if not self._reading_under(partition, fence):
+            if not self.reading(partition, fence):
                 continue  # handed back or lost meanwhile: what was claimed stays pending for the next owner
             if int(reply[0]) != 1:
                 leases.lost(partition)

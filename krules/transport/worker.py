@@ -173,10 +173,13 @@ class PartitionWorker:
             self._start(deliveries)
 
     def _start(self, deliveries: list[Delivery]) -> None:
+        reading = self.source.reading
         for delivery in deliveries:
             key = (delivery.partition, delivery.entry_id)
             if key in self._inflight:
                 continue  # re-read or reclaimed while its turn is still running here
+            if delivery.fence and not reading(delivery.partition, delivery.fence):
+                continue  # handed back or lost while it was read: left pending for the next owner
             self._inflight[key] = asyncio.ensure_future(self._handle(delivery))
 
     async def _tend(self) -> None:
