@@ -31,7 +31,7 @@ what :class:`krules.transport.worker.PartitionWorker` reads them from.  The Redi
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Final, NamedTuple, Protocol
 
@@ -185,8 +185,9 @@ class PartitionSource(Protocol):
         marked processed and the entry acknowledged, at once."""
         ...
 
-    async def reclaim(self) -> list[Delivery]:
-        """Entries another consumer (or this one, before a restart) took and left idle too long."""
+    async def reclaim(self, busy: Collection[tuple[int, str]] = ()) -> list[Delivery]:
+        """This instance's entries left idle too long (their turns could not be committed), except
+        those ``busy`` names (partition, entry id), still being worked on."""
         ...
 
     async def forward(self, delivery: Delivery, partition: int) -> None:

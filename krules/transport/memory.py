@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import Awaitable, Mapping, Sequence
+from collections.abc import Awaitable, Collection, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from krules.dead_letters.signing import new_replay_key
@@ -166,7 +166,7 @@ class MemoryStreams:
         self._delivered.discard((partition, entry_id))
         self.deliveries.pop((partition, entry_id), None)
 
-    async def reclaim(self) -> list[Delivery]:
+    async def reclaim(self, busy: Collection[tuple[int, str]] = ()) -> list[Delivery]:
         """Nothing to reclaim: the one consumer holds every entry it was delivered."""
         return []
 

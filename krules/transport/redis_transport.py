@@ -48,7 +48,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Collection, Sequence
 from functools import partial
 from typing import TYPE_CHECKING, Any, Final
 
@@ -138,10 +138,9 @@ class RedisStreams:
         self._block_timeout = block_timeout
         self._reader: RedisCommands | None = None
         self._cursors: dict[int, str] = {}  # "0": own pending entries first; ">": new ones
-        self._claim_cursors: dict[int, str] = {}
         self._owned_changed = asyncio.Event()
         self._ready: set[int] = set()  # owned partitions whose takeover is done: those are read
-        self._scripts = {name: storage.script(name) for name in ("read", "claim", "append")}
+        self._scripts = {name: storage.script(name) for name in ("read", "claim", "reclaim", "append")}
         self._count_checked = count_checked
         self.max_backlog = max_backlog
         self._backlog: dict[int, tuple[int, float]] = {}  # partition -> (unprocessed, measured at)
@@ -193,7 +192,6 @@ class RedisStreams:
         for partition in done.give_back:
             self._ready.discard(partition)
             self._cursors.pop(partition, None)
-            self._claim_cursors.pop(partition, None)
         if done.give_back:
             self._owned_changed.set()
         # Taken partitions are read once their takeover is done (tried again next round if it failed).
@@ -231,7 +229,6 @@ class RedisStreams:
             if start == "0-0":
                 break
         self._cursors[partition] = "0"
-        self._claim_cursors[partition] = "0-0"
         self._ready.add(partition)
         self._owned_changed.set()
         lease = self.leases.held[partition]
@@ -459,14 +456,18 @@ class RedisStreams:
         if the partition's lease is still the one the entry was read under."""
         return StreamReceipt(self.storage, delivery.partition, event_id, delivery.entry_id, delivery.fence)
 
-    async def reclaim(self) -> list[Delivery]:
+    async def reclaim(self, busy: Collection[tuple[int, str]] = ()) -> list[Delivery]:
         """Take back this instance's entries left idle longer than ``claim_idle_ms`` (a turn whose
-        commit kept failing), with their delivery counts; nothing of a partition whose lease is gone."""
+        commit kept failing), with their delivery counts, except those ``busy`` names (partition,
+        entry id: still being worked on here); nothing of a partition whose lease is gone."""
         leases, owned = self.leases, self.partitions
         if leases is None or not owned:
             return []
-        sha = self._scripts["claim"].sha
+        sha = self._scripts["reclaim"].sha
         fences = {p: leases.fence(p) for p in owned}
+        working: dict[int, list[str]] = {}
+        for partition, entry_id in busy:
+            working.setdefault(partition, []).append(entry_id)
         commands: list[Command] = [
             (
                 "EVALSHA",
@@ -478,8 +479,8 @@ class RedisStreams:
                 CONSUMER_GROUP,
                 self.consumer,
                 self.claim_idle_ms,
-                self._claim_cursors.setdefault(p, "0-0"),
                 _CLAIM_COUNT,
+                *working.get(p, ()),
             )
             for p in owned
         ]
@@ -492,10 +493,8 @@ class RedisStreams:
             if int(reply[0]) != 1:
                 leases.lost(partition)
                 continue
-            claim = reply[1]
-            self._claim_cursors[partition] = text(claim[0])
             found: list[Delivery] = []
-            for entry_id, fields in stream_entries(claim[1]):
+            for entry_id, fields in stream_entries(reply[1]):
                 if fields is not None:
                     delivery = delivery_of(partition, entry_id, fields)
                     delivery.fence = fence
@@ -507,7 +506,7 @@ class RedisStreams:
         await self._count_deliveries(claimed)
         deliveries = [d for _, found in claimed for d in found]
         _log.warning(
-            "reclaimed %d entr%s left idle over %d ms by a consumer",
+            "reclaimed %d entr%s left idle over %d ms (their turns could not be committed)",
             len(deliveries),
             "y" if len(deliveries) == 1 else "ies",
             self.claim_idle_ms,

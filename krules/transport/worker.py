@@ -194,6 +194,9 @@ class PartitionWorker:
                     "renewing the partition leases failed (%s); trying again in %.1f s", exc, every
                 )
                 continue
+            except Exception:  # a bug must not stop the renewals for good (the leases would expire)
+                logger.exception("renewing the partition leases failed unexpectedly; trying again")
+                continue
             for partition in handed:
                 if partition not in self._handing:
                     self._handing[partition] = asyncio.ensure_future(self._hand_back(partition))
@@ -221,7 +224,7 @@ class PartitionWorker:
             await asyncio.sleep(self.maintain_every)
             try:
                 figures = await self.source.maintain()
-                reclaimed = await self.source.reclaim()
+                reclaimed = await self.source.reclaim(list(self._inflight))
             except KRulesError as exc:
                 logger.warning("stream upkeep failed (%s); trying again later", exc)
                 continue

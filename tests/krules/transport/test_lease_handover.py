@@ -107,3 +107,23 @@ async def test_entries_reclaimed_while_their_partition_goes_are_left_pending_for
 
     assert deliveries == []
     assert await pending(raw, streams) == 1
+
+
+async def test_a_reclaim_leaves_the_entries_still_worked_on_here_and_their_delivery_counts(
+    streams: RedisStreams, raw: aioredis.Redis
+) -> None:
+    await streams.send([Event("t", f"s{i}", {}, f"e-{i}", "test", time.time()) for i in range(3)])
+    busy, stuck, slow = await streams.read(10, 100)  # none committed; all idle past claim_idle_ms
+    stream = streams.keys.stream(0)
+    ids = [busy.entry_id, stuck.entry_id, slow.entry_id]
+    await raw.xclaim(stream, CONSUMER_GROUP, "reader", 0, ids, idle=1000, justid=True)  # idle, not counted
+
+    reclaimed = await streams.reclaim([(0, busy.entry_id), (0, slow.entry_id)])
+
+    assert [d.entry_id for d in reclaimed] == [stuck.entry_id]
+    assert reclaimed[0].deliveries == 2
+    counts = {
+        row["message_id"]: row["times_delivered"]
+        for row in await raw.xpending_range(stream, CONSUMER_GROUP, "-", "+", 10)
+    }
+    assert counts == {busy.entry_id: 1, stuck.entry_id: 2, slow.entry_id: 1}
