@@ -31,6 +31,14 @@ async def redis_commands(client: Any) -> int:
     return sum(int(v["calls"]) for k, v in stats.items() if k not in ("cmdstat_info", "cmdstat_config"))
 
 
+async def redis_cpu_seconds(client: Any) -> float:
+    """CPU seconds the server has used so far (``INFO cpu``, user + system): its whole work, the
+    network included, which ``INFO commandstats`` leaves out (and whose ``usec`` counts a script's
+    commands twice, in the script's and in their own); ``client`` is any redis-py asyncio client."""
+    info: dict[str, Any] = await client.info("cpu")
+    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
+
 def scale() -> float:
     """BENCH_SCALE shrinks workloads for smoke runs (e.g. 0.05); 1.0 is the reported size."""
     value = float(os.environ.get("BENCH_SCALE", "1"))
