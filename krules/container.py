@@ -88,6 +88,14 @@ def _memory_storage() -> SubjectStorage:
     return create_memory_storage()
 
 
+def _storage(provided: Any) -> SubjectStorage:
+    # What ``subject_storage`` provides, as a krules storage: a KRules 3 storage factory is wrapped
+    # (imported here, not at the top, for the reason _memory_storage says).
+    from storage.krules3 import storage_of
+
+    return storage_of(provided)
+
+
 def _subject(name: str, engine: Engine, event_info: Mapping[str, Any] | None = None) -> Subject:
     # ``event_info`` is KRules' record of the event a subject was made for; krules knows that
     # event from the handler's context, so the argument carries nothing it needs (accepted so
@@ -143,7 +151,11 @@ class KRulesContainer(containers.DeclarativeContainer):
     installs the default chain (what ``krules run`` serves with)."""
     registry = providers.Singleton(_registry, middlewares=middlewares)
     engine = providers.Singleton(
-        Engine, registry=registry, storage=subject_storage, settings=settings, clock=clock
+        Engine,
+        registry=registry,
+        storage=providers.Callable(_storage, subject_storage),
+        settings=settings,
+        clock=clock,
     )
     event_bus = EventBusProvider(engine)
     """KRules' name for the engine: ``container.event_bus()`` is ``container.engine()``."""

@@ -14,8 +14,10 @@ from krules.errors import ValueNotSerializableError
 from krules.partitioning import partition_of
 from krules.testing.redis_server import LocalRedisServer
 from storage.base import DELETE, SubjectChanges, SubjectStorage, Update, encode
+from storage.krules3 import KRules3Storage
 from storage.memory import create_memory_storage
 from storage.redis import create_redis_storage
+from tests.storage.krules3_backend import dict_storage_factory
 
 REAL_SERVER_PARTITIONS = 3
 
@@ -25,11 +27,15 @@ REAL_SERVER_PARTITIONS = 3
         "memory",
         "fakeredis",
         pytest.param("redis-server", marks=pytest.mark.redis_server),
+        "krules3",
     ]
 )
 async def storage(request: pytest.FixtureRequest, redis_key_prefix: str) -> AsyncIterator[SubjectStorage]:
     if request.param == "memory":
         backend: SubjectStorage = create_memory_storage()
+        client = None
+    elif request.param == "krules3":  # a storage written for KRules, wrapped
+        backend = KRules3Storage(dict_storage_factory())
         client = None
     elif request.param == "fakeredis":
         client = fakeredis.FakeAsyncRedis()  # bytes replies: the storage must not rely on decoding
@@ -45,6 +51,14 @@ async def storage(request: pytest.FixtureRequest, redis_key_prefix: str) -> Asyn
     await backend.close()
     if client is not None:
         await client.aclose()
+
+
+async def listed(storage: SubjectStorage, prefix: str = "") -> list[str]:
+    """``storage.subjects(prefix)``; a storage written for KRules cannot list (its interface is per
+    subject, see storage.krules3): the test stops there for it, its earlier checks done."""
+    if isinstance(storage, KRules3Storage):
+        pytest.skip("a storage written for KRules cannot list subjects")
+    return await storage.subjects(prefix)
 
 
 def increment(n: Any) -> int:
@@ -99,7 +113,7 @@ async def test_an_empty_batch_and_empty_changes_store_nothing(storage: SubjectSt
     await storage.store([])
     await storage.store([SubjectChanges("ghost")])
 
-    assert await storage.subjects() == []
+    assert await listed(storage) == []
 
 
 async def test_values_are_stored_as_json_so_tuples_come_back_as_lists(storage: SubjectStorage) -> None:
@@ -227,7 +241,7 @@ async def test_an_update_producing_a_non_json_value_raises_and_stores_nothing(
     with pytest.raises(ValueNotSerializableError):
         await storage.update("kept", "n", lambda _: {1, 2})
 
-    assert await storage.subjects() == ["kept"]
+    assert await listed(storage) == ["kept"]
     assert await storage.load("kept") == ({"n": 3}, {})
 
 
@@ -258,7 +272,7 @@ async def test_a_subject_whose_last_property_is_deleted_no_longer_exists(storage
     await storage.delete("one-prop", "n")
     await storage.store([SubjectChanges("batch-deleted", {"n": DELETE}, {"e": DELETE})])
 
-    assert await storage.subjects() == []
+    assert await listed(storage) == []
     assert await storage.load("one-prop") == ({}, {})
 
 
@@ -269,7 +283,7 @@ async def test_flush_removes_the_subject_with_all_its_properties(storage: Subjec
     await storage.flush("never-existed")
 
     assert await storage.load("s") == ({}, {})
-    assert await storage.subjects() == ["t"]
+    assert await listed(storage) == ["t"]
 
 
 # -- listing -----------------------------------------------------------------------------------
@@ -279,20 +293,20 @@ async def test_subjects_are_listed_sorted_and_filtered_by_a_literal_prefix(stora
     names = ["order-2", "order-10", "orders", "user-1", "ord*er", "ord[e]r", "ord?", "a}:s:order-9", "o\\x"]
     await storage.store([SubjectChanges(name, {"n": "1"}) for name in names])
 
-    assert await storage.subjects() == sorted(names)
-    assert await storage.subjects("order-") == ["order-10", "order-2"]
-    assert await storage.subjects("ord*") == ["ord*er"]
-    assert await storage.subjects("ord[") == ["ord[e]r"]
-    assert await storage.subjects("ord?") == ["ord?"]
-    assert await storage.subjects("o\\") == ["o\\x"]
-    assert await storage.subjects("zzz") == []
+    assert await listed(storage) == sorted(names)
+    assert await listed(storage, "order-") == ["order-10", "order-2"]
+    assert await listed(storage, "ord*") == ["ord*er"]
+    assert await listed(storage, "ord[") == ["ord[e]r"]
+    assert await listed(storage, "ord?") == ["ord?"]
+    assert await listed(storage, "o\\") == ["o\\x"]
+    assert await listed(storage, "zzz") == []
 
 
 async def test_listing_many_subjects_finds_every_one(storage: SubjectStorage) -> None:
     names = [f"device-{i:04d}" for i in range(1500)]
     await storage.store([SubjectChanges(name, {"on": "true"}) for name in names])
 
-    assert await storage.subjects("device-") == names
+    assert await listed(storage, "device-") == names
 
 
 # -- content -----------------------------------------------------------------------------------
@@ -306,7 +320,7 @@ async def test_unicode_names_properties_and_values_round_trip(storage: SubjectSt
     await storage.update(name, "zähler", increment)
 
     assert await storage.load(name) == ({"größe": value, "zähler": 1}, {"ñ": "ü"})
-    assert await storage.subjects("Zürich") == [name]
+    assert await listed(storage, "Zürich") == [name]
 
 
 async def test_a_one_megabyte_value_round_trips(storage: SubjectStorage) -> None:
@@ -327,4 +341,4 @@ async def test_a_subject_with_many_properties_is_stored_in_one_batch(storage: Su
 
     await storage.store([SubjectChanges("wide", dict.fromkeys(props, DELETE))])
 
-    assert await storage.subjects() == []
+    assert await listed(storage) == []
