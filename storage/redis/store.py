@@ -144,7 +144,10 @@ class RedisStorage:
         if not self._layout_known:
             await self.layout(record=False)
         key = self.keys.subject(name)
-        stored = await self._run(partial(self._commands.hgetall, key), "load subject %r", name)
+        try:  # the first try directly: the retry loop only when it fails (see _run)
+            stored = await self._commands.hgetall(key)
+        except Exception:
+            stored = await self._run(partial(self._commands.hgetall, key), "load subject %r", name)
         props: dict[str, Any] = {}
         ext: dict[str, Any] = {}
         for raw_field, raw_value in stored.items():
@@ -256,11 +259,19 @@ class RedisStorage:
                         keys.lease(partition),
                     )
                 calls = [store_call(keys, group, token, lease, list(head), commit) for group in pending]
-            replies = await self._run(
-                partial(self._eval_all, self._store_script, calls),
-                "store subjects %r",
-                NamesOf(pending),
-            )
+            tried: list[_Reply] | None = None
+            if not self._scripts_missing:
+                try:  # the first try directly: the retry loop only when it fails (see _run)
+                    tried = await self._commands.evalsha_many(self._store_script.sha, calls)
+                except Exception:
+                    tried = None
+            replies = tried
+            if replies is None:
+                replies = await self._run(
+                    partial(self._eval_all, self._store_script, calls),
+                    "store subjects %r",
+                    NamesOf(pending),
+                )
             unstored: list[Group] = []
             for group, reply in zip(pending, replies, strict=True):
                 status = reply[0]
@@ -464,6 +475,11 @@ class RedisStorage:
 
     async def _run(self, op: Callable[[], Awaitable[_T]], action: str, *details: object) -> _T:
         """Run ``op``, reloading scripts and retrying transient failures; translate driver errors.
+
+        The hottest calls (a turn's load and its commit) try once without this loop and come here
+        only when that try fails, so that the usual call costs no retry bookkeeping: the failed try
+        then counts as none of the retries, and a command the server refused is sent once more
+        before its error is raised (harmless: nothing a refused command does is applied).
 
         ``action % details`` completes "could not ..." in error messages; it is formatted only on
         failure, so the hot path builds no strings.  Which errors are retried, how long it waits and
