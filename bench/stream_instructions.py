@@ -3,9 +3,10 @@
 Wall-clock rates on a shared machine drift by tens of percent; instruction counts do not.  The
 streams of a throwaway redis-server are filled with ``order.submitted`` events (the cascade of
 :mod:`bench.order_cascade`: 5 events, 1 turn per order) before the instance starts; the instance
-(engine + partition worker, no middleware) then runs under ``valgrind --tool=callgrind`` until every
-order is shipped.  Two drains (200 and 2,200 orders, each after 200 warm-up orders) are counted; the
-difference divided by 2,000 is the cost of one order without start-up.  Only the instance's process
+(engine + partition worker, no middleware, the garbage-collector policy of ``krules run``) then runs
+under ``valgrind --tool=callgrind`` until every order is shipped.  Two drains (200 and 2,200 orders,
+each after 200 warm-up orders) are counted; the difference divided by 2,000 is the cost of one order
+without start-up.  Only the instance's process
 is counted, not redis-server.  Needs ``valgrind``.
 """
 
@@ -32,6 +33,7 @@ import asyncio, sys
 from dependency_injector import providers
 from bench import order_cascade
 from krules import KRulesContainer
+from krules.assembly import apply_gc_policy
 from krules.config import Settings
 from krules.transport.redis_streams import stream_worker
 from storage.redis import create_redis_storage
@@ -53,6 +55,7 @@ async def main(url, prefix, orders):
                 done.set()
     engine.event_observers.append(count)
     await engine.start()
+    apply_gc_policy(settings)  # as krules run does
     task = asyncio.ensure_future(worker.run())
     await asyncio.wait_for(done.wait(), timeout=600)
     worker.stop()

@@ -30,6 +30,7 @@ from bench import order_cascade
 from bench._common import redis_commands, redis_cpu_seconds, report, scale
 from bench._redis import redis_url
 from krules import KRulesContainer
+from krules.assembly import apply_gc_policy
 from krules.config import Settings
 from krules.events import Event
 from krules.transport.redis_streams import stream_worker
@@ -114,6 +115,7 @@ async def run(url: str, prefix: str, orders: int, partitions: int) -> dict[str, 
 
     engine.event_observers.append(shipped)
     await engine.start()
+    apply_gc_policy(settings)  # as krules run does
     probe = aioredis.Redis.from_url(url, decode_responses=True)
     task = asyncio.ensure_future(worker.run())
     await asyncio.sleep(0.2)  # the worker has opened the streams

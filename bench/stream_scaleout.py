@@ -40,7 +40,7 @@ BATCH = 100
 def _instance(url: str, prefix: str, name: str) -> None:
     """One instance: the order cascade on the partition streams, until SIGTERM."""
     from bench import order_cascade
-    from krules.assembly import assemble
+    from krules.assembly import apply_gc_policy, assemble
     from krules.config import Settings
 
     async def main() -> None:
@@ -53,6 +53,7 @@ def _instance(url: str, prefix: str, name: str) -> None:
         assert worker is not None
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, worker.stop)
         await instance.engine.start()
+        apply_gc_policy(instance.settings)  # as krules run does
         await worker.run()
         await instance.engine.close()
 

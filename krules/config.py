@@ -231,6 +231,7 @@ class Settings(EnvSettings):
     max_stream_backlog: int = setting(100_000, integer(1))
     log_level: str = setting("INFO", log_level)
     log_json: bool = setting(False, boolean)
+    gc_threshold: int = setting(20_000, integer(0, 10_000_000))
 
     def __post_init__(self) -> None:
         if self.ingress_token is not None:  # Settings(ingress_token="") too, not only the variable

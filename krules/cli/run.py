@@ -98,7 +98,7 @@ async def feed_demo(engine: Engine, server: KRulesServer) -> None:
 
 
 def command_run(args: argparse.Namespace) -> int:
-    from krules.assembly import assemble
+    from krules.assembly import apply_gc_policy, assemble
     from krules.http.server import run
 
     settings = settings_from_env(http_host=args.host, http_port=args.port)
@@ -109,6 +109,7 @@ def command_run(args: argparse.Namespace) -> int:
         logger.info("loaded rule module %s", module)
     chain = instance.chain
     logger.info("middleware: %s", " -> ".join(chain.names) if chain is not None and chain.names else "none")
+    apply_gc_policy(settings)
     engine = instance.engine
     companions: list[Callable[[KRulesServer], Any]] = []
     worker = instance.worker

@@ -258,3 +258,22 @@ def test_a_krules_variable_within_two_edits_of_a_setting_is_still_refused_as_a_t
     with pytest.raises(ConfigurationError) as info:
         Settings.from_env({var: "x"})
     assert str(info.value) == f"{var} is not a krules setting; did you mean {closest}?"
+
+
+def test_the_gc_policy_of_an_instance_is_a_threshold_that_zero_turns_off() -> None:
+    import gc
+
+    from krules.assembly import apply_gc_policy
+
+    before = gc.get_threshold()
+    try:
+        apply_gc_policy(Settings.from_env({"KRULES_GC_THRESHOLD": "0"}))
+        assert gc.get_threshold() == before
+        apply_gc_policy(Settings.from_env({}))
+        assert gc.get_threshold() == (20_000, 50, 100)
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)
+    with pytest.raises(ConfigurationError, match="KRULES_GC_THRESHOLD='lots' is not an integer"):
+        Settings.from_env({"KRULES_GC_THRESHOLD": "lots"})
