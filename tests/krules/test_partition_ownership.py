@@ -13,8 +13,8 @@ engine's subjects.
 
 Ownership is read straight from Redis (the lease keys, the instances' registrations) and from
 ``krules partitions --json``; progress from the partitions' consumer groups and processed-id sets.
-Deadlines only guard against a hang (how soon a killed instance's partitions resume is a figure of
-``bench.stream_scaleout`` and the notes, not an assertion: a loaded machine may be slower).  The harness (instances, deployment,
+Deadlines only guard against a hang (how soon a killed instance's partitions resume is a measured
+figure, not an assertion: a loaded machine may be slower).  The harness (instances, deployment,
 waiting) is :mod:`processes`'s, beside this file.
 """
 
