@@ -266,10 +266,13 @@ def _timestamp(value: Any) -> float:
     if isinstance(value, datetime) and value.tzinfo is not None:
         return value.timestamp()
     if isinstance(value, str) and "T" in value.upper():
-        try:
-            parsed = datetime.fromisoformat(value.replace("Z", "+00:00").replace("z", "+00:00"))
+        try:  # Python reads a "Z" itself; a lower-case "z" (also RFC 3339) needs spelling out
+            parsed = datetime.fromisoformat(value)
         except ValueError:
-            parsed = None
+            try:
+                parsed = datetime.fromisoformat(value.replace("z", "+00:00"))
+            except ValueError:
+                parsed = None
         if parsed is not None and parsed.tzinfo is not None:
             return parsed.timestamp()
     raise EventFormatError(
@@ -295,9 +298,14 @@ def event_from_dict(obj: Any) -> Event:
             "The event carries binary data (data_base64); krules payloads are JSON objects."
         )
     event = _event_from_attributes(attributes, data)
-    if _PLAIN_ATTRIBUTES.issuperset(attributes) and all(
-        type(attributes.get(name, "")) is str for name in _PLAIN_TEXT
-    ):
+    get = attributes.get
+    if (
+        _PLAIN_ATTRIBUTES.issuperset(attributes)
+        and type(get("datacontenttype", "")) is str
+        and type(get("traceparent", "")) is str
+        and type(get("tracestate", "")) is str
+        and type(get("time", "")) is str
+    ):  # the checks of _PLAIN_TEXT, spelt out: no generator per event
         # Only attributes checked above, or plain strings: the SDK's checks would add nothing
         # (a partition stream's entries, written by krules, take this path).
         return event
