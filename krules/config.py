@@ -283,7 +283,8 @@ class Settings(EnvSettings):
             section.from_env(env)
         values.update({k: v for k, v in overrides.items() if v is not None})
         settings = replace(cls(), **values)
-        settings.static_partitions  # noqa: B018 - validates the spec against the partition count
+        if settings.partitions is not None:  # else against the count recorded, once it is read
+            settings.static_partitions  # noqa: B018 - validates the spec against the partition count
         return settings
 
 

@@ -362,3 +362,19 @@ async def test_a_turn_that_outlived_its_lease_is_dropped_and_run_again_by_the_ne
         "max": None,
         "consumers": [],
     }
+
+
+async def test_static_ids_are_checked_against_the_recorded_count_when_none_is_given(
+    redis_server: LocalRedisServer, redis_key_prefix: str, raw: aioredis.Redis
+) -> None:
+    await raw.set(f"{redis_key_prefix}partitions", 8)
+    assert Settings.from_env({"KRULES_PARTITION_ID": "5"}).partition_id == "5"  # the count is not known yet
+
+    instance = Instance(redis_server.url, redis_key_prefix, partitions=None, partition_id="5", **FAST)
+    try:
+        assert instance.settings.partitions is None
+        assert instance.leases.wanted == (5,) and instance.storage.keys.partitions == 8
+    finally:
+        await instance.stop()
+    with pytest.raises(ConfigurationError, match="names partition 9, but there are only 8"):
+        Instance(redis_server.url, redis_key_prefix, partitions=None, partition_id="9", **FAST)
