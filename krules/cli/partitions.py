@@ -27,15 +27,25 @@ if TYPE_CHECKING:
 __all__ = ["command_partitions"]
 
 
-async def _partition_status(settings: Settings) -> tuple[str, list[PartitionStatus]]:
+async def _partition_status(settings: Settings) -> tuple[str, list[PartitionStatus], list[dict[str, Any]]]:
+    from krules.transport.redis_status import live_instances
     from krules.transport.redis_streams import RedisStreams
 
     storage = redis_storage(settings, retries=2)
     try:
         url: str = storage.url
-        return url, await RedisStreams(storage).status()
+        return url, await RedisStreams(storage).status(), await live_instances(storage)
     finally:
         await storage.close()
+
+
+def _with_shares(instances: list[dict[str, Any]], partitions: list[PartitionStatus]) -> list[dict[str, Any]]:
+    """The live instances, each with the partitions it owns (``owns``)."""
+    owned: dict[str, list[int]] = {}
+    for p in partitions:
+        if p["owner"] is not None:
+            owned.setdefault(p["owner"]["instance"], []).append(p["partition"])
+    return [{**instance, "owns": owned.get(instance["name"], [])} for instance in instances]
 
 
 def command_partitions(args: argparse.Namespace) -> int:
@@ -44,9 +54,10 @@ def command_partitions(args: argparse.Namespace) -> int:
     settings = settings_from_env()
     configure_quiet_logging(settings)
     require_redis(settings, "partitions")
-    url, partitions = asyncio.run(_partition_status(settings))
+    url, partitions, live = asyncio.run(_partition_status(settings))
+    instances = _with_shares(live, partitions)
     if args.json:
-        say_json({"key_prefix": settings.key_prefix, "partitions": partitions})
+        say_json({"key_prefix": settings.key_prefix, "partitions": partitions, "instances": instances})
         return 0
     if not partitions:
         raise KRulesError(
@@ -77,6 +88,17 @@ def command_partitions(args: argparse.Namespace) -> int:
         )
     headers = ["PARTITION", "LENGTH", "PENDING", "LAG", "OWNER", "EPOCH", "LEASE", "WAITING", "CONSUMERS"]
     print(format_table(headers, rows))
+    if instances:
+        say(
+            "instances: "
+            + ", ".join(
+                f"{i['name']} ({len(i['owns'])} owned"
+                + (f", asks for {','.join(map(str, i['wants']))}" if i["mode"] == "static" else "")
+                + (", standing by" if not i["owns"] else "")
+                + ")"
+                for i in instances
+            )
+        )
     return 0
 
 

@@ -15,7 +15,7 @@ from krules.transport.redis_replies import fields, flat_map, group_info, text
 from storage.redis import RedisStorage
 from storage.redis.keys import CONSUMER_GROUP
 
-__all__ = ["PartitionStatus", "partition_status"]
+__all__ = ["PartitionStatus", "live_instances", "partition_status"]
 
 _DEFAULT_LEASE_MS = 10_000
 """The lease time of a registration that does not say (``KRULES_LEASE_MS``' default)."""
@@ -38,22 +38,7 @@ async def partition_status(storage: RedisStorage) -> list[PartitionStatus]:
     if count_raw is None:
         return []
     partitions = int(text(count_raw))
-    instances, clock = await storage.run(
-        partial(commands.execute_many, [("HGETALL", keys.instances()), ("TIME",)]), "read the instances"
-    )
-    now = int(text(clock[0])) * 1000 + int(text(clock[1])) // 1000
-    registered: dict[str, dict[str, Any]] = {}
-    live: set[str] = set()  # refreshed within their lease time (a stopped one's registration lingers)
-    for name, raw in (fields(instances) or {}).items():
-        try:
-            info = json.loads(raw)
-        except ValueError:
-            continue
-        if isinstance(info, dict):
-            registered[name] = info
-            seen, lease_ms = info.get("seen"), info.get("lease_ms", _DEFAULT_LEASE_MS)
-            if isinstance(seen, int) and isinstance(lease_ms, int) and now - seen <= lease_ms:
-                live.add(name)
+    registered, live = await _registrations(storage)
     out: list[PartitionStatus] = []
     for p in range(partitions):
         stream = keys.stream(p)
@@ -100,6 +85,44 @@ async def partition_status(storage: RedisStorage) -> list[PartitionStatus]:
             )
         )
     return out
+
+
+async def live_instances(storage: RedisStorage) -> list[dict[str, Any]]:
+    """The live instances' registrations (refreshed within their lease time), sorted by name: each a
+    dict with ``name``, ``mode`` (``auto`` or ``static``), ``wants`` (static ids) and ``seen`` (ms)."""
+    registered, live = await _registrations(storage)
+    return [
+        {
+            "name": name,
+            "mode": registered[name].get("mode", "auto"),
+            "wants": list(registered[name].get("wants") or ()),
+            "seen": registered[name].get("seen"),
+        }
+        for name in sorted(live)
+    ]
+
+
+async def _registrations(storage: RedisStorage) -> tuple[dict[str, dict[str, Any]], set[str]]:
+    """Every registration in the instances hash, and the names of the live ones (refreshed within
+    their lease time, on the server's clock: a stopped instance's registration lingers a while)."""
+    keys, commands = storage.keys, storage.commands
+    instances, clock = await storage.run(
+        partial(commands.execute_many, [("HGETALL", keys.instances()), ("TIME",)]), "read the instances"
+    )
+    now = int(text(clock[0])) * 1000 + int(text(clock[1])) // 1000
+    registered: dict[str, dict[str, Any]] = {}
+    live: set[str] = set()
+    for name, raw in (fields(instances) or {}).items():
+        try:
+            info = json.loads(raw)
+        except ValueError:
+            continue
+        if isinstance(info, dict):
+            registered[name] = info
+            seen, lease_ms = info.get("seen"), info.get("lease_ms", _DEFAULT_LEASE_MS)
+            if isinstance(seen, int) and isinstance(lease_ms, int) and now - seen <= lease_ms:
+                live.add(name)
+    return registered, live
 
 
 def _owner(lease: str | None, ttl_ms: int, registered: dict[str, dict[str, Any]]) -> dict[str, Any] | None:

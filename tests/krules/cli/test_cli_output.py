@@ -124,7 +124,7 @@ async def test_the_partitions_table_escapes_a_forged_instance_name(
     code, out, _ = await krules(capsys, "partitions")
 
     assert code == 0
-    assert len(out.splitlines()) == 2 + 4  # the summary, the headers, one row per partition
+    assert len(out.splitlines()) == 2 + 4 + 1  # the summary, the headers, a row per partition, the instances
     assert_terminal_safe(out)
     assert "evil\\n0  0  0  0  fake\\x1b[8m" in out
 

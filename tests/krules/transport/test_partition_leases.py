@@ -22,6 +22,7 @@ from krules.testing import RedisModeApp, wait_until
 from krules.testing.redis_server import LocalRedisServer
 from krules.transport.base import Delivery
 from krules.transport.redis_leases import PartitionLeases, fair_shares
+from krules.transport.redis_status import live_instances
 from krules.transport.redis_streams import RedisStreams
 from storage.base import SubjectChanges
 from storage.redis import RedisStorage, create_redis_storage
@@ -378,3 +379,20 @@ async def test_static_ids_are_checked_against_the_recorded_count_when_none_is_gi
         await instance.stop()
     with pytest.raises(ConfigurationError, match="names partition 9, but there are only 8"):
         Instance(redis_server.url, redis_key_prefix, partitions=None, partition_id="9", **FAST)
+
+
+async def test_an_auto_instance_with_no_partition_left_is_listed_as_live_and_owning_none(
+    make_instance: Callable[..., Instance],
+) -> None:
+    owner = make_instance(partitions=1, consumer="owner")
+    await owner.start()
+    await wait_until(lambda: _equals(owner.streams.partitions, (0,)))
+    spare = make_instance(partitions=1, consumer="spare")
+    await spare.start()
+
+    async def both_live() -> bool:
+        return [i["name"] for i in await live_instances(owner.storage)] == ["owner", "spare"]
+
+    await wait_until(both_live)
+    status = await owner.streams.status()
+    assert status[0]["owner"]["instance"] == "owner" and spare.streams.partitions == ()
