@@ -31,7 +31,7 @@ import redis
 from bench._common import report, scale
 from bench._redis import redis_url
 from krules.transport.stream_client import AsyncStreamClient
-from storage.redis.keys import KeySchema
+from storage.redis.keys import KeySchema, lease_holder
 
 ORDERS = 20_000
 BATCH = 100
@@ -81,7 +81,7 @@ def _owners(client: redis.Redis, keys: KeySchema) -> Counter[str]:
         pipe.get(keys.lease(p))
     owners: Counter[str] = Counter()
     for raw in pipe.execute():
-        owners["" if raw is None else raw.decode().split(":", 1)[1].rsplit(":", 1)[0]] += 1
+        owners["" if raw is None else lease_holder(raw.decode())] += 1
     return owners
 
 

@@ -32,7 +32,7 @@ import yaml
 
 from krules.http.client import KRulesClient
 from krules.testing.redis_server import LocalRedisServer, free_port
-from storage.redis.keys import KeySchema
+from storage.redis.keys import KeySchema, lease_holder
 
 pytestmark = [pytest.mark.slow, pytest.mark.redis_server]
 
@@ -294,4 +294,4 @@ def owner_of(lease: str | None) -> str | None:
     """The instance named in a partition's lease ``<epoch>:<instance>:<nonce>`` (None: no owner)."""
     if lease is None:
         return None
-    return lease.partition(":")[2].rpartition(":")[0]
+    return lease_holder(lease)

@@ -43,6 +43,7 @@ from krules.errors import ConfigurationError
 from krules.transport.redis_replies import text
 from storage.redis import RedisStorage
 from storage.redis._resp_connection import Command
+from storage.redis.keys import lease_epoch, lease_holder
 from storage.redis.scripts import LuaScript
 
 __all__ = ["AUTO", "Lease", "Member", "PartitionLeases", "default_instance_name", "fair_shares"]
@@ -206,7 +207,7 @@ class PartitionLeases:
                 holders[p] = lease.value
             else:
                 holder = text(reply[1]) if len(reply) > 1 else None
-                why = f"its lease is held by instance {_holder_name(holder)!r} now" if holder else ""
+                why = f"its lease is held by instance {lease_holder(holder)!r} now" if holder else ""
                 self._lose(p, why or "its lease is gone (expired, or Redis lost it)", done)
                 holders[p] = holder
         self._expire_locally(done)
@@ -259,7 +260,7 @@ class PartitionLeases:
         if self.wanted is not None:
             want = set(self.wanted)
             take = [p for p in free if p in want]
-            waiting = {p: _holder_name(h) for p, h in enumerate(holders) if p in want and p not in mine and h}
+            waiting = {p: lease_holder(h) for p, h in enumerate(holders) if p in want and p not in mine and h}
             for p, holder in waiting.items():
                 if self.waiting_for.get(p) != holder:
                     _log.warning(
@@ -279,7 +280,7 @@ class PartitionLeases:
         for p in pool:
             value = holders[p]
             if value is not None:
-                owner = _holder_name(value)
+                owner = lease_holder(value)
                 owned[owner] = owned.get(owner, 0) + 1
         share = fair_shares(autos, len(pool), owned).get(self.name, 0)
         if share == 0 and len(autos) > len(pool) and not self._warned_standby:
@@ -328,7 +329,7 @@ class PartitionLeases:
         for p, reply in zip(wanted, replies, strict=True):
             if int(reply[0]) == 1:
                 value = text(reply[1])
-                taken.append((p, Lease(value, int(value.partition(":")[0]), sent + self.lease_ms / 1000)))
+                taken.append((p, Lease(value, lease_epoch(value), sent + self.lease_ms / 1000)))
         fence = self._scripts["fence"].sha
         epochs: list[int] = []
         for p, lease in taken:
@@ -429,11 +430,6 @@ class PartitionLeases:
     async def _eval(self, script: str, keys: list[str], args: list[Any], action: str) -> Any:
         sha = self._scripts[script].sha
         return await self.storage.run(partial(self.storage.commands.evalsha, sha, keys, args), action)
-
-
-def _holder_name(holder: str) -> str:
-    """The instance name in a lease value ``<epoch>:<instance>:<nonce>``."""
-    return holder.partition(":")[2].rpartition(":")[0]
 
 
 def _member(name: str, raw: str) -> Member | None:

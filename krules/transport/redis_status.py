@@ -13,7 +13,7 @@ from typing import Any
 
 from krules.transport.redis_replies import fields, flat_map, group_info, text
 from storage.redis import RedisStorage
-from storage.redis.keys import CONSUMER_GROUP
+from storage.redis.keys import CONSUMER_GROUP, lease_epoch, lease_holder
 
 __all__ = ["PartitionStatus", "live_instances", "partition_status"]
 
@@ -129,14 +129,17 @@ def _owner(lease: str | None, ttl_ms: int, registered: dict[str, dict[str, Any]]
     """A partition's owner from its lease ``<epoch>:<instance>:<nonce>`` and the lease's time left."""
     if lease is None:
         return None
-    epoch, _, rest = lease.partition(":")
-    instance = rest.rpartition(":")[0]
+    instance = lease_holder(lease)
+    try:
+        epoch: int | None = lease_epoch(lease)
+    except ValueError:  # not written by krules: shown as it is, without an epoch
+        epoch = None
     info = registered.get(instance, {})
     lease_ms = info.get("lease_ms")
     left = max(ttl_ms, 0)
     return {
         "instance": instance,
-        "epoch": int(epoch) if epoch.isdigit() else None,
+        "epoch": epoch,
         "lease_left_ms": left,
         "lease_age_ms": None if not isinstance(lease_ms, int) else max(lease_ms - left, 0),
         "seen": info.get("seen"),

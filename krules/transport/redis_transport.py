@@ -70,8 +70,7 @@ from krules.transport.redis_status import PartitionStatus, partition_status
 from storage.redis import RedisStorage
 from storage.redis._resp_connection import Arg, Command
 from storage.redis.commands import RedisCommands
-from storage.redis.keys import CONSUMER_GROUP
-from storage.redis.store import fence_epoch
+from storage.redis.keys import CONSUMER_GROUP, lease_epoch
 
 if TYPE_CHECKING:
     from krules.changes import SubjectChanges
@@ -336,7 +335,7 @@ class RedisStreams:
             return ("XADD", self.keys.stream(partition), "*", *entry)
         sha = self._scripts["append"].sha
         keys = (self.keys.fences(partition), self.keys.stream(partition))
-        return ("EVALSHA", sha, 2, *keys, f"{source}:{fence_epoch(fence)}", *entry)
+        return ("EVALSHA", sha, 2, *keys, f"{source}:{lease_epoch(fence)}", *entry)
 
     def _measured(self, partitions: list[int], replies: Sequence[Any]) -> None:
         """Record the backlog of ``partitions`` from their :func:`_measure` replies."""

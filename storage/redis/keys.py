@@ -71,6 +71,8 @@ __all__ = [
     "WRITE_TOKENS_FIELD",
     "KeySchema",
     "escape_glob",
+    "lease_epoch",
+    "lease_holder",
     "property_field",
 ]
 
@@ -90,6 +92,17 @@ _GLOB_SPECIAL: Final = re.compile(r"([*?\[\]\\])")
 def property_field(prop: str, ext: bool = False) -> str:
     """Return the hash field of property ``prop`` (an extended one when ``ext``)."""
     return (EXTENDED_FIELD_PREFIX if ext else PROPERTY_FIELD_PREFIX) + prop
+
+
+def lease_epoch(lease: str) -> int:
+    """The epoch of a partition's lease ``<epoch>:<instance>:<nonce>``: its fencing token."""
+    return int(lease.partition(":")[0])
+
+
+def lease_holder(lease: str) -> str:
+    """The instance named in a partition's lease ``<epoch>:<instance>:<nonce>`` (the name may hold
+    colons; the epoch and the nonce do not)."""
+    return lease.partition(":")[2].rpartition(":")[0]
 
 
 def escape_glob(text: str) -> str:

@@ -57,11 +57,12 @@ from storage.redis.keys import (
     PROPERTY_FIELD_PREFIX,
     WRITE_TOKENS_FIELD,
     KeySchema,
+    lease_epoch,
     property_field,
 )
 from storage.redis.scripts import LuaScript, lua_script
 
-__all__ = ["RedisStorage", "StreamCommit", "fence_epoch"]
+__all__ = ["RedisStorage", "StreamCommit"]
 
 
 class StreamCommit(Protocol):
@@ -77,11 +78,6 @@ class StreamCommit(Protocol):
     def entry_id(self) -> str: ...
     @property
     def fence(self) -> str: ...
-
-
-def fence_epoch(fence: str) -> int:
-    """The epoch of a lease (``<epoch>:<instance>:<nonce>``), what other partitions check."""
-    return int(fence.partition(":")[0])
 
 
 _T = TypeVar("_T")
@@ -216,7 +212,7 @@ class RedisStorage:
         if groups:
             # Stored before the commit, with a token that is the same when the turn is re-run.
             token = hashlib.blake2b(receipt.event_id.encode(), digest_size=TOKEN_BYTES).hexdigest()
-            fence = f"{receipt.partition}:{fence_epoch(receipt.fence)}" if receipt.fence else ""
+            fence = f"{receipt.partition}:{lease_epoch(receipt.fence)}" if receipt.fence else ""
             await self._store_groups(list(groups.values()), token, None, fence, receipt)
         return await self._store_groups([own], os.urandom(TOKEN_BYTES).hex(), receipt)
 

@@ -29,7 +29,7 @@ import pytest
 import redis
 
 from krules.transport.stream_client import AsyncStreamClient
-from storage.redis.keys import CONSUMER_GROUP, KeySchema
+from storage.redis.keys import CONSUMER_GROUP, KeySchema, lease_epoch, lease_holder
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -191,15 +191,12 @@ class Deployment:
     def owners(self) -> dict[int, str | None]:
         """Each partition's owner, by its lease ``<epoch>:<instance>:<nonce>`` (None: no lease)."""
         leases = self.redis.mget([self.keys.lease(p) for p in range(self.keys.partitions)])
-        return {
-            p: None if lease is None else lease.partition(":")[2].rpartition(":")[0]
-            for p, lease in enumerate(leases)
-        }
+        return {p: None if lease is None else lease_holder(lease) for p, lease in enumerate(leases)}
 
     def epochs(self) -> dict[int, int | None]:
         """Each partition's lease epoch (None: no lease)."""
         leases = self.redis.mget([self.keys.lease(p) for p in range(self.keys.partitions)])
-        return {p: None if lease is None else int(lease.partition(":")[0]) for p, lease in enumerate(leases)}
+        return {p: None if lease is None else lease_epoch(lease) for p, lease in enumerate(leases)}
 
     def registered(self) -> dict[str, list[int]]:
         """The registered instances, each with the partitions it says it holds."""

@@ -26,6 +26,7 @@ from krules.transport.redis_status import live_instances
 from krules.transport.redis_streams import RedisStreams
 from storage.base import SubjectChanges
 from storage.redis import RedisStorage, create_redis_storage
+from storage.redis.keys import lease_epoch, lease_holder
 
 pytestmark = pytest.mark.redis_server
 
@@ -67,7 +68,7 @@ async def lease_holders(raw: aioredis.Redis, storage: RedisStorage) -> list[str 
     """Each partition's lease holder (the instance name), read from its lease key."""
     keys = storage.keys
     values = [await raw.get(keys.lease(p)) for p in range(keys.partitions)]
-    return [None if v is None else v.split(":", 1)[1].rsplit(":", 1)[0] for v in values]
+    return [None if v is None else lease_holder(v) for v in values]
 
 
 def test_fair_shares_are_even_and_leave_the_larger_ones_where_they_are() -> None:
@@ -146,7 +147,7 @@ async def test_a_commit_under_a_lease_that_is_gone_is_refused_and_writes_nothing
     await instance.start()
     await wait_until(lambda: _equals(instance.streams.partitions, (0,)))
     fence = instance.leases.fence(0)
-    stale = fence.split(":", 1)[0] + ":someone:else"  # the epoch of a lease that is no longer held
+    stale = f"{lease_epoch(fence)}:someone:else"  # the epoch of a lease that is no longer held
     delivery = Delivery(0, "1-0", {}, None, fence=stale)
     receipt = instance.streams.receipt(delivery, "event-1")
 
@@ -164,7 +165,7 @@ async def test_writes_to_other_partitions_and_sends_of_an_older_owner_are_refuse
     await instance.start()
     await wait_until(lambda: _equals(instance.streams.partitions, (0, 1)))
     keys = instance.storage.keys
-    epoch = int(instance.leases.fence(0).split(":", 1)[0])
+    epoch = lease_epoch(instance.leases.fence(0))
     older = f"{epoch - 1}:gone:0000"  # the lease an earlier owner of partition 0 held
     there = next(f"t{i}" for i in range(100) if partition_of(f"t{i}", 2) == 1)
     receipt = instance.streams.receipt(Delivery(0, "1-0", {}, None, fence=older), "event-2")
@@ -206,13 +207,13 @@ async def test_lease_keys_lost_by_redis_are_taken_again_with_a_newer_epoch(
 
     await instance.start()
     await wait_until(lambda: _equals(instance.streams.partitions, (0, 1)))
-    epochs = [int(instance.leases.fence(p).split(":", 1)[0]) for p in (0, 1)]
+    epochs = [lease_epoch(instance.leases.fence(p)) for p in (0, 1)]
     keys = instance.storage.keys
     await raw.delete(*(keys.lease(p) for p in (0, 1)), *(keys.fences(p) for p in (0, 1)))
 
     async def retaken() -> bool:
         fences = [instance.leases.fence(p) for p in (0, 1)]
-        return all(fences) and all(int(f.split(":", 1)[0]) > e for f, e in zip(fences, epochs, strict=True))
+        return all(fences) and all(lease_epoch(f) > e for f, e in zip(fences, epochs, strict=True))
 
     await wait_until(retaken)
     assert "lost partition" in caplog.text
