@@ -34,6 +34,14 @@ FAST = {"lease_ms": 1000, "lease_renew_ms": 100}
 """Short leases, so the tests see takeovers in a second (the defaults are 10 s and 1 s)."""
 
 
+def counting(instance: RedisModeApp) -> None:
+    """Give ``instance`` the rule every test here counts events with: ``count.inc`` adds one."""
+
+    @instance.on("count.inc")
+    async def count(ctx: EventContext) -> None:
+        await ctx.subject.set("count", lambda n: (n or 0) + 1)
+
+
 class Instance(RedisModeApp):
     @property
     def streams(self) -> RedisStreams:
@@ -102,10 +110,7 @@ async def test_instances_in_auto_count_every_event_once_whoever_owns_its_partiti
 ) -> None:
     instances = [make_instance(partitions=4, consumer=f"i{n}") for n in range(3)]
     for instance in instances:
-
-        @instance.on("count.inc")
-        async def count(ctx: EventContext) -> None:
-            await ctx.subject.set("count", lambda n: (n or 0) + 1)
+        counting(instance)
 
         await instance.start()
     names = [f"s{i}" for i in range(40)]
@@ -201,9 +206,7 @@ async def test_lease_keys_lost_by_redis_are_taken_again_with_a_newer_epoch(
     caplog.set_level(logging.WARNING, logger="krules.partitions")
     instance = make_instance(partitions=2, consumer="survivor")
 
-    @instance.on("count.inc")
-    async def count(ctx: EventContext) -> None:
-        await ctx.subject.set("count", lambda n: (n or 0) + 1)
+    counting(instance)
 
     await instance.start()
     await wait_until(lambda: _equals(instance.streams.partitions, (0, 1)))
@@ -308,9 +311,7 @@ async def test_an_instance_whose_redis_lost_every_key_records_the_count_again_an
     caplog.set_level(logging.WARNING, logger="krules.partitions")
     instance = make_instance(partitions=2, consumer="amnesiac")
 
-    @instance.on("count.inc")
-    async def count(ctx: EventContext) -> None:
-        await ctx.subject.set("count", lambda n: (n or 0) + 1)
+    counting(instance)
 
     await instance.start()
     await instance.emit("count.inc", "before")
