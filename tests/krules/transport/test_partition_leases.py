@@ -111,7 +111,6 @@ async def test_instances_in_auto_count_every_event_once_whoever_owns_its_partiti
     instances = [make_instance(partitions=4, consumer=f"i{n}") for n in range(3)]
     for instance in instances:
         counting(instance)
-
         await instance.start()
     names = [f"s{i}" for i in range(40)]
     for sender in (instances[0], instances[1], instances[2]):
