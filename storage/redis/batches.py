@@ -36,15 +36,16 @@ __all__ = [
     "CLAIM_LEASE_MS",
     "CONFLICT",
     "FENCED",
-    "NO_COMMIT",
     "STORED",
     "TOKENS_KEPT",
     "TOKEN_BYTES",
     "Group",
     "NamesOf",
+    "add_call",
     "by_partition",
     "reapply",
     "store_call",
+    "store_header",
     "wait_for_claim",
 ]
 
@@ -52,8 +53,6 @@ TOKEN_BYTES: Final = 8
 TOKENS_KEPT: Final = 16
 CLAIM_AFTER: Final = 3  # compare-and-sets lost in a row before a writer claims the subject
 CLAIM_LEASE_MS: Final = 250
-NO_COMMIT: Final = ("", "", "", 0, "")
-"""The commit header of a plain store (no event, no stream entry, no fence)."""
 
 _CLAIM_BACKOFF: Final = 0.001
 _CLAIM_BACKOFF_CAP: Final = 0.05
@@ -78,15 +77,27 @@ def by_partition(keys: KeySchema, batch: Sequence[SubjectChanges]) -> dict[int, 
     return groups
 
 
-def store_call(
-    keys: KeySchema, group: Group, token: str, lease: int, call_keys: list[str], commit: tuple[Arg, ...]
-) -> tuple[list[str], list[Arg]]:
-    """Return the keys and arguments of one store-script call (the layout is in ``lua/store.lua``).
+def store_header(group: str = "", window: int = 0, fence: str = "", calls: int = 1) -> list[Arg]:
+    """The arguments of a store-script run before its calls (the layout is in ``lua/store.lua``):
+    ``group`` the consumer group of commits ('' for plain stores), ``window`` the dedupe window to
+    trim to (0: none), ``fence`` ('' for none) and the number of calls."""
+    return [WRITE_TOKENS_FIELD, TOKENS_KEPT, CLAIM_FIELD, group, window, fence, calls]
 
-    ``call_keys`` (a fresh list, which the subject keys are appended to) and ``commit`` are the
-    commit header's keys and arguments: ``[]`` and :data:`NO_COMMIT` for a plain store.  Without
-    callable updates no token nor claim is sent.
-    """
+
+def add_call(
+    keys: KeySchema,
+    group: Group,
+    token: str,
+    lease: int,
+    event_id: str,
+    entry_id: str,
+    call_keys: list[str],
+    call_args: list[Arg],
+) -> None:
+    """Append one store-script call to a run's keys and arguments: the subject hashes of ``group``
+    to ``call_keys``, its header (``token``, claim ``lease``, the ``event_id`` and stream
+    ``entry_id`` of a commit, '' for a plain store) and changes to ``call_args``.  Without callable
+    updates no token nor claim is sent."""
     body: list[Any] = []
     any_checks = False
     for changes in group:
@@ -111,7 +122,18 @@ def store_call(
         body += (len(checks) // 2, len(sets) // 2, len(dels), *checks, *sets, *dels)
     if not any_checks:
         token, lease = "", 0
-    return call_keys, [token, WRITE_TOKENS_FIELD, TOKENS_KEPT, CLAIM_FIELD, lease, *commit, *body]
+    call_args += (token, lease, event_id, entry_id, len(group), *body)
+
+
+def store_call(
+    keys: KeySchema, group: Group, token: str, lease: int, fence: str = ""
+) -> tuple[list[str], list[Arg]]:
+    """The keys and arguments of a store-script run of one plain store (``fence``: see
+    :func:`store_header`; its partition's fences hash is then the first key)."""
+    call_keys = [keys.fences(keys.partition(group[0].name))] if fence else []
+    call_args = store_header(fence=fence)
+    add_call(keys, group, token, lease, "", "", call_keys, call_args)
+    return call_keys, call_args
 
 
 def reapply(group: Group, conflicts: list[Any]) -> None:

@@ -10,6 +10,7 @@ operation: ``docs/performance.md``.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import time
@@ -29,15 +30,15 @@ from storage.redis.batches import (
     CLAIMED,
     CONFLICT,
     FENCED,
-    NO_COMMIT,
     STORED,
     TOKEN_BYTES,
-    TOKENS_KEPT,
     Group,
     NamesOf,
+    add_call,
     by_partition,
     reapply,
     store_call,
+    store_header,
     wait_for_claim,
 )
 from storage.redis.commands import RedisCommands, text
@@ -132,6 +133,7 @@ class RedisStorage:
         self._commits = 0
         self._partitions_given = partitions_given
         self._commit_keys: dict[int, tuple[str, str, str]] = {}  # partition -> a commit's header keys
+        self._runs: dict[tuple[int, str], _CommitRun] = {}  # (partition, fence) -> commits to send
         self._layout_known = False
 
     # -- reads ---------------------------------------------------------------------------------
@@ -227,47 +229,38 @@ class RedisStorage:
         """Store each group (one partition's changes) with the store script, retrying conflicts
         (:mod:`storage.redis.batches`) up to ``update_attempts`` times, then UpdateConflictError.
 
-        ``fence`` (``<partition>:<epoch>``, plain stores only) is checked in each group's slot."""
+        With a ``receipt`` (a commit: one group, the receipt's partition's), the first try joins the
+        other commits of the partition made in the same event-loop iteration: one script run for
+        all, each still checked and applied on its own (:meth:`_queue_commit`); a commit whose
+        compare-and-set failed, or whose run failed, is tried again alone.  ``fence``
+        (``<partition>:<epoch>``, plain stores only) is checked in each group's slot."""
         keys = self.keys
         waits = 0
         fresh = True
         for attempt in range(1, self._update_attempts + 1):
             lease = CLAIM_LEASE_MS if attempt > CLAIM_AFTER else 0
-            if receipt is None:
-                if fence:
-                    header = (*NO_COMMIT[:4], fence)
-                    calls = [
-                        store_call(keys, g, token, lease, [keys.fences(keys.partition(g[0].name))], header)
-                        for g in pending
-                    ]
-                else:
-                    calls = [store_call(keys, group, token, lease, [], NO_COMMIT) for group in pending]
-            else:  # a commit: one group, its partition's
-                partition = receipt.partition
-                self._commits += 1
-                window = self.dedupe_window_ms if self._commits % _TRIM_EVERY == 0 else 0
-                commit = (receipt.event_id, receipt.entry_id, CONSUMER_GROUP, window, receipt.fence)
-                head = self._commit_keys.get(partition)
-                if head is None:
-                    head = self._commit_keys[partition] = (
-                        keys.processed(partition),
-                        keys.stream(partition),
-                        keys.lease(partition),
-                    )
-                calls = [store_call(keys, group, token, lease, list(head), commit) for group in pending]
-            tried: list[_Reply] | None = None
-            if not self._scripts_missing:
-                try:  # the first try directly: the retry loop only when it fails (see _run)
-                    tried = await self._commands.evalsha_many(self._store_script.sha, calls)
-                except Exception:
-                    tried = None
-            replies = tried
+            replies: list[_Reply] | None = None
+            if receipt is not None:  # a commit: one group, its partition's
+                if attempt == 1 and not self._scripts_missing:
+                    try:
+                        replies = [await self._queue_commit(receipt, pending[0], token)]
+                    except Exception:  # tried again below, with the retries
+                        replies = None
+                calls = [self._commit_call(receipt, pending[0], token, lease)]
+            else:
+                calls = [store_call(keys, group, token, lease, fence) for group in pending]
+                if not self._scripts_missing:
+                    try:  # the first try directly: the retry loop only when it fails (see _run)
+                        replies = [run[0] for run in await self._eval_all(self._store_script, calls)]
+                    except Exception:
+                        replies = None
             if replies is None:
-                replies = await self._run(
+                runs = await self._run(
                     partial(self._eval_all, self._store_script, calls),
                     "store subjects %r",
                     NamesOf(pending),
                 )
+                replies = [run[0] for run in runs]
             unstored: list[Group] = []
             for group, reply in zip(pending, replies, strict=True):
                 status = reply[0]
@@ -291,6 +284,55 @@ class RedisStorage:
             f"{self._update_attempts} times in a row; nothing of those subjects was stored, and the "
             "contention on them needs lowering (or raise update_attempts)."
         )
+
+    def _commit_head(self, partition: int) -> tuple[str, str, str]:
+        """The keys every commit of ``partition`` starts with: processed ids, stream, lease."""
+        head = self._commit_keys.get(partition)
+        if head is None:
+            keys = self.keys
+            head = self._commit_keys[partition] = (
+                keys.processed(partition),
+                keys.stream(partition),
+                keys.lease(partition),
+            )
+        return head
+
+    def _trim_window(self) -> int:
+        """The dedupe window for a commit to trim the processed ids to: now and then, else 0."""
+        self._commits += 1
+        return self.dedupe_window_ms if self._commits % _TRIM_EVERY == 0 else 0
+
+    def _commit_call(
+        self, receipt: StreamCommit, group: Group, token: str, lease: int
+    ) -> tuple[list[str], list[Arg]]:
+        """A store-script run of one commit (a retry, or a first try after a failed run)."""
+        call_keys = list(self._commit_head(receipt.partition))
+        call_args = store_header(CONSUMER_GROUP, self._trim_window(), receipt.fence)
+        add_call(self.keys, group, token, lease, receipt.event_id, receipt.entry_id, call_keys, call_args)
+        return call_keys, call_args
+
+    def _queue_commit(self, receipt: StreamCommit, group: Group, token: str) -> asyncio.Future[_Reply]:
+        """Add a commit to the run of its partition sent at the end of this event-loop iteration
+        (:meth:`_send_run`); the future is the commit's own reply."""
+        where = (receipt.partition, receipt.fence)
+        run = self._runs.get(where)
+        loop = asyncio.get_running_loop()
+        if run is None:
+            run = self._runs[where] = _CommitRun(self._commit_head(receipt.partition), receipt.fence)
+            loop.call_soon(self._send_run, where)
+        window = self._trim_window()
+        if window:
+            run.args[4] = window
+        add_call(self.keys, group, token, 0, receipt.event_id, receipt.entry_id, run.keys, run.args)
+        run.args[6] += 1  # type: ignore[operator]
+        reply: asyncio.Future[_Reply] = loop.create_future()
+        run.waiting.append(reply)
+        return reply
+
+    def _send_run(self, where: tuple[int, str]) -> None:
+        run = self._runs.pop(where)
+        sent = asyncio.ensure_future(self._commands.evalsha(self._store_script.sha, run.keys, run.args))
+        sent.add_done_callback(run.hand_out)
 
     async def set(self, name: str, prop: str, value: str, *, ext: bool = False) -> tuple[bool, Any]:
         if not self._layout_known:
@@ -329,11 +371,11 @@ class RedisStorage:
             if not guessing:
                 attempt += 1
             lease = CLAIM_LEASE_MS if attempt > CLAIM_AFTER else 0
-            # One subject, one check, one set, no delete (see lua/store.lua).
-            args: list[Arg] = [token, WRITE_TOKENS_FIELD, TOKENS_KEPT, CLAIM_FIELD, lease, *NO_COMMIT]
-            args += (1, 1, 0)
+            # One call of one subject, one check, one set, no delete (see lua/store.lua).
+            args = store_header()
+            args += (token, lease, "", "", 1, 1, 1, 0)
             args += (field, text(raw) if raw is not None else "", field, value)
-            reply = await self._run(
+            (reply,) = await self._run(
                 partial(self._eval, self._store_script, [key], args), "update subject %r", name
             )
             guessing = False
@@ -505,6 +547,30 @@ class RedisStorage:
                 )
             except RedisError as exc:
                 raise refused(exc, self.url, action % details) from None
+
+
+class _CommitRun:
+    """Commits of one partition under one fence, waiting to be sent as one store-script run."""
+
+    __slots__ = ("args", "keys", "waiting")
+
+    def __init__(self, head: tuple[str, str, str], fence: str) -> None:
+        self.keys = list(head)
+        self.args = store_header(CONSUMER_GROUP, 0, fence, 0)
+        self.waiting: list[asyncio.Future[_Reply]] = []
+
+    def hand_out(self, sent: asyncio.Future[Any]) -> None:
+        """Give each commit its reply, or the run's error (then each is tried again on its own)."""
+        error = None if sent.cancelled() else sent.exception()
+        for i, waiting in enumerate(self.waiting):
+            if waiting.done():  # its turn was cancelled
+                continue
+            if sent.cancelled():
+                waiting.cancel()
+            elif error is not None:
+                waiting.set_exception(error)
+            else:
+                waiting.set_result(sent.result()[i])
 
 
 def _lease_lost(receipt: StreamCommit | None, names: NamesOf) -> LeaseLostError:

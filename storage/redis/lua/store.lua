@@ -1,69 +1,70 @@
--- Store the pending changes of some subjects of one partition, all or nothing; optionally as the
--- commit of a turn: the same writes, plus "event processed" and the stream entry acknowledged.
+-- Store the pending changes of some subjects of one partition, all or nothing per call; a call may
+-- be the commit of a turn: its writes, plus "event processed" and its stream entry acknowledged.
+-- One script run carries one or more calls (the commits of several turns of a partition are sent
+-- together); each call is checked and applied on its own, in order, as if it were run alone.
 --
--- ARGV[1]  the write token of this call, or '' when no change is a callable update
--- ARGV[2]  the hash field keeping the latest write tokens (keys.WRITE_TOKENS_FIELD)
--- ARGV[3]  how many tokens that field keeps
--- ARGV[4]  the hash field of a writer's claim (keys.CLAIM_FIELD)
--- ARGV[5]  0, or the claim lease in milliseconds: on a conflict, claim the conflicting subjects
--- ARGV[6]  '' for a plain store; for a commit, the id of the event whose turn this is
--- ARGV[7]  commit: the stream entry to acknowledge, or ''
--- ARGV[8]  commit: the consumer group
--- ARGV[9]  commit: 0, or a window in ms: forget processed ids committed longer ago than that
--- ARGV[10] the fence, or '' for none: for a commit, the partition's lease as its owner holds it
---          ('<epoch>:<instance>:<nonce>'); for a plain store made on behalf of a turn of partition q,
+-- ARGV[1]  the hash field keeping the latest write tokens (keys.WRITE_TOKENS_FIELD)
+-- ARGV[2]  how many tokens that field keeps
+-- ARGV[3]  the hash field of a writer's claim (keys.CLAIM_FIELD)
+-- ARGV[4]  '' for plain stores; for commits, the consumer group
+-- ARGV[5]  commits: 0, or a window in ms: forget processed ids committed longer ago than that
+-- ARGV[6]  the fence, or '' for none: for commits, the partition's lease as its owner holds it
+--          ('<epoch>:<instance>:<nonce>'); for plain stores made on behalf of a turn of partition q,
 --          '<q>:<epoch>' (refused when this slot knows a newer epoch of q)
--- then, for each subject key in order: nchecks, nsets, ndels, followed by
+-- ARGV[7]  the number of calls
+-- then, for each call: its write token ('' when no change is a callable update), 0 or the claim
+--   lease in ms (on a conflict, claim the conflicting subjects), the id of the event whose turn it
+--   commits ('' for a plain store), the stream entry to acknowledge (or ''), its number of subjects,
+--   and for each of its subjects: nchecks, nsets, ndels, followed by
 --   nchecks pairs (field, the JSON a callable update saw, or '' for "missing"),
 --   nsets pairs (field, JSON to store), and ndels fields to remove.
--- KEYS     plain store: the subject hashes (one partition, hence one cluster slot), after the
---          partition's fences hash when there is a fence;
---          commit: the partition's processed-id set, its stream, its lease, then the subject hashes
+-- KEYS     plain stores: the partition's fences hash when there is a fence; commits: the
+--          partition's processed-id set, its stream, its lease; then the subject hashes of every
+--          call, in order (one partition, hence one cluster slot).
 --
--- Returns
+-- Returns one reply per call, in order:
 --   {1}  the changes are stored (and, for a commit, the event marked processed and the entry
 --        acknowledged), by this call or by an earlier one with the same token whose reply was
 --        lost (so a retried write is never applied twice);
---   {0, conflict, ...}  a checked field no longer holds what the callable saw: nothing is written,
---        and each conflict is {subject index, field, current JSON or nil, field, current, ...};
---   {2}  another writer holds an unexpired claim on a subject with callable updates: nothing is
---        written; retry after a pause;
+--   {0, conflict, ...}  a checked field no longer holds what the callable saw: nothing of the call
+--        is written, and each conflict is {subject index, field, current JSON or nil, field, ...};
+--   {2}  another writer holds an unexpired claim on a subject with callable updates: nothing of the
+--        call is written; retry after a pause;
 --   {3}  commit only: the event was committed before (by another consumer, or by this commit
 --        whose reply was lost): nothing is written, the entry is acknowledged;
 --   {4}  fenced: the lease is not (or no longer) the one given, or a newer owner of partition q
---        started: nothing is written, nothing acknowledged.
+--        started: nothing is written, nothing acknowledged (every call of the run).
 -- A claim ('<token>:<expiry ms>') lets a writer that keeps losing compare-and-sets win the next
 -- one: it blocks other callable updates of the subject until it is used or expires.
 local unpack = unpack or table.unpack
-local token = ARGV[1]
-local tokens_field = ARGV[2]
-local keep = tonumber(ARGV[3])
-local claim_field = ARGV[4]
-local lease = tonumber(ARGV[5])
-local width = #token
-local event_id = ARGV[6]
-local entry_id = ARGV[7]
-local group = ARGV[8]
-local window = tonumber(ARGV[9])
-local fence = ARGV[10]
-local first = 1
-if event_id ~= '' then
-  first = 4
+local tokens_field = ARGV[1]
+local keep = tonumber(ARGV[2])
+local claim_field = ARGV[3]
+local group = ARGV[4]
+local window = tonumber(ARGV[5])
+local fence = ARGV[6]
+local ncalls = tonumber(ARGV[7])
+local committing = group ~= ''
+local nextkey = 1
+if committing then
+  nextkey = 4
   if fence ~= '' and redis.call('GET', KEYS[3]) ~= fence then
-    return { 4 }
-  end
-  if redis.call('ZSCORE', KEYS[1], event_id) then
-    if entry_id ~= '' then
-      redis.call('XACK', KEYS[2], group, entry_id)
+    local fenced = {}
+    for c = 1, ncalls do
+      fenced[c] = { 4 }
     end
-    return { 3 }
+    return fenced
   end
 elseif fence ~= '' then
-  first = 2
+  nextkey = 2
   local sep = string.find(fence, ':', 1, true)
   local newest = redis.call('HGET', KEYS[1], string.sub(fence, 1, sep - 1))
   if newest and tonumber(newest) > tonumber(string.sub(fence, sep + 1)) then
-    return { 4 }
+    local fenced = {}
+    for c = 1, ncalls do
+      fenced[c] = { 4 }
+    end
+    return fenced
   end
 end
 local CHUNK = 1000 -- arguments per HSET/HDEL, far below Lua's unpack limit
@@ -77,7 +78,7 @@ local function clock()
   return now
 end
 
-local function holds_token(tokens)
+local function holds_token(tokens, token, width)
   if not tokens or width == 0 then
     return false
   end
@@ -89,116 +90,148 @@ local function holds_token(tokens)
   return false
 end
 
--- Pass 1: read what the callable updates saw and collect conflicts; write nothing.
-local plans = {}
-local conflicts = {}
-local blocked = false
-local pos = 11
-for k = first, #KEYS do
-  local nchecks, nsets, ndels = tonumber(ARGV[pos]), tonumber(ARGV[pos + 1]), tonumber(ARGV[pos + 2])
-  local checks = pos + 3
-  local sets = checks + 2 * nchecks
-  local dels = sets + 2 * nsets
-  pos = dels + ndels
-  local plan = { nchecks = nchecks, sets = sets, nsets = nsets, dels = dels, ndels = ndels, tokens = false,
-                 claim = false, conflict = false }
-  if nchecks > 0 then
-    local fields = {}
-    for i = 1, nchecks do
-      fields[i] = ARGV[checks + 2 * (i - 1)]
-    end
-    fields[nchecks + 1] = tokens_field
-    fields[nchecks + 2] = claim_field
-    local current = redis.call('HMGET', KEYS[k], unpack(fields))
-    plan.tokens = current[nchecks + 1]
-    if holds_token(plan.tokens) then
-      return { 1 }
-    end
-    plan.claim = current[nchecks + 2]
-    if plan.claim and string.sub(plan.claim, 1, width) ~= token
-        and tonumber(string.sub(plan.claim, width + 2)) > clock() then
-      blocked = true
-    end
-    for i = 1, nchecks do
-      if (current[i] or '') ~= ARGV[checks + 2 * i - 1] then
-        if not plan.conflict then
-          plan.conflict = { k - first + 1 }
+-- One call: subjects KEYS[first..last], their changes from ARGV[pos]; returns its reply.
+local function store(token, lease, first, last, pos)
+  local width = #token
+  -- Pass 1: read what the callable updates saw and collect conflicts; write nothing.
+  local plans = {}
+  local conflicts = {}
+  local blocked = false
+  for k = first, last do
+    local nchecks, nsets, ndels = tonumber(ARGV[pos]), tonumber(ARGV[pos + 1]), tonumber(ARGV[pos + 2])
+    local checks = pos + 3
+    local sets = checks + 2 * nchecks
+    local dels = sets + 2 * nsets
+    pos = dels + ndels
+    local plan = { nchecks = nchecks, sets = sets, nsets = nsets, dels = dels, ndels = ndels, tokens = false,
+                   claim = false, conflict = false }
+    if nchecks > 0 then
+      local fields = {}
+      for i = 1, nchecks do
+        fields[i] = ARGV[checks + 2 * (i - 1)]
+      end
+      fields[nchecks + 1] = tokens_field
+      fields[nchecks + 2] = claim_field
+      local current = redis.call('HMGET', KEYS[k], unpack(fields))
+      plan.tokens = current[nchecks + 1]
+      if holds_token(plan.tokens, token, width) then
+        return { 1 }
+      end
+      plan.claim = current[nchecks + 2]
+      if plan.claim and string.sub(plan.claim, 1, width) ~= token
+          and tonumber(string.sub(plan.claim, width + 2)) > clock() then
+        blocked = true
+      end
+      for i = 1, nchecks do
+        if (current[i] or '') ~= ARGV[checks + 2 * i - 1] then
+          if not plan.conflict then
+            plan.conflict = { k - first + 1 }
+          end
+          plan.conflict[#plan.conflict + 1] = fields[i]
+          plan.conflict[#plan.conflict + 1] = current[i]
         end
-        plan.conflict[#plan.conflict + 1] = fields[i]
-        plan.conflict[#plan.conflict + 1] = current[i]
+      end
+      if plan.conflict then
+        conflicts[#conflicts + 1] = plan.conflict
       end
     end
-    if plan.conflict then
-      conflicts[#conflicts + 1] = plan.conflict
-    end
+    plans[k] = plan
   end
-  plans[k] = plan
-end
-if blocked then
-  return { 2 }
-end
-if #conflicts > 0 then
-  if lease > 0 then
-    for k = first, #KEYS do
-      if plans[k].conflict then
-        redis.call('HSET', KEYS[k], claim_field, token .. ':' .. (clock() + lease))
+  if blocked then
+    return { 2 }
+  end
+  if #conflicts > 0 then
+    if lease > 0 then
+      for k = first, last do
+        if plans[k].conflict then
+          redis.call('HSET', KEYS[k], claim_field, token .. ':' .. (clock() + lease))
+        end
+      end
+    end
+    return { 0, unpack(conflicts) }
+  end
+
+  -- Pass 2: write; one HSET and at most one HDEL per subject in the usual case.
+  for k = first, last do
+    local key, plan = KEYS[k], plans[k]
+    local args = {}
+    for i = plan.sets, plan.sets + 2 * plan.nsets - 1 do
+      args[#args + 1] = ARGV[i]
+      if #args == CHUNK then
+        redis.call('HSET', key, unpack(args))
+        args = {}
+      end
+    end
+    if plan.nchecks > 0 then
+      args[#args + 1] = tokens_field
+      args[#args + 1] = token .. string.sub(plan.tokens or '', 1, (keep - 1) * width)
+    end
+    if #args > 0 then
+      redis.call('HSET', key, unpack(args))
+    end
+    args = {}
+    for i = plan.dels, plan.dels + plan.ndels - 1 do
+      args[#args + 1] = ARGV[i]
+      if #args == CHUNK then
+        redis.call('HDEL', key, unpack(args))
+        args = {}
+      end
+    end
+    if plan.claim then -- ours, now used, or someone's expired one
+      args[#args + 1] = claim_field
+    end
+    if #args > 0 then
+      redis.call('HDEL', key, unpack(args))
+    end
+    -- A subject exists while it has a property: drop a hash left with nothing but metadata.
+    if plan.ndels > 0 and plan.nsets == 0 then
+      local left = redis.call('HLEN', key)
+      if left > 0 and left <= 2 then
+        local meta = redis.call('HMGET', key, tokens_field, claim_field)
+        if (meta[1] and 1 or 0) + (meta[2] and 1 or 0) == left then
+          redis.call('DEL', key)
+        end
       end
     end
   end
-  return { 0, unpack(conflicts) }
+  return { 1 }
 end
 
--- Pass 2: write; one HSET and at most one HDEL per subject in the usual case.
-for k = first, #KEYS do
-  local key, plan = KEYS[k], plans[k]
-  local args = {}
-  for i = plan.sets, plan.sets + 2 * plan.nsets - 1 do
-    args[#args + 1] = ARGV[i]
-    if #args == CHUNK then
-      redis.call('HSET', key, unpack(args))
-      args = {}
+-- The end of the changes of the subjects KEYS[first..last] whose changes start at ARGV[pos].
+local function skip(first, last, pos)
+  for _ = first, last do
+    pos = pos + 3 + 2 * tonumber(ARGV[pos]) + 2 * tonumber(ARGV[pos + 1]) + tonumber(ARGV[pos + 2])
+  end
+  return pos
+end
+
+local replies = {}
+local pos = 8
+local committed = false
+for c = 1, ncalls do
+  local token, lease, event_id, entry_id = ARGV[pos], tonumber(ARGV[pos + 1]), ARGV[pos + 2], ARGV[pos + 3]
+  local first = nextkey
+  local last = first + tonumber(ARGV[pos + 4]) - 1
+  pos = pos + 5
+  nextkey = last + 1
+  if event_id ~= '' and redis.call('ZSCORE', KEYS[1], event_id) then
+    if entry_id ~= '' then
+      redis.call('XACK', KEYS[2], group, entry_id)
     end
-  end
-  if plan.nchecks > 0 then
-    args[#args + 1] = tokens_field
-    args[#args + 1] = token .. string.sub(plan.tokens or '', 1, (keep - 1) * width)
-  end
-  if #args > 0 then
-    redis.call('HSET', key, unpack(args))
-  end
-  args = {}
-  for i = plan.dels, plan.dels + plan.ndels - 1 do
-    args[#args + 1] = ARGV[i]
-    if #args == CHUNK then
-      redis.call('HDEL', key, unpack(args))
-      args = {}
-    end
-  end
-  if plan.claim then -- ours, now used, or someone's expired one
-    args[#args + 1] = claim_field
-  end
-  if #args > 0 then
-    redis.call('HDEL', key, unpack(args))
-  end
-  -- A subject exists while it has a property: drop a hash left with nothing but metadata.
-  if plan.ndels > 0 and plan.nsets == 0 then
-    local left = redis.call('HLEN', key)
-    if left > 0 and left <= 2 then
-      local meta = redis.call('HMGET', key, tokens_field, claim_field)
-      if (meta[1] and 1 or 0) + (meta[2] and 1 or 0) == left then
-        redis.call('DEL', key)
+    replies[c] = { 3 }
+  else
+    replies[c] = store(token, lease, first, last, pos)
+    if event_id ~= '' and replies[c][1] == 1 then
+      committed = clock()
+      redis.call('ZADD', KEYS[1], committed, event_id)
+      if entry_id ~= '' then
+        redis.call('XACK', KEYS[2], group, entry_id)
       end
     end
   end
+  pos = skip(first, last, pos)
 end
-if event_id ~= '' then
-  local committed = clock()
-  redis.call('ZADD', KEYS[1], committed, event_id)
-  if entry_id ~= '' then
-    redis.call('XACK', KEYS[2], group, entry_id)
-  end
-  if window > 0 then
-    redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', committed - window)
-  end
+if committed and window > 0 then
+  redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', committed - window)
 end
-return { 1 }
+return replies
