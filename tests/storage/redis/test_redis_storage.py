@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 import fakeredis
@@ -11,7 +13,7 @@ import pytest
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from krules.errors import ConfigurationError, UpdateConflictError
+from krules.errors import ConfigurationError, LeaseLostError, UpdateConflictError
 from krules.partitioning import partition_of
 from krules.testing.redis_server import LocalRedisServer
 from storage.base import DELETE, SubjectChanges, Update
@@ -181,6 +183,109 @@ async def test_a_callable_that_fails_on_a_spoilt_bet_runs_again_on_the_stored_va
     with pytest.raises(ZeroDivisionError):
         await storage.update("c", "n", lambda n: 12 // (n - 1))
     assert await storage.get("c", "n") == 1
+
+
+# -- commits of turns ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Receipt:
+    """What a turn's commit records: no stream entry nor lease here, only the event processed."""
+
+    event_id: str
+    partition: int = 0
+    entry_id: str = ""
+    fence: str = ""
+
+
+def names_in(partition: int, n: int) -> list[str]:
+    return [name for name in (f"order-{i}" for i in range(200)) if partition_of(name, 4) == partition][:n]
+
+
+@pytest.mark.redis_server
+async def test_the_commits_of_one_partition_made_together_cost_one_evalsha(
+    storage: RedisStorage, raw: aioredis.Redis
+) -> None:
+    names = names_in(0, 10)
+    await raw.config_resetstat()
+
+    committed = await asyncio.gather(
+        *(storage.commit([SubjectChanges(name, {"status": '"paid"'})], Receipt(f"e-{name}")) for name in names)
+    )
+
+    assert committed == [True] * 10
+    assert await command_calls(raw) == {"evalsha": 1, "time": 1, "zscore": 10, "hset": 10, "zadd": 10}
+    assert [await storage.get(name, "status") for name in names] == ["paid"] * 10
+
+
+@pytest.mark.redis_server
+async def test_a_commit_whose_compare_and_set_fails_goes_again_alone_and_the_others_are_stored(
+    storage: RedisStorage, raw: aioredis.Redis
+) -> None:
+    plain, counted = names_in(0, 2)
+    await storage.store([SubjectChanges(counted, {"n": "1"})])
+    await raw.hset(storage.keys.subject(counted), "p:n", "5")  # another writer, after the turn read 1
+
+    committed = await asyncio.gather(
+        storage.commit([SubjectChanges(plain, {"n": "1"})], Receipt("e-plain")),
+        storage.commit([SubjectChanges(counted, {"n": Update("1", increment, "2")})], Receipt("e-counted")),
+    )
+
+    assert committed == [True, True]
+    assert (await storage.get(plain, "n"), await storage.get(counted, "n")) == (1, 6)
+
+
+@pytest.mark.redis_server
+async def test_an_event_committed_before_is_only_acknowledged_and_the_others_of_its_run_are_stored(
+    storage: RedisStorage,
+) -> None:
+    first, second = names_in(0, 2)
+    await storage.commit([SubjectChanges(first, {"n": "1"})], Receipt("e-1"))
+
+    committed = await asyncio.gather(
+        storage.commit([SubjectChanges(first, {"n": "2"})], Receipt("e-1")),
+        storage.commit([SubjectChanges(second, {"n": "2"})], Receipt("e-2")),
+    )
+
+    assert committed == [False, True]
+    assert (await storage.get(first, "n"), await storage.get(second, "n")) == (1, 2)
+
+
+@pytest.mark.redis_server
+async def test_commits_under_a_lease_that_is_gone_are_all_refused_and_write_nothing(
+    storage: RedisStorage, raw: aioredis.Redis
+) -> None:
+    names = names_in(0, 3)
+    await raw.set(storage.keys.lease(0), "7:another-instance:n2")
+
+    results = await asyncio.gather(
+        *(
+            storage.commit([SubjectChanges(name, {"n": "1"})], Receipt(f"e-{name}", fence="6:this:n1"))
+            for name in names
+        ),
+        return_exceptions=True,
+    )
+
+    assert [type(result) for result in results] == [LeaseLostError] * 3
+    assert await raw.exists(*(storage.keys.subject(name) for name in names)) == 0
+
+
+@pytest.mark.redis_server
+async def test_a_run_the_server_refuses_is_tried_again_commit_by_commit(
+    storage: RedisStorage, raw: aioredis.Redis
+) -> None:
+    names = names_in(1, 5)
+    await raw.script_flush()  # the run gets NOSCRIPT; each commit then reloads and goes alone
+
+    committed = await asyncio.gather(
+        *(
+            storage.commit([SubjectChanges(name, {"n": "1"})], Receipt(f"e-{name}", partition=1))
+            for name in names
+        )
+    )
+
+    assert committed == [True] * 5
+    assert [await storage.get(name, "n") for name in names] == [1] * 5
 
 
 # -- scripts and retries -----------------------------------------------------------------------
