@@ -246,7 +246,8 @@ class RedisStorage:
                         replies = [await self._queue_commit(receipt, pending[0], token)]
                     except Exception:  # tried again below, with the retries
                         replies = None
-                calls = [self._commit_call(receipt, pending[0], token, lease)]
+                if replies is None:
+                    calls = [self._commit_call(receipt, pending[0], token, lease)]
             else:
                 calls = [store_call(keys, group, token, lease, fence) for group in pending]
                 if not self._scripts_missing:
