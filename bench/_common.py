@@ -31,6 +31,19 @@ async def redis_commands(client: Any) -> int:
     return sum(int(v["calls"]) for k, v in stats.items() if k not in ("cmdstat_info", "cmdstat_config"))
 
 
+TOP_LEVEL_COMMANDS = ("evalsha", "hgetall", "xadd", "xread", "xreadgroup")
+"""The commands krules and its stream client send themselves in a drain (scripts with the commands
+they run inside; the client's appends included)."""
+
+
+async def redis_command_usec(client: Any, names: tuple[str, ...] = TOP_LEVEL_COMMANDS) -> int:
+    """Microseconds the server has spent so far running the commands ``names`` (``INFO
+    commandstats``: ``usec`` = ``usec_per_call`` × ``calls``); ``client`` is any redis-py asyncio
+    client.  Top-level commands only, so no command's time is counted twice."""
+    stats: dict[str, Any] = await client.info("commandstats")
+    return sum(int(stats[f"cmdstat_{name}"]["usec"]) for name in names if f"cmdstat_{name}" in stats)
+
+
 async def redis_cpu_seconds(client: Any) -> float:
     """CPU seconds the server has used so far (``INFO cpu``, user + system): its whole work, the
     network included, which ``INFO commandstats`` leaves out (and whose ``usec`` counts a script's

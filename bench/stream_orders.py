@@ -9,7 +9,9 @@ in one script).  Reported:
 * orders/s from the first emit to the last order's ``order.shipped``;
 * Redis commands per order counted by the server (``INFO commandstats``; the client's XADDs and the
   commands inside scripts included), the server's CPU time per order (``INFO cpu``:
-  the client's appends included) and the instance's round trips per order (socket writes);
+  the client's appends and the network included), the server's time running commands per order
+  (``INFO commandstats``, ``usec`` of the top-level commands: the scripts with what they run, the
+  reads, the client's appends) and the instance's round trips per order (socket writes);
 * p50/p99 latency from an order's emit (its CloudEvent ``time``) to its cascade's last event.
 
 ``KRULES_PARTITIONS`` (default 1) partitions, all owned by the one instance.
@@ -27,7 +29,7 @@ import redis.asyncio as aioredis
 from dependency_injector import providers
 
 from bench import order_cascade
-from bench._common import redis_commands, redis_cpu_seconds, report, scale
+from bench._common import redis_command_usec, redis_commands, redis_cpu_seconds, report, scale
 from bench._redis import redis_url
 from krules import KRulesContainer
 from krules.assembly import apply_gc_policy
@@ -124,6 +126,7 @@ async def run(url: str, prefix: str, orders: int, partitions: int) -> dict[str, 
     client.start()
     commands_before = await redis_commands(probe)
     cpu_before = await redis_cpu_seconds(probe)
+    usec_before = await redis_command_usec(probe)
     with _Writes() as writes:
         started = time.perf_counter()
         cpu_started = time.process_time()
@@ -134,6 +137,7 @@ async def run(url: str, prefix: str, orders: int, partitions: int) -> dict[str, 
         round_trips = writes.count
     commands = await redis_commands(probe) - commands_before
     server_cpu = await redis_cpu_seconds(probe) - cpu_before
+    command_usec = await redis_command_usec(probe) - usec_before
     client.join()
     worker.stop()
     await task
@@ -147,6 +151,7 @@ async def run(url: str, prefix: str, orders: int, partitions: int) -> dict[str, 
         "orders_per_s": round(orders / elapsed),
         "redis_commands_per_order": round(commands / orders, 2),
         "redis_server_cpu_us_per_order": round(server_cpu / orders * 1e6, 1),
+        "redis_command_us_per_order": round(command_usec / orders, 1),
         "round_trips_per_order": round(round_trips / orders, 3),
         "instance_cpu_us_per_order": round(cpu / orders * 1e6, 1),
         "latency_p50_ms": round(latencies[len(latencies) // 2] * 1000, 1),

@@ -68,6 +68,7 @@ elseif fence ~= '' then
   end
 end
 local CHUNK = 1000 -- arguments per HSET/HDEL, far below Lua's unpack limit
+local STORED, CLAIMED, DONE_BEFORE, NONE = { 1 }, { 2 }, { 3 }, {} -- replies shared by the calls
 
 local now = false
 local function clock()
@@ -92,99 +93,108 @@ end
 
 -- One call: subjects KEYS[first..last], their changes from ARGV[pos]; returns its reply.
 local function store(token, lease, first, last, pos)
-  local width = #token
-  -- Pass 1: read what the callable updates saw and collect conflicts; write nothing.
-  local plans = {}
-  local conflicts = {}
-  local blocked = false
-  for k = first, last do
-    local nchecks, nsets, ndels = tonumber(ARGV[pos]), tonumber(ARGV[pos + 1]), tonumber(ARGV[pos + 2])
-    local checks = pos + 3
-    local sets = checks + 2 * nchecks
-    local dels = sets + 2 * nsets
-    pos = dels + ndels
-    local plan = { nchecks = nchecks, sets = sets, nsets = nsets, dels = dels, ndels = ndels, tokens = false,
-                   claim = false, conflict = false }
-    if nchecks > 0 then
-      local fields = {}
-      for i = 1, nchecks do
-        fields[i] = ARGV[checks + 2 * (i - 1)]
-      end
-      fields[nchecks + 1] = tokens_field
-      fields[nchecks + 2] = claim_field
-      local current = redis.call('HMGET', KEYS[k], unpack(fields))
-      plan.tokens = current[nchecks + 1]
-      if holds_token(plan.tokens, token, width) then
-        return { 1 }
-      end
-      plan.claim = current[nchecks + 2]
-      if plan.claim and string.sub(plan.claim, 1, width) ~= token
-          and tonumber(string.sub(plan.claim, width + 2)) > clock() then
-        blocked = true
-      end
-      for i = 1, nchecks do
-        if (current[i] or '') ~= ARGV[checks + 2 * i - 1] then
-          if not plan.conflict then
-            plan.conflict = { k - first + 1 }
+  local width = #token -- 0 when the call has no callable update: nothing to check
+  local tokens, claims = NONE, NONE
+  if width > 0 then
+    tokens, claims = {}, {}
+    -- Pass 1: read what the callable updates saw and collect conflicts; write nothing.
+    local conflicts = {}
+    local blocked = false
+    local at = pos
+    for k = first, last do
+      local nchecks, nsets, ndels = tonumber(ARGV[at]), tonumber(ARGV[at + 1]), tonumber(ARGV[at + 2])
+      local checks = at + 3
+      at = checks + 2 * nchecks + 2 * nsets + ndels
+      if nchecks > 0 then
+        local fields = {}
+        for i = 1, nchecks do
+          fields[i] = ARGV[checks + 2 * (i - 1)]
+        end
+        fields[nchecks + 1] = tokens_field
+        fields[nchecks + 2] = claim_field
+        local current = redis.call('HMGET', KEYS[k], unpack(fields))
+        tokens[k] = current[nchecks + 1]
+        if holds_token(tokens[k], token, width) then
+          return STORED
+        end
+        local claim = current[nchecks + 2]
+        claims[k] = claim
+        if claim and string.sub(claim, 1, width) ~= token and tonumber(string.sub(claim, width + 2)) > clock() then
+          blocked = true
+        end
+        local conflict = false
+        for i = 1, nchecks do
+          if (current[i] or '') ~= ARGV[checks + 2 * i - 1] then
+            if not conflict then
+              conflict = { k - first + 1 }
+              conflicts[#conflicts + 1] = conflict
+            end
+            conflict[#conflict + 1] = fields[i]
+            conflict[#conflict + 1] = current[i]
           end
-          plan.conflict[#plan.conflict + 1] = fields[i]
-          plan.conflict[#plan.conflict + 1] = current[i]
-        end
-      end
-      if plan.conflict then
-        conflicts[#conflicts + 1] = plan.conflict
-      end
-    end
-    plans[k] = plan
-  end
-  if blocked then
-    return { 2 }
-  end
-  if #conflicts > 0 then
-    if lease > 0 then
-      for k = first, last do
-        if plans[k].conflict then
-          redis.call('HSET', KEYS[k], claim_field, token .. ':' .. (clock() + lease))
         end
       end
     end
-    return { 0, unpack(conflicts) }
+    if blocked then
+      return CLAIMED
+    end
+    if #conflicts > 0 then
+      if lease > 0 then
+        for _, conflict in ipairs(conflicts) do
+          redis.call('HSET', KEYS[first + conflict[1] - 1], claim_field, token .. ':' .. (clock() + lease))
+        end
+      end
+      return { 0, unpack(conflicts) }
+    end
   end
 
   -- Pass 2: write; one HSET and at most one HDEL per subject in the usual case.
   for k = first, last do
-    local key, plan = KEYS[k], plans[k]
-    local args = {}
-    for i = plan.sets, plan.sets + 2 * plan.nsets - 1 do
-      args[#args + 1] = ARGV[i]
-      if #args == CHUNK then
+    local key = KEYS[k]
+    local nchecks, nsets, ndels = tonumber(ARGV[pos]), tonumber(ARGV[pos + 1]), tonumber(ARGV[pos + 2])
+    local sets = pos + 3 + 2 * nchecks
+    local dels = sets + 2 * nsets
+    pos = dels + ndels
+    local claim = claims[k]
+    if nchecks == 0 and nsets > 0 and 2 * nsets <= CHUNK then
+      redis.call('HSET', key, unpack(ARGV, sets, dels - 1))
+    elseif nsets > 0 or nchecks > 0 then
+      local args = {}
+      for i = sets, dels - 1 do
+        args[#args + 1] = ARGV[i]
+        if #args == CHUNK then
+          redis.call('HSET', key, unpack(args))
+          args = {}
+        end
+      end
+      if nchecks > 0 then
+        args[#args + 1] = tokens_field
+        args[#args + 1] = token .. string.sub(tokens[k] or '', 1, (keep - 1) * width)
+      end
+      if #args > 0 then
         redis.call('HSET', key, unpack(args))
-        args = {}
       end
     end
-    if plan.nchecks > 0 then
-      args[#args + 1] = tokens_field
-      args[#args + 1] = token .. string.sub(plan.tokens or '', 1, (keep - 1) * width)
-    end
-    if #args > 0 then
-      redis.call('HSET', key, unpack(args))
-    end
-    args = {}
-    for i = plan.dels, plan.dels + plan.ndels - 1 do
-      args[#args + 1] = ARGV[i]
-      if #args == CHUNK then
+    if not claim and ndels > 0 and ndels <= CHUNK then
+      redis.call('HDEL', key, unpack(ARGV, dels, pos - 1))
+    elseif ndels > 0 or claim then
+      local args = {}
+      for i = dels, pos - 1 do
+        args[#args + 1] = ARGV[i]
+        if #args == CHUNK then
+          redis.call('HDEL', key, unpack(args))
+          args = {}
+        end
+      end
+      if claim then -- ours, now used, or someone's expired one
+        args[#args + 1] = claim_field
+      end
+      if #args > 0 then
         redis.call('HDEL', key, unpack(args))
-        args = {}
       end
-    end
-    if plan.claim then -- ours, now used, or someone's expired one
-      args[#args + 1] = claim_field
-    end
-    if #args > 0 then
-      redis.call('HDEL', key, unpack(args))
     end
     -- A subject exists while it has a property: drop a hash left with nothing but metadata.
-    if plan.ndels > 0 and plan.nsets == 0 then
+    if ndels > 0 and nsets == 0 then
       local left = redis.call('HLEN', key)
       if left > 0 and left <= 2 then
         local meta = redis.call('HMGET', key, tokens_field, claim_field)
@@ -194,7 +204,7 @@ local function store(token, lease, first, last, pos)
       end
     end
   end
-  return { 1 }
+  return STORED
 end
 
 -- The end of the changes of the subjects KEYS[first..last] whose changes start at ARGV[pos].
@@ -205,33 +215,63 @@ local function skip(first, last, pos)
   return pos
 end
 
-local replies = {}
-local pos = 8
-local committed = false
-for c = 1, ncalls do
-  local token, lease, event_id, entry_id = ARGV[pos], tonumber(ARGV[pos + 1]), ARGV[pos + 2], ARGV[pos + 3]
-  local first = nextkey
-  local last = first + tonumber(ARGV[pos + 4]) - 1
-  pos = pos + 5
-  nextkey = last + 1
-  if event_id ~= '' and redis.call('ZSCORE', KEYS[1], event_id) then
-    if entry_id ~= '' then
-      redis.call('XACK', KEYS[2], group, entry_id)
-    end
-    replies[c] = { 3 }
-  else
-    replies[c] = store(token, lease, first, last, pos)
-    if event_id ~= '' and replies[c][1] == 1 then
-      committed = clock()
-      redis.call('ZADD', KEYS[1], committed, event_id)
-      if entry_id ~= '' then
-        redis.call('XACK', KEYS[2], group, entry_id)
+-- Where each call starts; for commits, which events were committed before (one ZMSCORE for all).
+local starts, ids = {}, {}
+do
+  local at, k = 8, nextkey
+  for c = 1, ncalls do
+    starts[c] = at
+    ids[c] = ARGV[at + 2]
+    local last = k + tonumber(ARGV[at + 4]) - 1
+    at = skip(k, last, at + 5)
+    k = last + 1
+  end
+end
+local before = {}
+if committing then
+  for i = 1, ncalls, CHUNK do
+    local scores = redis.call('ZMSCORE', KEYS[1], unpack(ids, i, math.min(ncalls, i + CHUNK - 1)))
+    for j = 1, #scores do
+      if scores[j] then
+        before[ids[i + j - 1]] = true
       end
     end
   end
-  pos = skip(first, last, pos)
 end
-if committed and window > 0 then
-  redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', committed - window)
+
+local replies = {}
+local processed, acks = {}, {}
+for c = 1, ncalls do
+  local pos = starts[c]
+  local token, lease, event_id, entry_id = ARGV[pos], tonumber(ARGV[pos + 1]), ids[c], ARGV[pos + 3]
+  local first = nextkey
+  local last = first + tonumber(ARGV[pos + 4]) - 1
+  nextkey = last + 1
+  local reply
+  if committing and before[event_id] then
+    reply = DONE_BEFORE
+  else
+    reply = store(token, lease, first, last, pos + 5)
+    if committing and reply == STORED then
+      before[event_id] = true -- the same event again later in this run is a duplicate
+      processed[#processed + 1] = clock()
+      processed[#processed + 1] = event_id
+    end
+  end
+  replies[c] = reply
+  if entry_id ~= '' and (reply == STORED or reply == DONE_BEFORE) then
+    acks[#acks + 1] = entry_id
+  end
+end
+if #processed > 0 then
+  for i = 1, #processed, CHUNK do -- CHUNK is even: (score, id) pairs stay whole
+    redis.call('ZADD', KEYS[1], unpack(processed, i, math.min(#processed, i + CHUNK - 1)))
+  end
+  if window > 0 then
+    redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', clock() - window)
+  end
+end
+for i = 1, #acks, CHUNK do
+  redis.call('XACK', KEYS[2], group, unpack(acks, i, math.min(#acks, i + CHUNK - 1)))
 end
 return replies
