@@ -38,10 +38,11 @@ they run inside; the client's appends included)."""
 
 async def redis_command_usec(client: Any, names: tuple[str, ...] = TOP_LEVEL_COMMANDS) -> int:
     """Microseconds the server has spent so far running the commands ``names`` (``INFO
-    commandstats``: ``usec`` = ``usec_per_call`` × ``calls``); ``client`` is any redis-py asyncio
+    commandstats``: ``usec`` = ``usec_per_call`` times ``calls``); ``client`` is any redis-py asyncio
     client.  Top-level commands only, so no command's time is counted twice."""
     stats: dict[str, Any] = await client.info("commandstats")
-    return sum(int(stats[f"cmdstat_{name}"]["usec"]) for name in names if f"cmdstat_{name}" in stats)
+    found = (stats.get(f"cmdstat_{name}") for name in names)
+    return sum(int(stat["usec"]) for stat in found if stat is not None)
 
 
 async def redis_cpu_seconds(client: Any) -> float:
