@@ -146,6 +146,8 @@ class RedisStreams:
         self.max_backlog = max_backlog
         self._backlog: dict[int, tuple[int, float]] = {}  # partition -> (unprocessed, measured at)
         self._full: set[int] = set()  # partitions measured at or over max_backlog
+        self.failing: str | None = None
+        """Why the last read of the owned partitions failed (None: it did not)."""
 
     # -- the deployment ----------------------------------------------------------------------
 
@@ -357,6 +359,17 @@ class RedisStreams:
     # -- reading -----------------------------------------------------------------------------
 
     async def read(self, count: int, block_ms: int) -> list[Delivery]:
+        """The owned partitions' pending entries first, then new ones (see :meth:`_read`); a failure
+        is kept in :attr:`failing` (for ``/healthz``) until a read succeeds."""
+        try:
+            deliveries = await self._read(count, block_ms)
+        except Exception as exc:
+            self.failing = f"This instance cannot read its partitions: {exc}"
+            raise
+        self.failing = None
+        return deliveries
+
+    async def _read(self, count: int, block_ms: int) -> list[Delivery]:
         """The owned partitions' pending entries first, then new ones; see the module docstring.
 
         Each partition is read by ``lua/read.lua``, which refuses an instance whose lease is gone;

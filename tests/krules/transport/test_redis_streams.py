@@ -1,5 +1,6 @@
-"""The partition streams on a real redis-server and on a real Redis Cluster: turns committed with their ack, dedupe, dead letters,
-forwarding, reclaiming, the partition count, the ingress and the client in Redis mode."""
+"""The partition streams on a real redis-server and on a real Redis Cluster: turns committed with
+their ack, dedupe, dead letters, forwarding, reclaiming, the partition count, the ingress, its
+health and the client in Redis mode."""
 
 from __future__ import annotations
 
@@ -463,3 +464,26 @@ async def test_connect_streams_reads_the_recorded_partition_count(
         assert streams.keys.partitions == 5
     finally:
         await storage.close()
+
+
+async def test_healthz_fails_while_the_partitions_cannot_be_read_and_recovers_after(
+    make_instance: Callable[..., Instance], raw: Any
+) -> None:
+    instance = make_instance(partitions=1)
+    counting(instance)
+    await instance.start()
+    stream = instance.storage.keys.stream(0)
+    async with serve_in_background(instance.engine) as http_server, httpx.AsyncClient() as http:
+
+        async def health_is(expected: int) -> bool:
+            return (await http.get(f"{http_server.url}/healthz")).status_code == expected
+
+        assert await health_is(200)
+        await raw.delete(stream)
+        await raw.set(stream, "not a stream")  # every read of the partition now fails
+        await eventually(lambda: health_is(503))
+        reason = (await http.get(f"{http_server.url}/healthz")).json()["reason"]
+        assert reason.startswith("This instance cannot read its partitions: Redis at ")
+        await raw.delete(stream)  # the partition's stream and group are made again
+        await eventually(lambda: health_is(200))
+        await instance.stop()
