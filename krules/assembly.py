@@ -55,6 +55,8 @@ STORAGE_DRIVERS: Final[dict[str, str]] = {
     "redis": "storage.redis:storage_from_settings",
     "rediss": "storage.redis:storage_from_settings",
     "unix": "storage.redis:storage_from_settings",
+    "redis+cluster": "storage.redis:storage_from_settings",
+    "rediss+cluster": "storage.redis:storage_from_settings",
 }
 """Subject storage backends by URL scheme (``module:factory``, imported when chosen)."""
 
@@ -62,6 +64,8 @@ LAYOUT_READERS: Final[dict[str, str]] = {
     "redis": "storage.redis:recorded_partitions",
     "rediss": "storage.redis:recorded_partitions",
     "unix": "storage.redis:recorded_partitions",
+    "redis+cluster": "storage.redis:recorded_partitions",
+    "rediss+cluster": "storage.redis:recorded_partitions",
 }
 """How to read the partition count a deployment recorded, by URL scheme (``module:function``,
 ``function(settings) -> int | None``)."""
@@ -70,6 +74,8 @@ TRANSPORT_DRIVERS: Final[dict[str, str]] = {
     "redis": "krules.transport.redis_streams:stream_worker",
     "rediss": "krules.transport.redis_streams:stream_worker",
     "unix": "krules.transport.redis_streams:stream_worker",
+    "redis+cluster": "krules.transport.redis_streams:stream_worker",
+    "rediss+cluster": "krules.transport.redis_streams:stream_worker",
 }
 """Transports by URL scheme (``module:factory``, imported when chosen)."""
 

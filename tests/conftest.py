@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
+from krules.testing.redis_cluster import LocalRedisCluster
 from krules.testing.redis_server import LocalRedisServer, find_redis_server
 
 # -- real redis-server -------------------------------------------------------------------------
@@ -88,3 +89,32 @@ def redis_server_factory(tmp_path: Path) -> Iterator[Callable[..., LocalRedisSer
     yield start
     for server in servers:
         server.stop(kill=True)
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalRedisCluster]:
+    """The session's Redis Cluster (3 primaries, 3 replicas, on loopback); tests share it, so each
+    uses its own key prefix, and none kills its nodes (a test that does starts its own)."""
+    cluster = LocalRedisCluster(
+        tmp_path_factory.mktemp("redis-cluster"), executable=_redis_server_executable()
+    )
+    cluster.start()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture
+def redis_cluster_factory(tmp_path: Path) -> Iterator[Callable[..., LocalRedisCluster]]:
+    """Start private Redis Clusters (to kill a primary in); stopped when the test ends."""
+    executable = _redis_server_executable()
+    clusters: list[LocalRedisCluster] = []
+
+    def start(**options: Any) -> LocalRedisCluster:
+        cluster = LocalRedisCluster(tmp_path / f"cluster-{len(clusters)}", executable=executable, **options)
+        clusters.append(cluster)
+        cluster.start()
+        return cluster
+
+    yield start
+    for cluster in clusters:
+        cluster.stop()

@@ -18,7 +18,8 @@ Routes of :func:`create_ingress_app`:
   the sender must retry (the same ids: a partition drops an event it committed before).
 * ``GET /subjects/{name}``: ``{"name", "properties", "ext"}`` of a stored subject (404 when unknown).
 * ``/dead-letters``: list, show, delete and purge dead letters (:mod:`krules.http.dead_letters`).
-* ``GET /healthz``: liveness, never behind the token.
+* ``GET /healthz``: liveness, never behind the token: 503 with the reason while the transport
+  reports a failure (in Redis mode: the last read of the owned partitions failed).
 
 An event carrying a ``krules*`` extension (``krulesreplay``, ``krulesdlq``, ``krulesdepth``...)
 is refused with 400: those are the engine's own (a replay is written by ``krules dlq replay``).
@@ -62,7 +63,7 @@ from starlette.types import Receive, Scope, Send
 from krules.decoding import MAX_EVENT_BYTES, load_json
 from krules.decoding import shown as shown_value
 from krules.engine import Engine
-from krules.errors import EventFormatError, OverloadedError, StorageError
+from krules.errors import ConfigurationError, EventFormatError, OverloadedError, StorageError
 from krules.events import Event, event_from_cloudevent, event_from_dict
 from krules.http.dead_letters import dead_letter_routes
 from krules.http.stats import LogEvery, ServerStats
@@ -464,6 +465,13 @@ class _Ingress:
             await asyncio.shield(task)
         except EventFormatError as exc:  # an event its stream entry cannot hold (e.g. too large)
             return _reject(request, _Rejected(400, str(exc)), {"ids": [], "failed": [e.id for e in events]})
+        except ConfigurationError as exc:  # e.g. a cluster node's URL given for the cluster: no retry helps
+            logger.error("ingress: cannot queue events: %s", exc)
+            return _reject(
+                request,
+                _Rejected(500, f"The event(s) could not be queued and a retry will not help: {exc}"),
+                {"ids": [], "failed": [event.id for event in events]},
+            )
         except StorageError as exc:
             ids = [event.id for event in events]
             return _reject(
@@ -496,8 +504,12 @@ class _Ingress:
             return JSONResponse({"error": f"Subject {name!r} is not stored on this krules instance."}, 404)
         return JSONResponse({"name": name, "properties": props, "ext": ext})
 
-    @staticmethod
-    async def healthz(request: Request) -> Response:
+    async def healthz(self, request: Request) -> Response:
+        """``ok``, unless the transport reports a failure (its ``failing`` sentence: e.g. partitions
+        that cannot be read), which is answered 503 with that reason."""
+        failing = getattr(self.engine.transport, "failing", None)
+        if failing:
+            return JSONResponse({"status": "failing", "reason": failing}, 503)
         return JSONResponse({"status": "ok"})
 
 

@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Final
@@ -55,7 +56,9 @@ class LocalRedisServer:
         password: str | None = None,
         persistent: bool = False,
         executable: str | None = None,
+        options: Sequence[str] = (),
     ) -> None:
+        """``options``: more ``redis-server`` command-line options (e.g. ``--cluster-enabled yes``)."""
         found = executable or find_redis_server()
         if found is None:
             raise ConfigurationError(
@@ -67,6 +70,7 @@ class LocalRedisServer:
         self.port: Final = port if port is not None else free_port()
         self.password: Final = password
         self.persistent: Final = persistent
+        self.options: Final = tuple(options)
         self._process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -79,6 +83,11 @@ class LocalRedisServer:
     def log_path(self) -> Path:
         """The server's log file."""
         return self.directory / "redis.log"
+
+    @property
+    def pid(self) -> int | None:
+        """The process id while the server runs."""
+        return self._process.pid if self._process is not None and self.running else None
 
     @property
     def running(self) -> bool:
@@ -105,6 +114,7 @@ class LocalRedisServer:
             args += ["--appendonly", "no"]
         if self.password:
             args += ["--requirepass", self.password]
+        args += self.options
         self._process = subprocess.Popen(
             args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )

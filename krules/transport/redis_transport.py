@@ -136,6 +136,8 @@ class RedisStreams:
         self._commands: RedisCommands = storage.commands
         self._block_timeout = block_timeout
         self._reader: RedisCommands | None = None
+        self._readers: dict[int, RedisCommands] = {}  # on a cluster: partition -> its blocking reader
+        self._waiting: dict[int, asyncio.Task[Any]] = {}  # on a cluster: partition -> its blocked XREAD
         self._cursors: dict[int, str] = {}  # "0": own pending entries first; ">": new ones
         self._owned_changed = asyncio.Event()
         self._ready: set[int] = set()  # owned partitions whose takeover is done: those are read
@@ -144,6 +146,8 @@ class RedisStreams:
         self.max_backlog = max_backlog
         self._backlog: dict[int, tuple[int, float]] = {}  # partition -> (unprocessed, measured at)
         self._full: set[int] = set()  # partitions measured at or over max_backlog
+        self.failing: str | None = None
+        """Why the last read of the owned partitions failed (None: it did not)."""
 
     # -- the deployment ----------------------------------------------------------------------
 
@@ -355,6 +359,17 @@ class RedisStreams:
     # -- reading -----------------------------------------------------------------------------
 
     async def read(self, count: int, block_ms: int) -> list[Delivery]:
+        """The owned partitions' pending entries first, then new ones (see :meth:`_read`); a failure
+        is kept in :attr:`failing` (for ``/healthz``) until a read succeeds."""
+        try:
+            deliveries = await self._read(count, block_ms)
+        except Exception as exc:
+            self.failing = f"This instance cannot read its partitions: {exc}"
+            raise
+        self.failing = None
+        return deliveries
+
+    async def _read(self, count: int, block_ms: int) -> list[Delivery]:
         """The owned partitions' pending entries first, then new ones; see the module docstring.
 
         Each partition is read by ``lua/read.lua``, which refuses an instance whose lease is gone;
@@ -444,11 +459,40 @@ class RedisStreams:
         return partition in self._ready and self.leases is not None and self.leases.fence(partition) == fence
 
     async def _wait(self, reader: RedisCommands, waits: list[tuple[int, str]], block_ms: int) -> None:
-        """Block until an entry comes after ``waits``' last ids (or ``block_ms`` pass)."""
+        """Block until an entry comes after ``waits``' last ids (or ``block_ms`` pass).
+
+        On one server, one ``XREAD`` over every stream.  On a Redis Cluster the streams live in
+        different slots, which no one command may span: each partition waits with an ``XREAD`` of its
+        own, on a connection of its own, and the first to return ends the wait.  The others stay
+        blocked, and a later wait of their partition joins them instead of sending another: their
+        last id can only be older, so they still return on the next entry (or after ``block_ms``)."""
+        if reader.cluster:
+            await self._wait_apart(reader, waits, block_ms)
+            return
         args: list[Arg] = ["XREAD", "COUNT", 1, "BLOCK", block_ms, "STREAMS"]
         args += [self.keys.stream(p) for p, _ in waits]
         args += [last for _, last in waits]
         await self._run(partial(reader.execute, *args), "wait for events")
+
+    async def _wait_apart(self, reader: RedisCommands, waits: list[tuple[int, str]], block_ms: int) -> None:
+        """:meth:`_wait` on a Redis Cluster: one blocked ``XREAD`` per partition (see there)."""
+        waiting = self._waiting
+        for partition, last in waits:
+            if partition not in waiting:
+                own = self._readers.get(partition)
+                if own is None:
+                    own = self._readers[partition] = reader.blocking(self._block_timeout)
+                args: list[Arg] = ["XREAD", "COUNT", 1, "BLOCK", block_ms, "STREAMS"]
+                args += [self.keys.stream(partition), last]
+                waiting[partition] = asyncio.ensure_future(
+                    self._run(partial(own.execute, *args), "wait for events of partition %d", partition)
+                )
+        tasks = [waiting[p] for p, _ in waits]
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        for partition, task in list(waiting.items()):
+            if task.done():
+                del waiting[partition]
+                task.result()  # a failure after the storage's retries is the read's failure
 
     def receipt(self, delivery: Delivery, event_id: str) -> StreamReceipt:
         """The receipt committing ``delivery``: the writes, ``event_id`` processed, the entry acked,
@@ -577,11 +621,13 @@ class RedisStreams:
             append,
             ("XACK", self.keys.stream(delivery.partition), CONSUMER_GROUP, delivery.entry_id),
         ]
-        if append[0] == "EVALSHA":
+        if append[0] == "EVALSHA" or self._commands.cluster:
+            # The append is confirmed before the ack: on a Redis Cluster the two streams may live on
+            # two nodes, and one command each would reach them in no particular order.
             reply = await self._run(
                 partial(self._commands.execute, *append), "forward entry %s", delivery.entry_id
             )
-            if int(reply[0]) != 1:
+            if append[0] == "EVALSHA" and int(reply[0]) != 1:
                 raise _fenced(delivery.partition, f"forwarding stream entry {delivery.entry_id!r}")
             commands = commands[1:]
         await self._run(partial(self._commands.execute_many, commands), "forward entry %s", delivery.entry_id)
@@ -690,6 +736,13 @@ class RedisStreams:
             else:
                 if owned:
                     _log.info("released partition(s) %s", ",".join(map(str, owned)))
+        waiting, self._waiting = self._waiting, {}
+        for task in waiting.values():
+            task.cancel()
+        await asyncio.gather(*waiting.values(), return_exceptions=True)
+        readers, self._readers = self._readers, {}
+        for own in readers.values():
+            await own.aclose()
         reader, self._reader = self._reader, None
         if reader is not None and reader is not self._commands:
             await reader.aclose()

@@ -34,7 +34,8 @@ __all__ = [
 def storage_from_settings(settings: Settings, **options: Any) -> RedisStorage:
     """The storage of a deployment's settings (``KRULES_REDIS_URL``, ``KRULES_KEY_PREFIX``,
     ``KRULES_PARTITIONS``, ``KRULES_DEDUPE_WINDOW``); ``options`` go to :func:`create_redis_storage`.
-    This is the driver :mod:`krules.assembly` picks for ``redis``, ``rediss`` and ``unix`` URLs."""
+    This is the driver :mod:`krules.assembly` picks for ``redis``, ``rediss``, ``unix`` and
+    ``redis+cluster`` (``rediss+cluster``) URLs."""
     return create_redis_storage(
         url=settings.redis_url,
         key_prefix=settings.key_prefix,

@@ -365,6 +365,18 @@ class MultiplexedConnection:
                 raise reply
         return replies
 
+    async def replies(self, commands: Sequence[Command]) -> list[Any]:
+        """Send several commands in one write; return their replies, error replies as values (a
+        Redis Cluster client sorts the redirects out of them); raise the connection's failure."""
+        link = self._link
+        if link is None or link.error is not None or link.loop is not asyncio.get_running_loop():
+            link = await self._open()
+        replies = [await waiter for waiter in link.send(b"".join(map(pack_command, commands)), len(commands))]
+        for reply in replies:
+            if isinstance(reply, RedisConnectionError | RedisTimeoutError):  # the link failed (or LOADING)
+                raise reply
+        return replies
+
     async def aclose(self) -> None:
         """Close the connection; pending calls fail.  A later call would connect again."""
         opening, self._opening = self._opening, None

@@ -39,6 +39,12 @@ def text(value: str | bytes) -> str:
 class RedisCommands(Protocol):
     """The commands the Redis storage sends; replies may carry ``bytes`` or ``str``."""
 
+    @property
+    def cluster(self) -> bool:
+        """Whether keys of different slots live on different nodes (a Redis Cluster): then no one
+        command may name keys of two slots (see :mod:`storage.redis.cluster`)."""
+        ...
+
     async def hgetall(self, key: str) -> dict[Any, Any]:
         """``HGETALL``: the hash as a dict."""
         ...
@@ -90,6 +96,8 @@ class RedisCommands(Protocol):
 
 class ConnectionCommands:
     """The storage's commands on a :class:`MultiplexedConnection` (which this object owns)."""
+
+    cluster: Final = False
 
     def __init__(self, connection: MultiplexedConnection, options: dict[str, Any] | None = None) -> None:
         self.connection: Final = connection
@@ -180,6 +188,8 @@ def _options(command: Command) -> dict[str, Any]:
 
 class ClientCommands:
     """The storage's commands on a redis-py (or fakeredis) client, which stays the caller's."""
+
+    cluster: Final = False
 
     def __init__(self, client: aioredis.Redis) -> None:
         self.client: Final = client

@@ -17,9 +17,11 @@ from typing import Final
 from urllib.parse import urlsplit, urlunsplit
 
 from redis.exceptions import (
+    AskError,
     AuthenticationError,
     AuthenticationWrongNumberOfArgsError,
     AuthorizationError,
+    ClusterDownError,
     NoPermissionError,
     ReadOnlyError,
     RedisError,
@@ -54,8 +56,15 @@ NOT_RETRIED: Final = (NoPermissionError, *_CREDENTIAL_ERRORS)
 authentication errors subclasses of its ``ConnectionError``."""
 
 # ConnectionError covers refused and dropped connections and BusyLoadingError (a restarted server
-# still loading its data); READONLY and TRYAGAIN are what a failover answers for a moment.
-TRANSIENT_ERRORS: Final = (RedisConnectionError, RedisTimeoutError, ReadOnlyError, TryAgainError)
+# still loading its data), and a Redis Cluster node that cannot be reached; READONLY and TRYAGAIN are
+# what a failover answers for a moment, CLUSTERDOWN (and MASTERDOWN) a cluster electing a new primary.
+TRANSIENT_ERRORS: Final = (
+    RedisConnectionError,
+    RedisTimeoutError,
+    ReadOnlyError,
+    TryAgainError,
+    ClusterDownError,
+)
 """Errors worth retrying after a pause."""
 
 
@@ -71,6 +80,13 @@ def refused(exc: RedisError, url: str, doing: str) -> StorageError | Configurati
             f"Redis at {url} refused krules' credentials when asked to "
             f"{doing} ({reason(exc)}); fix the user name or password in the Redis URL."
         )
+    if isinstance(exc, AskError):  # MOVED or ASK reached the storage: the URL names one cluster node
+        return ConfigurationError(
+            f"Redis at {url} is a node of a Redis Cluster and redirected the request to {doing} to "
+            f"{exc.host}:{exc.port} (slot {exc.slot_id}); use a redis+cluster:// URL naming the "
+            "cluster's nodes (e.g. redis+cluster://host:port,host:port/), so krules routes each "
+            "command to the node serving its slot."
+        )
     return StorageError(f"Redis at {url} refused to {doing}: {reason(exc)}.")
 
 
@@ -78,10 +94,16 @@ def unavailable(
     exc: Exception, url: str, doing: str, failures: int, started: float
 ) -> StorageUnavailableError:
     """The error to raise when retries are spent; ``started`` is the first attempt's monotonic time."""
+    if isinstance(exc, ClusterDownError) or getattr(exc, "node", None) is not None:
+        advice = (
+            "check the cluster with redis-cli --cluster check on one of its nodes: a primary that "
+            "died is replaced by its replica within the cluster's node timeout, unless it had none"
+        )
+    else:
+        advice = "check that the server is running and reachable at that address"
     return StorageUnavailableError(
         f"Redis at {url} could not {doing} after {failures} attempts "
-        f"in {time.monotonic() - started:.1f} s ({reason(exc)}); check that the server "
-        "is running and reachable at that address."
+        f"in {time.monotonic() - started:.1f} s ({reason(exc)}); {advice}."
     )
 
 

@@ -2,7 +2,8 @@
 
 A storage made from a URL sends everything on one auto-pipelined connection of its own
 (:mod:`storage.redis._resp_connection`), which does not retry on its own: the retry policy is the
-storage's (:mod:`storage.redis.errors`).  A client passed in is used as is.
+storage's (:mod:`storage.redis.errors`).  A ``redis+cluster://`` URL gives it one such connection
+per node of a Redis Cluster (:mod:`storage.redis.cluster`).  A client passed in is used as is.
 """
 
 from __future__ import annotations
@@ -12,14 +13,19 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from krules.errors import ConfigurationError
+from storage.redis.cluster import CLUSTER_SCHEMES, ClusterCommands
 from storage.redis.commands import ClientCommands, ConnectionCommands, RedisCommands
 from storage.redis.errors import reason, redact
 from storage.redis.keys import KeySchema
 from storage.redis.store import RedisStorage
 
-__all__ = ["create_redis_client", "create_redis_storage"]
+__all__ = ["create_redis_client", "create_redis_storage", "is_cluster_url"]
 
 _DEFAULT_URL = "redis://127.0.0.1:6379/0"
+_URL_FORMS = (
+    "redis://[user:password@]host[:port][/db], rediss://..., unix:///path/to/socket, or "
+    "redis+cluster://[user:password@]host:port[,host:port...] for a Redis Cluster"
+)
 
 
 def create_redis_client(redis_url: str = _DEFAULT_URL, **options: Any) -> aioredis.Redis:
@@ -39,8 +45,7 @@ def create_redis_client(redis_url: str = _DEFAULT_URL, **options: Any) -> aiored
         return aioredis.Redis.from_url(redis_url, **options)
     except ValueError as exc:
         raise ConfigurationError(
-            f"The Redis URL {redact(redis_url)!r} is not valid ({reason(exc)}); use "
-            "redis://[user:password@]host[:port][/db], rediss://... or unix:///path/to/socket."
+            f"The Redis URL {redact(redis_url)!r} is not valid ({reason(exc)}); use {_URL_FORMS}."
         ) from None
 
 
@@ -63,9 +68,13 @@ def create_redis_storage(
     """Return a Redis subject storage; nothing is sent to the server before the first call.
 
     ``url`` defaults to ``redis://127.0.0.1:6379/0``; the storage then opens one auto-pipelined
-    connection of its own, used from one event loop.  Pass ``client`` to use a client you built
-    (e.g. ``fakeredis.FakeAsyncRedis()``) instead; it is not closed by :meth:`RedisStorage.close`,
-    keeps its own retry settings and pool, and ``url`` then only names the server in messages.
+    connection of its own, used from one event loop.  A ``redis+cluster://host:port[,host:port...]``
+    URL (``rediss+cluster://`` with TLS) names a Redis Cluster: one such connection per node, each
+    command sent to the node serving its key's slot (:mod:`storage.redis.cluster`).  Pass ``client``
+    to use a client you built (e.g. ``fakeredis.FakeAsyncRedis()``) instead; it is not closed by
+    :meth:`RedisStorage.close`, keeps its own retry settings and pool, and ``url`` then only names
+    the server in messages.
+
     ``partitions`` is the deployment's partition count, which decides the hash tag of every subject
     key: leave it out to use the count the deployment recorded in Redis (read once, before the first
     read or write); a count given that differs from the recorded one is refused with a
@@ -105,19 +114,23 @@ def create_redis_storage(
             raise ConfigurationError(f"{name} must be a positive number of seconds, not {value!r}.")
     commands: RedisCommands
     if client is not None:
+        if not hasattr(client, "connection_pool"):  # redis-py's RedisCluster has nodes, not one pool
+            raise ConfigurationError(
+                f"A {type(client).__name__} client cannot be used as the storage's client (it routes "
+                "commands itself, and krules' scripts and scans need its own routing); pass the "
+                "cluster's URL instead: create_redis_storage('redis+cluster://host:port,...')."
+            )
         commands = ClientCommands(client)
         display = redact(url) if url is not None else commands.server_url()
     else:
         url = url if url is not None else _DEFAULT_URL
         display = redact(url)
+        opener = ClusterCommands if is_cluster_url(url) else ConnectionCommands
         try:
-            commands = ConnectionCommands.from_url(
-                url, connect_timeout=connect_timeout, socket_timeout=socket_timeout
-            )
+            commands = opener.from_url(url, connect_timeout=connect_timeout, socket_timeout=socket_timeout)
         except ValueError as exc:
             raise ConfigurationError(
-                f"The Redis URL {display!r} is not valid ({reason(exc)}); use "
-                "redis://[user:password@]host[:port][/db], rediss://... or unix:///path/to/socket."
+                f"The Redis URL {display!r} is not valid ({reason(exc)}); use {_URL_FORMS}."
             ) from None
     return RedisStorage(
         commands,
@@ -130,6 +143,11 @@ def create_redis_storage(
         dedupe_window=dedupe_window,
         partitions_given=partitions is not None,
     )
+
+
+def is_cluster_url(url: str) -> bool:
+    """Whether ``url`` names a Redis Cluster (``redis+cluster://``, ``rediss+cluster://``)."""
+    return url.partition("://")[0].lower() in CLUSTER_SCHEMES
 
 
 def _require_count(name: str, value: int, minimum: int) -> None:

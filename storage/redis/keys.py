@@ -32,8 +32,15 @@ each in its own partition.  The names ``<prefix>{p<p>}:deadletter`` (a dead-lett
 earlier builds wrote) and ``<prefix>{p<p>}:dlq`` are reserved and not written.
 
 Every key of partition ``p`` carries the Redis Cluster hash tag ``{p<p>}``: a cluster hashes only
-the text between the first ``{`` and the next ``}``, so the subject hashes, the stream and the
-processed-id set of one partition share a slot, and a turn's commit can be one Lua script.  This is
+the text between the first ``{`` and the next ``}``, so the subject hashes, the stream, the
+processed-id set, the lease and the fences of one partition share a slot, and a turn's commit can be
+one Lua script.  The tag ignores the prefix: partition ``p`` is in the same slot under every prefix.
+
+``<prefix>partitions``, ``<prefix>instances`` and ``<prefix>replay-key`` carry no tag, deliberately:
+each is read and written alone (never in one command or script with another key), so on a cluster
+each lives in the slot of its full name, wherever that is; tagging them would change the names a
+deployment already has.  Every command krules sends names keys of one slot only; on a cluster
+(:mod:`storage.redis.cluster`) it is sent to that slot's primary.  This is
 why the key prefix may not contain braces.  The subject name follows the tag verbatim (any string,
 braces and colons included; the tag comes first, so the name never changes the slot).
 

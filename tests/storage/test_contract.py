@@ -1,4 +1,5 @@
-"""The storage contract: every backend passes the same suite (memory, fakeredis, a real redis-server)."""
+"""The storage contract: every backend passes the same suite (memory, fakeredis, a real redis-server,
+a real Redis Cluster)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import pytest
 
 from krules.errors import ValueNotSerializableError
 from krules.partitioning import partition_of
+from krules.testing.redis_cluster import LocalRedisCluster
 from krules.testing.redis_server import LocalRedisServer
 from storage.base import DELETE, SubjectChanges, SubjectStorage, Update, encode
 from storage.krules3 import KRules3Storage
@@ -27,6 +29,7 @@ REAL_SERVER_PARTITIONS = 3
         "memory",
         "fakeredis",
         pytest.param("redis-server", marks=pytest.mark.redis_server),
+        pytest.param("redis-cluster", marks=[pytest.mark.redis_server, pytest.mark.slow]),
         "krules3",
     ]
 )
@@ -40,6 +43,12 @@ async def storage(request: pytest.FixtureRequest, redis_key_prefix: str) -> Asyn
     elif request.param == "fakeredis":
         client = fakeredis.FakeAsyncRedis()  # bytes replies: the storage must not rely on decoding
         backend = create_redis_storage(client=client, key_prefix=redis_key_prefix)
+    elif request.param == "redis-cluster":  # 3 primaries, 3 replicas: subjects spread over the nodes
+        cluster: LocalRedisCluster = request.getfixturevalue("redis_cluster")
+        client = None
+        backend = create_redis_storage(
+            cluster.url, key_prefix=redis_key_prefix, partitions=REAL_SERVER_PARTITIONS
+        )
     else:
         server: LocalRedisServer = request.getfixturevalue("redis_server")
         client = None

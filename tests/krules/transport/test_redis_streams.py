@@ -1,5 +1,6 @@
-"""The partition streams on a real redis-server: turns committed with their ack, dedupe, dead letters,
-forwarding, reclaiming, the partition count, the ingress and the client in Redis mode."""
+"""The partition streams on a real redis-server and on a real Redis Cluster: turns committed with
+their ack, dedupe, dead letters, forwarding, reclaiming, the partition count, the ingress, its
+health and the client in Redis mode."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from krules.events import Event
 from krules.http.server import serve_in_background
 from krules.partitioning import partition_of
 from krules.testing import RedisModeApp, wait_until
+from krules.testing.redis_cluster import LocalRedisCluster
 from krules.testing.redis_server import LocalRedisServer
 from krules.transport.redis_streams import RedisStreams, connect_streams
 from krules.transport.stream_client import AsyncStreamClient
@@ -39,14 +41,34 @@ class Instance(RedisModeApp):
         return source
 
 
+@pytest.fixture(params=["redis-server", pytest.param("redis-cluster", marks=pytest.mark.slow)])
+def deployment_url(request: pytest.FixtureRequest) -> str:
+    """Each test runs on the session's redis-server and again on its Redis Cluster."""
+    if request.param == "redis-server":
+        server: LocalRedisServer = request.getfixturevalue("redis_server")
+        return server.url
+    cluster: LocalRedisCluster = request.getfixturevalue("redis_cluster")
+    return cluster.url
+
+
 @pytest.fixture
-async def make_instance(
-    redis_server: LocalRedisServer, redis_key_prefix: str
-) -> AsyncIterator[Callable[..., Instance]]:
+async def raw(deployment_url: str) -> AsyncIterator[Any]:
+    """A plain redis-py client of the deployment (a RedisCluster on the cluster), replies decoded."""
+    if deployment_url.startswith("redis+cluster://"):
+        seed = deployment_url.removeprefix("redis+cluster://").split(",")[0]
+        client: Any = aioredis.RedisCluster.from_url(f"redis://{seed}", decode_responses=True)
+    else:
+        client = aioredis.Redis.from_url(deployment_url, decode_responses=True)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+async def make_instance(deployment_url: str, redis_key_prefix: str) -> AsyncIterator[Callable[..., Instance]]:
     made: list[Instance] = []
 
     def make(**settings: Any) -> Instance:
-        instance = Instance(redis_server.url, redis_key_prefix, **settings)
+        instance = Instance(deployment_url, redis_key_prefix, **settings)
         made.append(instance)
         return instance
 
@@ -108,8 +130,29 @@ async def test_events_sent_to_the_streams_are_each_counted_once(
     assert await count_of(instance.storage, "s0") == 10
 
 
+async def test_events_of_twelve_partitions_are_each_counted_once_wherever_their_streams_live(
+    make_instance: Callable[..., Instance],
+) -> None:
+    instance = make_instance(partitions=12)  # on the cluster: streams on every primary
+    counting(instance)
+    await instance.start()
+    subjects = [f"s{i}" for i in range(24)]
+    for round_ in range(5):
+        for name in subjects:
+            await instance.emit("count.inc", name, {"total": f"t{round_}"})
+
+    async def all_counted() -> bool:
+        counts = [await count_of(instance.storage, name) for name in subjects]
+        totals = [await count_of(instance.storage, f"t{i}") for i in range(5)]
+        return counts == [5] * 24 and totals == [24] * 5
+
+    await eventually(all_counted)
+    await instance.engine.settled()
+    assert sorted(await instance.storage.subjects("s")) == sorted(subjects)
+
+
 async def test_a_commit_acknowledges_the_entry_and_records_the_event_as_processed(
-    make_instance: Callable[..., Instance], raw: aioredis.Redis
+    make_instance: Callable[..., Instance], raw: Any
 ) -> None:
     instance = make_instance(partitions=1)
     counting(instance)
@@ -125,7 +168,7 @@ async def _equals(value: Awaitable[Any], expected: Any) -> bool:
     return await value == expected
 
 
-async def _pending_is(raw: aioredis.Redis, stream: str, expected: int) -> bool:
+async def _pending_is(raw: Any, stream: str, expected: int) -> bool:
     summary = await raw.xpending(stream, CONSUMER_GROUP)
     return bool(summary["pending"] == expected)
 
@@ -164,7 +207,7 @@ async def test_a_commit_of_an_event_committed_before_writes_nothing(
 
 
 async def test_an_entry_that_is_not_an_event_is_dead_lettered_with_the_reason(
-    make_instance: Callable[..., Instance], raw: aioredis.Redis
+    make_instance: Callable[..., Instance], raw: Any
 ) -> None:
     instance = make_instance(partitions=1)
     counting(instance)
@@ -199,7 +242,7 @@ def _stream_order(entry_id: str) -> tuple[int, int]:
 
 
 async def test_an_entry_delivered_too_often_is_dead_lettered_instead_of_looping(
-    make_instance: Callable[..., Instance], raw: aioredis.Redis
+    make_instance: Callable[..., Instance], raw: Any
 ) -> None:
     instance = make_instance(partitions=1, max_deliveries=2)
     counting(instance)
@@ -223,7 +266,7 @@ async def test_an_entry_delivered_too_often_is_dead_lettered_instead_of_looping(
 
 
 async def test_entries_a_dead_consumer_left_pending_are_reclaimed_and_processed(
-    make_instance: Callable[..., Instance], raw: aioredis.Redis
+    make_instance: Callable[..., Instance], raw: Any
 ) -> None:
     instance = make_instance(partitions=1, claim_idle_ms=200)
     counting(instance)
@@ -243,7 +286,7 @@ async def test_entries_a_dead_consumer_left_pending_are_reclaimed_and_processed(
 
 
 async def test_an_entry_in_the_wrong_partition_is_forwarded_once_and_processed_by_its_owner(
-    make_instance: Callable[..., Instance], raw: aioredis.Redis
+    make_instance: Callable[..., Instance], raw: Any
 ) -> None:
     instance = make_instance(partitions=2)
     counting(instance)
@@ -264,7 +307,7 @@ async def test_an_entry_in_the_wrong_partition_is_forwarded_once_and_processed_b
 
 
 async def test_an_emit_to_another_partition_goes_through_its_stream_with_a_derived_id(
-    make_instance: Callable[..., Instance], raw: aioredis.Redis
+    make_instance: Callable[..., Instance], raw: Any
 ) -> None:
     instance = make_instance(partitions=2)
     counting(instance)
@@ -336,7 +379,7 @@ async def test_instances_take_only_the_partitions_they_own(make_instance: Callab
 
 
 async def test_stopping_lets_the_turns_under_way_commit(
-    make_instance: Callable[..., Instance], raw: aioredis.Redis
+    make_instance: Callable[..., Instance], raw: Any
 ) -> None:
     instance = make_instance(partitions=1)
     started = asyncio.Event()
@@ -391,15 +434,15 @@ async def test_the_ingress_queues_events_on_the_streams_and_answers_202(
 
 
 async def test_the_stream_client_needs_a_started_deployment_and_then_queues_events(
-    redis_server: LocalRedisServer, redis_key_prefix: str, make_instance: Callable[..., Instance]
+    deployment_url: str, redis_key_prefix: str, make_instance: Callable[..., Instance]
 ) -> None:
-    async with AsyncStreamClient(redis_server.url, redis_key_prefix) as client:
+    async with AsyncStreamClient(deployment_url, redis_key_prefix) as client:
         with pytest.raises(ConfigurationError, match="No krules instance has started"):
             await client.emit("count.inc", "c1")
     instance = make_instance(partitions=3)
     counting(instance)
     await instance.start()
-    async with AsyncStreamClient(redis_server.url, redis_key_prefix) as client:
+    async with AsyncStreamClient(deployment_url, redis_key_prefix) as client:
         event_id = await client.emit("count.inc", "c1")
         ids = await client.emit_batch([{"type": "count.inc", "subject": f"c{i}"} for i in range(2, 5)])
     assert len({event_id, *ids}) == 4
@@ -411,13 +454,36 @@ async def test_the_stream_client_needs_a_started_deployment_and_then_queues_even
 
 
 async def test_connect_streams_reads_the_recorded_partition_count(
-    redis_server: LocalRedisServer, redis_key_prefix: str, make_instance: Callable[..., Instance]
+    deployment_url: str, redis_key_prefix: str, make_instance: Callable[..., Instance]
 ) -> None:
     instance = make_instance(partitions=5)
     await instance.streams.check_partition_count()
-    storage = create_redis_storage(redis_server.url, redis_key_prefix)
+    storage = create_redis_storage(deployment_url, redis_key_prefix)
     try:
         streams = await connect_streams(storage)
         assert streams.keys.partitions == 5
     finally:
         await storage.close()
+
+
+async def test_healthz_fails_while_the_partitions_cannot_be_read_and_recovers_after(
+    make_instance: Callable[..., Instance], raw: Any
+) -> None:
+    instance = make_instance(partitions=1)
+    counting(instance)
+    await instance.start()
+    stream = instance.storage.keys.stream(0)
+    async with serve_in_background(instance.engine) as http_server, httpx.AsyncClient() as http:
+
+        async def health_is(expected: int) -> bool:
+            return (await http.get(f"{http_server.url}/healthz")).status_code == expected
+
+        assert await health_is(200)
+        await raw.delete(stream)
+        await raw.set(stream, "not a stream")  # every read of the partition now fails
+        await eventually(lambda: health_is(503))
+        reason = (await http.get(f"{http_server.url}/healthz")).json()["reason"]
+        assert reason.startswith("This instance cannot read its partitions: Redis at ")
+        await raw.delete(stream)  # the partition's stream and group are made again
+        await eventually(lambda: health_is(200))
+        await instance.stop()
