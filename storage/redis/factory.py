@@ -64,6 +64,8 @@ def create_redis_storage(
     connect_timeout: float = 5.0,
     socket_timeout: float = 30.0,
     dedupe_window: float = 3600.0,
+    wait_replicas: int = 0,
+    wait_timeout_ms: int = 1000,
 ) -> RedisStorage:
     """Return a Redis subject storage; nothing is sent to the server before the first call.
 
@@ -85,6 +87,12 @@ def create_redis_storage(
     bounds connecting, ``socket_timeout`` the wait for a reply.  ``dedupe_window`` is how long (in
     seconds) a partition remembers the ids of the events it committed, to drop re-deliveries.
 
+    ``wait_replicas`` (0: off) makes every store-script write (a turn's commit, a batch of
+    ``store``) wait until that many replicas of the primary that applied it acknowledged it (``WAIT``
+    on the same connection, up to ``wait_timeout_ms``); fewer is retried like a lost connection, then
+    reported as StorageUnavailableError.  Redis replicates asynchronously: without it, a write
+    acknowledged by a primary that dies before its replica received it is lost in a failover.
+
     For rule modules ported from KRules, the KRules call works too:
     ``create_redis_storage(redis_client=create_redis_client(url), redis_prefix="app:")`` or with the
     client passed first.  ``redis_client`` is another name for ``client``, ``redis_prefix`` for
@@ -103,6 +111,8 @@ def create_redis_storage(
     keys = KeySchema(key_prefix, 1 if partitions is None else partitions)
     _require_count("retries", retries, 0)
     _require_count("update_attempts", update_attempts, 1)
+    _require_count("wait_replicas", wait_replicas, 0)
+    _require_count("wait_timeout_ms", wait_timeout_ms, 1)
     for name, value in (
         ("retry_backoff", retry_backoff),
         ("retry_backoff_cap", retry_backoff_cap),
@@ -142,6 +152,8 @@ def create_redis_storage(
         update_attempts=update_attempts,
         dedupe_window=dedupe_window,
         partitions_given=partitions is not None,
+        wait_replicas=wait_replicas,
+        wait_timeout_ms=wait_timeout_ms,
     )
 
 
