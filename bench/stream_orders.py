@@ -15,6 +15,10 @@ in one script).  Reported:
 * p50/p99 latency from an order's emit (its CloudEvent ``time``) to its cascade's last event.
 
 ``KRULES_PARTITIONS`` (default 1) partitions, all owned by the one instance.
+``KRULES_REDIS_WAIT_REPLICAS=n`` starts the throwaway server with ``n`` replicas and commits with
+``WAIT n`` (the cost of waiting for replicas; ``BENCH_REPLICAS=n`` starts the replicas without
+waiting for them, the figure to compare with); ``BENCH_CLUSTER=1`` runs on a throwaway Redis Cluster
+of 3 primaries instead (the server figures summed over the primaries).
 """
 
 from __future__ import annotations
@@ -25,12 +29,11 @@ import os
 import time
 from typing import Any
 
-import redis.asyncio as aioredis
 from dependency_injector import providers
 
 from bench import order_cascade
 from bench._common import redis_command_usec, redis_commands, redis_cpu_seconds, report, scale
-from bench._redis import redis_url
+from bench._redis import primary_clients, redis_url
 from krules import KRulesContainer
 from krules.assembly import apply_gc_policy
 from krules.config import Settings
@@ -92,13 +95,23 @@ class _Writes:
         _Link._flush = self._flush  # type: ignore[method-assign]
 
 
-async def run(url: str, prefix: str, orders: int, partitions: int) -> dict[str, Any]:
+async def _summed(probes: list[Any], measure: Any) -> Any:
+    """A server figure summed over every primary."""
+    return sum([await measure(probe) for probe in probes])
+
+
+async def run(url: str, prefix: str, orders: int, partitions: int, replicas: int) -> dict[str, Any]:
     settings = Settings(
-        redis_url=url, key_prefix=prefix, partitions=partitions, stream_batch=BATCH, stream_block_ms=20
+        redis_url=url,
+        key_prefix=prefix,
+        partitions=partitions,
+        stream_batch=BATCH,
+        stream_block_ms=20,
+        redis_wait_replicas=replicas,
     )
     container = KRulesContainer()
     container.settings.override(providers.Object(settings))
-    storage = create_redis_storage(url, prefix, partitions=partitions)
+    storage = create_redis_storage(url, prefix, partitions=partitions, wait_replicas=replicas)
     container.subject_storage.override(providers.Object(storage))
     order_cascade.build(container)
     engine = container.engine()
@@ -118,15 +131,15 @@ async def run(url: str, prefix: str, orders: int, partitions: int) -> dict[str, 
     engine.event_observers.append(shipped)
     await engine.start()
     apply_gc_policy(settings)  # as krules run does
-    probe = aioredis.Redis.from_url(url, decode_responses=True)
+    probes = await primary_clients(url)
     task = asyncio.ensure_future(worker.run())
     await asyncio.sleep(0.2)  # the worker has opened the streams
     start = multiprocessing.Event()
     client = multiprocessing.Process(target=_emit_orders, args=(url, prefix, orders, start))
     client.start()
-    commands_before = await redis_commands(probe)
-    cpu_before = await redis_cpu_seconds(probe)
-    usec_before = await redis_command_usec(probe)
+    commands_before = await _summed(probes, redis_commands)
+    cpu_before = await _summed(probes, redis_cpu_seconds)
+    usec_before = await _summed(probes, redis_command_usec)
     with _Writes() as writes:
         started = time.perf_counter()
         cpu_started = time.process_time()
@@ -135,16 +148,17 @@ async def run(url: str, prefix: str, orders: int, partitions: int) -> dict[str, 
         elapsed = time.perf_counter() - started
         cpu = time.process_time() - cpu_started
         round_trips = writes.count
-    commands = await redis_commands(probe) - commands_before
-    server_cpu = await redis_cpu_seconds(probe) - cpu_before
-    command_usec = await redis_command_usec(probe) - usec_before
+    commands = await _summed(probes, redis_commands) - commands_before
+    server_cpu = await _summed(probes, redis_cpu_seconds) - cpu_before
+    command_usec = await _summed(probes, redis_command_usec) - usec_before
     client.join()
     worker.stop()
     await task
+    stored = await storage.get(f"order-{orders - 1}", "status")
     await engine.close()
-    stored = await probe.hget(storage.keys.subject(f"order-{orders - 1}"), "p:status")
-    await probe.aclose()
-    if stored != '"shipped"':
+    for probe in probes:
+        await probe.aclose()
+    if stored != "shipped":
         raise SystemExit(f"the last order was not stored as shipped: {stored!r}")
     latencies.sort()
     return {
@@ -162,12 +176,23 @@ async def run(url: str, prefix: str, orders: int, partitions: int) -> dict[str, 
 async def main() -> None:
     orders = max(BATCH, int(ORDERS * scale()))
     partitions = int(os.environ.get("KRULES_PARTITIONS", "1"))
+    replicas = int(os.environ.get("KRULES_REDIS_WAIT_REPLICAS", "0"))
+    cluster = os.environ.get("BENCH_CLUSTER", "") not in ("", "0")
     results = []
-    with redis_url() as url:
+    started = max(replicas, int(os.environ.get("BENCH_REPLICAS", "0")))
+    with redis_url(replicas=started, cluster=cluster) as url:
         for attempt in range(3):
-            results.append(await run(url, f"bench-streams{attempt}:", orders, partitions))
+            results.append(await run(url, f"bench-streams{attempt}:", orders, partitions, replicas))
     best = sorted(results, key=lambda r: r["orders_per_s"])[len(results) // 2]  # the median run
-    report("stream_orders", storage="redis streams", partitions=partitions, orders=orders, **best)
+    report(
+        "stream_orders",
+        storage="redis cluster streams" if cluster else "redis streams",
+        partitions=partitions,
+        replicas=started,
+        wait_replicas=replicas,
+        orders=orders,
+        **best,
+    )
 
 
 if __name__ == "__main__":

@@ -57,6 +57,7 @@ STORAGE_DRIVERS: Final[dict[str, str]] = {
     "unix": "storage.redis:storage_from_settings",
     "redis+cluster": "storage.redis:storage_from_settings",
     "rediss+cluster": "storage.redis:storage_from_settings",
+    "redis+sentinel": "storage.redis:storage_from_settings",
 }
 """Subject storage backends by URL scheme (``module:factory``, imported when chosen)."""
 
@@ -66,6 +67,7 @@ LAYOUT_READERS: Final[dict[str, str]] = {
     "unix": "storage.redis:recorded_partitions",
     "redis+cluster": "storage.redis:recorded_partitions",
     "rediss+cluster": "storage.redis:recorded_partitions",
+    "redis+sentinel": "storage.redis:recorded_partitions",
 }
 """How to read the partition count a deployment recorded, by URL scheme (``module:function``,
 ``function(settings) -> int | None``)."""
@@ -76,6 +78,7 @@ TRANSPORT_DRIVERS: Final[dict[str, str]] = {
     "unix": "krules.transport.redis_streams:stream_worker",
     "redis+cluster": "krules.transport.redis_streams:stream_worker",
     "rediss+cluster": "krules.transport.redis_streams:stream_worker",
+    "redis+sentinel": "krules.transport.redis_streams:stream_worker",
 }
 """Transports by URL scheme (``module:factory``, imported when chosen)."""
 

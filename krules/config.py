@@ -217,6 +217,8 @@ class Settings(EnvSettings):
     handler_order: str = setting("concurrent", choice("concurrent", "sequential"))
     source: str = setting("krules", text)
     redis_url: str | None = setting(None, optional_text)
+    redis_wait_replicas: int = setting(0, integer(0, 64))
+    redis_wait_timeout_ms: int = setting(1000, integer(1, 60_000))
     key_prefix: str = setting("krules:", text)
     partitions: int | None = setting(None, integer(1, 16_384))
     partition_id: str = setting("auto", _partition_spec)

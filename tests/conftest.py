@@ -12,6 +12,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from krules.testing.redis_cluster import LocalRedisCluster
+from krules.testing.redis_sentinel import LocalRedisSentinel
 from krules.testing.redis_server import LocalRedisServer, find_redis_server
 
 # -- real redis-server -------------------------------------------------------------------------
@@ -118,3 +119,25 @@ def redis_cluster_factory(tmp_path: Path) -> Iterator[Callable[..., LocalRedisCl
     yield start
     for cluster in clusters:
         cluster.stop()
+
+
+@pytest.fixture
+def redis_sentinel_factory(tmp_path: Path) -> Iterator[Callable[..., LocalRedisSentinel]]:
+    """Start private Sentinel-managed Redis setups (a primary, its replica, 3 sentinels) to fail
+    over; stopped when the test ends."""
+    executable = _redis_server_executable()
+    setups: list[LocalRedisSentinel] = []
+
+    def start(**options: Any) -> LocalRedisSentinel:
+        setup = LocalRedisSentinel(tmp_path / f"sentinel-{len(setups)}", executable=executable, **options)
+        setups.append(setup)
+        try:
+            setup.start()
+        except BaseException:
+            setup.stop()
+            raise
+        return setup
+
+    yield start
+    for setup in setups:
+        setup.stop()

@@ -134,6 +134,10 @@ class RedisStreams:
         self.claim_idle_ms = claim_idle_ms
         self.tend_every: float | None = leases.renew_every if leases is not None else None
         self._commands: RedisCommands = storage.commands
+        # Appends wait for the replicas only when asked to (KRULES_REDIS_WAIT_REPLICAS): chosen once.
+        self._append_many = (
+            storage.execute_replicated if storage.wait_replicas else self._commands.execute_many
+        )
         self._block_timeout = block_timeout
         self._reader: RedisCommands | None = None
         self._readers: dict[int, RedisCommands] = {}  # on a cluster: partition -> its blocking reader
@@ -322,7 +326,7 @@ class RedisStreams:
             for p in measure:
                 commands += _measure(keys.stream(p))  # after the XADDs: the stream exists by then
         replies = await self._run(
-            partial(self._commands.execute_many, commands), "append %d event(s) to their streams", len(events)
+            partial(self._append_many, commands), "append %d event(s) to their streams", len(events)
         )
         if measure:
             self._measured(measure, replies[len(events) :])
@@ -621,11 +625,12 @@ class RedisStreams:
             append,
             ("XACK", self.keys.stream(delivery.partition), CONSUMER_GROUP, delivery.entry_id),
         ]
-        if append[0] == "EVALSHA" or self._commands.cluster:
+        if append[0] == "EVALSHA" or self._commands.cluster or self.storage.wait_replicas:
             # The append is confirmed before the ack: on a Redis Cluster the two streams may live on
-            # two nodes, and one command each would reach them in no particular order.
-            reply = await self._run(
-                partial(self._commands.execute, *append), "forward entry %s", delivery.entry_id
+            # two nodes, and one command each would reach them in no particular order; with
+            # replicas to wait for, the append is in them before its source entry is acknowledged.
+            (reply,) = await self._run(
+                partial(self._append_many, [append]), "forward entry %s", delivery.entry_id
             )
             if append[0] == "EVALSHA" and int(reply[0]) != 1:
                 raise _fenced(delivery.partition, f"forwarding stream entry {delivery.entry_id!r}")

@@ -33,7 +33,8 @@ __all__ = [
 
 def storage_from_settings(settings: Settings, **options: Any) -> RedisStorage:
     """The storage of a deployment's settings (``KRULES_REDIS_URL``, ``KRULES_KEY_PREFIX``,
-    ``KRULES_PARTITIONS``, ``KRULES_DEDUPE_WINDOW``); ``options`` go to :func:`create_redis_storage`.
+    ``KRULES_PARTITIONS``, ``KRULES_DEDUPE_WINDOW``, ``KRULES_REDIS_WAIT_REPLICAS``,
+    ``KRULES_REDIS_WAIT_TIMEOUT_MS``); ``options`` go to :func:`create_redis_storage`.
     This is the driver :mod:`krules.assembly` picks for ``redis``, ``rediss``, ``unix`` and
     ``redis+cluster`` (``rediss+cluster``) URLs."""
     return create_redis_storage(
@@ -41,6 +42,8 @@ def storage_from_settings(settings: Settings, **options: Any) -> RedisStorage:
         key_prefix=settings.key_prefix,
         partitions=settings.partitions,  # None: the recorded count (resolved on first use)
         dedupe_window=float(settings.dedupe_window),
+        wait_replicas=settings.redis_wait_replicas,
+        wait_timeout_ms=settings.redis_wait_timeout_ms,
         **options,
     )
 

@@ -187,6 +187,41 @@ class ClusterCommands:
     async def evalsha_many(self, sha: str, calls: Sequence[tuple[Sequence[str], Sequence[Arg]]]) -> list[Any]:
         return await self.execute_many([("EVALSHA", sha, len(keys), *keys, *args) for keys, args in calls])
 
+    async def evalsha_replicated(
+        self, sha: str, keys: Sequence[str], args: Sequence[Arg], replicas: int, timeout_ms: int
+    ) -> tuple[Any, int]:
+        """The script and its ``WAIT`` on the node serving the keys' slot, in one write; after a
+        redirect both go again, to the node named (a ``WAIT`` counts what its own node wrote)."""
+        script: Command = ("EVALSHA", sha, len(keys), *keys, *args)
+        wait: Command = ("WAIT", replicas, timeout_ms)
+        slot = slot_of(script)
+        topology = self._topology
+        asked: Address | None = None
+        for _ in range(_REDIRECTS + 1):
+            if topology.stale:
+                await self._refresh(topology.generation)
+            node = asked or self._node_of(slot)
+            reply, acknowledged = await self._on_node(node, [script, wait], slot, asking=asked is not None)
+            asked = None
+            if isinstance(reply, MovedError):
+                topology.slots[reply.slot_id] = reply.node_addr
+                topology.stale = True
+            elif isinstance(reply, AskError):
+                asked = reply.node_addr
+            else:
+                if isinstance(reply, ClusterDownError):
+                    topology.stale = True
+                    raise reply
+                if isinstance(reply, Exception):
+                    raise reply
+                if isinstance(acknowledged, Exception):
+                    raise acknowledged
+                return reply, int(acknowledged)
+        raise ClusterRedirectError(
+            f"Redis Cluster slot {slot} was redirected {_REDIRECTS + 1} times in a row; check the "
+            "cluster with redis-cli --cluster check, a slot migration may be stuck"
+        )
+
     async def delete(self, key: str) -> None:
         await self.execute("DEL", key)
 
@@ -232,6 +267,22 @@ class ClusterCommands:
             if isinstance(reply, Exception):
                 raise reply
         return replies
+
+    async def execute_many_replicated(
+        self, commands: Sequence[Command], replicas: int, timeout_ms: int
+    ) -> tuple[list[Any], int]:
+        """The commands, then a ``WAIT`` on each node serving their slots now (after redirects)."""
+        replies = await self.execute_many(commands)
+        nodes = {self._node_of(slot_of(command)) for command in commands}
+        waits = await asyncio.gather(
+            *(self._on_node(node, [("WAIT", replicas, timeout_ms)], None) for node in nodes)
+        )
+        fewest = replicas
+        for (acknowledged,) in waits:
+            if isinstance(acknowledged, Exception):
+                raise acknowledged
+            fewest = min(fewest, int(acknowledged))
+        return replies, fewest
 
     async def aclose(self) -> None:
         nodes, self._nodes = self._nodes, {}

@@ -61,6 +61,15 @@ class RedisCommands(Protocol):
         """Run a script once per ``(keys, args)`` in one round trip; raise the first error."""
         ...
 
+    async def evalsha_replicated(
+        self, sha: str, keys: Sequence[str], args: Sequence[Arg], replicas: int, timeout_ms: int
+    ) -> tuple[Any, int]:
+        """``EVALSHA`` then ``WAIT replicas timeout_ms`` on the same connection, in one round trip
+        (on a Redis Cluster: the node serving the keys' slot); return the script's reply and the
+        number of replicas that acknowledged every write made on that connection so far.  Raise the
+        script's error (then nothing is waited for)."""
+        ...
+
     async def delete(self, key: str) -> None:
         """``DEL`` one key."""
         ...
@@ -83,6 +92,14 @@ class RedisCommands(Protocol):
 
     async def execute_many(self, commands: Sequence[Command]) -> list[Any]:
         """Several commands in one round trip; return their replies, or raise the first error."""
+        ...
+
+    async def execute_many_replicated(
+        self, commands: Sequence[Command], replicas: int, timeout_ms: int
+    ) -> tuple[list[Any], int]:
+        """:meth:`execute_many`, then ``WAIT replicas timeout_ms`` on each connection they went to
+        (on one server, in the same round trip); return the replies and the fewest replicas that
+        acknowledged them on any node."""
         ...
 
     def blocking(self, timeout: float) -> RedisCommands:
@@ -154,6 +171,14 @@ class ConnectionCommands:
             [("EVALSHA", sha, len(keys), *keys, *args) for keys, args in calls]
         )
 
+    async def evalsha_replicated(
+        self, sha: str, keys: Sequence[str], args: Sequence[Arg], replicas: int, timeout_ms: int
+    ) -> tuple[Any, int]:
+        reply, acknowledged = await self.connection.replies(
+            [("EVALSHA", sha, len(keys), *keys, *args), ("WAIT", replicas, timeout_ms)]
+        )
+        return _replicated(reply, acknowledged)
+
     async def delete(self, key: str) -> None:
         await self._execute("DEL", key)
 
@@ -173,8 +198,23 @@ class ConnectionCommands:
     async def execute_many(self, commands: Sequence[Command]) -> list[Any]:
         return await self.connection.execute_many(commands)
 
+    async def execute_many_replicated(
+        self, commands: Sequence[Command], replicas: int, timeout_ms: int
+    ) -> tuple[list[Any], int]:
+        replies = await self.connection.execute_many([*commands, ("WAIT", replicas, timeout_ms)])
+        return replies[:-1], int(replies[-1])
+
     async def aclose(self) -> None:
         await self.connection.aclose()
+
+
+def _replicated(reply: Any, acknowledged: Any) -> tuple[Any, int]:
+    """A script's reply and its ``WAIT``'s count; the script's error (else the wait's) raised."""
+    if isinstance(reply, Exception):
+        raise reply
+    if isinstance(acknowledged, Exception):
+        raise acknowledged
+    return reply, int(acknowledged)
 
 
 _UNDECODED: Final = frozenset({"XREADGROUP", "XAUTOCLAIM"})
@@ -223,6 +263,15 @@ class ClientCommands:
                 raise reply
         return replies
 
+    async def evalsha_replicated(
+        self, sha: str, keys: Sequence[str], args: Sequence[Arg], replicas: int, timeout_ms: int
+    ) -> tuple[Any, int]:
+        pipe = self.client.pipeline(transaction=False)  # one connection of the pool for both
+        pipe.evalsha(sha, len(keys), *keys, *args)
+        pipe.execute_command("WAIT", replicas, timeout_ms)
+        reply, acknowledged = await pipe.execute(raise_on_error=False)
+        return _replicated(reply, acknowledged)
+
     async def delete(self, key: str) -> None:
         await self.client.delete(key)
 
@@ -251,6 +300,12 @@ class ClientCommands:
             if isinstance(reply, Exception):
                 raise reply
         return replies
+
+    async def execute_many_replicated(
+        self, commands: Sequence[Command], replicas: int, timeout_ms: int
+    ) -> tuple[list[Any], int]:
+        replies = await self.execute_many([*commands, ("WAIT", replicas, timeout_ms)])  # one connection
+        return replies[:-1], int(replies[-1])
 
     def blocking(self, timeout: float) -> ClientCommands:
         return self  # a client's pool lends a connection per command: blocking is fine

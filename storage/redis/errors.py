@@ -1,6 +1,7 @@
 """What the Redis storage does with a driver error: retry it, or report it in one sentence.
 
-Connection failures, timeouts, a server still loading its data and a read-only replica are retried
+Connection failures, timeouts, a server still loading its data, a read-only replica and a write
+fewer replicas acknowledged than ``KRULES_REDIS_WAIT_REPLICAS`` asks for are retried
 with jittered exponential backoff, then reported as :class:`~krules.errors.StorageUnavailableError`;
 rejected credentials and missing permissions are a :class:`~krules.errors.ConfigurationError`; any
 other refusal a :class:`~krules.errors.StorageError`.  Messages name the server by its URL without
@@ -36,6 +37,7 @@ __all__ = [
     "NOT_RETRIED",
     "SCRIPT_RELOADS",
     "TRANSIENT_ERRORS",
+    "NotReplicatedError",
     "back_off",
     "reason",
     "redact",
@@ -48,6 +50,21 @@ _log = logging.getLogger("storage.redis")  # the storage's logger name since bef
 
 SCRIPT_RELOADS: Final = 3
 """Times in a row one operation reloads the Lua scripts before giving up."""
+
+
+class NotReplicatedError(RedisError):
+    """Raised (inside the storage, then retried) when fewer replicas than asked for
+    (``KRULES_REDIS_WAIT_REPLICAS``) acknowledged a write within the wait's timeout: the primary
+    applied it, but it could be lost with the primary, so it is not reported done."""
+
+    def __init__(self, acknowledged: int, wanted: int, timeout_ms: int) -> None:
+        super().__init__(
+            f"{acknowledged} of the {wanted} replica(s) asked for acknowledged the write "
+            f"within {timeout_ms} ms"
+        )
+        self.acknowledged = acknowledged
+        self.wanted = wanted
+
 
 _CREDENTIAL_ERRORS: Final = (AuthenticationError, AuthenticationWrongNumberOfArgsError, AuthorizationError)
 
@@ -64,8 +81,10 @@ TRANSIENT_ERRORS: Final = (
     ReadOnlyError,
     TryAgainError,
     ClusterDownError,
+    NotReplicatedError,
 )
-"""Errors worth retrying after a pause."""
+"""Errors worth retrying after a pause (a write not replicated in time is applied again, which the
+store script makes harmless: a commit already made only acknowledges its entry)."""
 
 
 def refused(exc: RedisError, url: str, doing: str) -> StorageError | ConfigurationError:
@@ -94,7 +113,12 @@ def unavailable(
     exc: Exception, url: str, doing: str, failures: int, started: float
 ) -> StorageUnavailableError:
     """The error to raise when retries are spent; ``started`` is the first attempt's monotonic time."""
-    if isinstance(exc, ClusterDownError) or getattr(exc, "node", None) is not None:
+    if isinstance(exc, NotReplicatedError):
+        advice = (
+            f"check that the primary has {exc.wanted} replica(s) connected and in step (redis-cli INFO "
+            "replication), or lower KRULES_REDIS_WAIT_REPLICAS"
+        )
+    elif isinstance(exc, ClusterDownError) or getattr(exc, "node", None) is not None:
         advice = (
             "check the cluster with redis-cli --cluster check on one of its nodes: a primary that "
             "died is replaced by its replica within the cluster's node timeout, unless it had none"

@@ -3,7 +3,8 @@
 A storage made from a URL sends everything on one auto-pipelined connection of its own
 (:mod:`storage.redis._resp_connection`), which does not retry on its own: the retry policy is the
 storage's (:mod:`storage.redis.errors`).  A ``redis+cluster://`` URL gives it one such connection
-per node of a Redis Cluster (:mod:`storage.redis.cluster`).  A client passed in is used as is.
+per node of a Redis Cluster (:mod:`storage.redis.cluster`), a ``redis+sentinel://`` URL one to the
+primary the sentinels name (:mod:`storage.redis.sentinel`).  A client passed in is used as is.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from storage.redis.cluster import CLUSTER_SCHEMES, ClusterCommands
 from storage.redis.commands import ClientCommands, ConnectionCommands, RedisCommands
 from storage.redis.errors import reason, redact
 from storage.redis.keys import KeySchema
+from storage.redis.sentinel import SENTINEL_SCHEMES, SentinelCommands
 from storage.redis.store import RedisStorage
 
 __all__ = ["create_redis_client", "create_redis_storage", "is_cluster_url"]
@@ -24,7 +26,8 @@ __all__ = ["create_redis_client", "create_redis_storage", "is_cluster_url"]
 _DEFAULT_URL = "redis://127.0.0.1:6379/0"
 _URL_FORMS = (
     "redis://[user:password@]host[:port][/db], rediss://..., unix:///path/to/socket, or "
-    "redis+cluster://[user:password@]host:port[,host:port...] for a Redis Cluster"
+    "redis+cluster://[user:password@]host:port[,host:port...] for a Redis Cluster, or "
+    "redis+sentinel://[user:password@]host:port[,host:port...]/service[?db=N] for a primary Sentinel manages"
 )
 
 
@@ -64,13 +67,18 @@ def create_redis_storage(
     connect_timeout: float = 5.0,
     socket_timeout: float = 30.0,
     dedupe_window: float = 3600.0,
+    wait_replicas: int = 0,
+    wait_timeout_ms: int = 1000,
 ) -> RedisStorage:
     """Return a Redis subject storage; nothing is sent to the server before the first call.
 
     ``url`` defaults to ``redis://127.0.0.1:6379/0``; the storage then opens one auto-pipelined
     connection of its own, used from one event loop.  A ``redis+cluster://host:port[,host:port...]``
     URL (``rediss+cluster://`` with TLS) names a Redis Cluster: one such connection per node, each
-    command sent to the node serving its key's slot (:mod:`storage.redis.cluster`).  Pass ``client``
+    command sent to the node serving its key's slot (:mod:`storage.redis.cluster`).  A
+    ``redis+sentinel://host:port[,host:port...]/service[?db=N]`` URL names a primary Sentinel manages:
+    the connection asks the sentinels where it is whenever it connects, so it follows a failover
+    (:mod:`storage.redis.sentinel`).  Pass ``client``
     to use a client you built (e.g. ``fakeredis.FakeAsyncRedis()``) instead; it is not closed by
     :meth:`RedisStorage.close`, keeps its own retry settings and pool, and ``url`` then only names
     the server in messages.
@@ -84,6 +92,12 @@ def create_redis_storage(
     bounds the compare-and-set attempts of callable updates under contention.  ``connect_timeout``
     bounds connecting, ``socket_timeout`` the wait for a reply.  ``dedupe_window`` is how long (in
     seconds) a partition remembers the ids of the events it committed, to drop re-deliveries.
+
+    ``wait_replicas`` (0: off) makes every store-script write (a turn's commit, a batch of
+    ``store``) wait until that many replicas of the primary that applied it acknowledged it (``WAIT``
+    on the same connection, up to ``wait_timeout_ms``); fewer is retried like a lost connection, then
+    reported as StorageUnavailableError.  Redis replicates asynchronously: without it, a write
+    acknowledged by a primary that dies before its replica received it is lost in a failover.
 
     For rule modules ported from KRules, the KRules call works too:
     ``create_redis_storage(redis_client=create_redis_client(url), redis_prefix="app:")`` or with the
@@ -103,6 +117,8 @@ def create_redis_storage(
     keys = KeySchema(key_prefix, 1 if partitions is None else partitions)
     _require_count("retries", retries, 0)
     _require_count("update_attempts", update_attempts, 1)
+    _require_count("wait_replicas", wait_replicas, 0)
+    _require_count("wait_timeout_ms", wait_timeout_ms, 1)
     for name, value in (
         ("retry_backoff", retry_backoff),
         ("retry_backoff_cap", retry_backoff_cap),
@@ -125,7 +141,14 @@ def create_redis_storage(
     else:
         url = url if url is not None else _DEFAULT_URL
         display = redact(url)
-        opener = ClusterCommands if is_cluster_url(url) else ConnectionCommands
+        scheme = url.partition("://")[0].lower()
+        opener: type[ConnectionCommands] | type[ClusterCommands] = (
+            ClusterCommands
+            if scheme in CLUSTER_SCHEMES
+            else SentinelCommands
+            if scheme in SENTINEL_SCHEMES
+            else ConnectionCommands
+        )
         try:
             commands = opener.from_url(url, connect_timeout=connect_timeout, socket_timeout=socket_timeout)
         except ValueError as exc:
@@ -142,6 +165,8 @@ def create_redis_storage(
         update_attempts=update_attempts,
         dedupe_window=dedupe_window,
         partitions_given=partitions is not None,
+        wait_replicas=wait_replicas,
+        wait_timeout_ms=wait_timeout_ms,
     )
 
 

@@ -46,6 +46,7 @@ from storage.redis.errors import (
     NOT_RETRIED,
     SCRIPT_RELOADS,
     TRANSIENT_ERRORS,
+    NotReplicatedError,
     back_off,
     refused,
     scripts_lost,
@@ -111,9 +112,13 @@ class RedisStorage:
         update_attempts: int,
         dedupe_window: float = 3600.0,
         partitions_given: bool = True,
+        wait_replicas: int = 0,
+        wait_timeout_ms: int = 1000,
     ) -> None:
         """``partitions_given``: whether ``keys``' partition count was asked for (it must then be the
-        recorded one) or is a placeholder for the count the deployment recorded."""
+        recorded one) or is a placeholder for the count the deployment recorded.  ``wait_replicas``:
+        replicas that must acknowledge each store-script write (a commit run, a batch of stores)
+        within ``wait_timeout_ms`` before it is reported done (0: none asked, no ``WAIT`` sent)."""
         self.keys = keys
         self.commands: Final = commands
         """The commands this storage sends (the stream transport sends its own on them too)."""
@@ -135,6 +140,8 @@ class RedisStorage:
         self._commit_keys: dict[int, tuple[str, str, str]] = {}  # partition -> a commit's header keys
         self._runs: dict[tuple[int, str], _CommitRun] = {}  # (partition, fence) -> commits to send
         self._layout_known = False
+        self.wait_replicas: Final = wait_replicas
+        self._wait_timeout_ms = wait_timeout_ms
 
     # -- reads ---------------------------------------------------------------------------------
 
@@ -252,14 +259,12 @@ class RedisStorage:
                 calls = [store_call(keys, group, token, lease, fence) for group in pending]
                 if not self._scripts_missing:
                     try:  # the first try directly: the retry loop only when it fails (see _run)
-                        replies = [run[0] for run in await self._eval_all(self._store_script, calls)]
+                        replies = [run[0] for run in await self._store_calls(calls)]
                     except Exception:
                         replies = None
             if replies is None:
                 runs = await self._run(
-                    partial(self._eval_all, self._store_script, calls),
-                    "store subjects %r",
-                    NamesOf(pending),
+                    partial(self._store_calls, calls), "store subjects %r", NamesOf(pending)
                 )
                 replies = [run[0] for run in runs]
             unstored: list[Group] = []
@@ -332,8 +337,29 @@ class RedisStorage:
 
     def _send_run(self, where: tuple[int, str]) -> None:
         run = self._runs.pop(where)
-        sent = asyncio.ensure_future(self._commands.evalsha(self._store_script.sha, run.keys, run.args))
+        if self.wait_replicas:
+            sent = asyncio.ensure_future(self._store_replicated(run.keys, run.args))
+        else:
+            sent = asyncio.ensure_future(self._commands.evalsha(self._store_script.sha, run.keys, run.args))
         sent.add_done_callback(run.hand_out)
+
+    def _store_calls(self, calls: list[tuple[list[str], list[Arg]]]) -> Awaitable[list[_Reply]]:
+        """Run the store script once per call (see :meth:`_eval_all`), each followed by its ``WAIT``
+        when replicas are asked for."""
+        if not self.wait_replicas:
+            return self._eval_all(self._store_script, calls)
+        return asyncio.gather(*(self._store_replicated(keys, args) for keys, args in calls))
+
+    async def _store_replicated(self, keys: list[str], args: list[Arg]) -> Any:
+        """One store-script run and its ``WAIT``; NotReplicatedError (retried by :meth:`_run`) when
+        fewer than ``wait_replicas`` replicas acknowledged it in time."""
+        wanted = self.wait_replicas
+        reply, acknowledged = await self._commands.evalsha_replicated(
+            self._store_script.sha, keys, args, wanted, self._wait_timeout_ms
+        )
+        if acknowledged < wanted:
+            raise NotReplicatedError(acknowledged, wanted, self._wait_timeout_ms)
+        return reply
 
     async def set(self, name: str, prop: str, value: str, *, ext: bool = False) -> tuple[bool, Any]:
         if not self._layout_known:
@@ -478,6 +504,21 @@ class RedisStorage:
             self._scripts = (*self._scripts, found)
             self._scripts_missing = True
         return found
+
+    async def execute_replicated(self, commands: Sequence[Command]) -> list[Any]:
+        """``commands`` in one round trip (per node), then, with ``wait_replicas``, a ``WAIT`` on each
+        connection they went to: NotReplicatedError (retried by :meth:`run`) when fewer replicas
+        acknowledged them in time.  For the transport's appends, so that an event accepted is not
+        lost in a failover either."""
+        wanted = self.wait_replicas
+        if not wanted:
+            return await self._commands.execute_many(commands)
+        replies, acknowledged = await self._commands.execute_many_replicated(
+            commands, wanted, self._wait_timeout_ms
+        )
+        if acknowledged < wanted:
+            raise NotReplicatedError(acknowledged, wanted, self._wait_timeout_ms)
+        return replies
 
     async def run(self, op: Callable[[], Awaitable[_T]], action: str, *details: object) -> _T:
         """Run ``op`` (commands of this storage's connection) with this storage's retries and errors.
