@@ -30,6 +30,7 @@ The commands the storage sends over it are in :mod:`storage.redis.commands`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any, Final
@@ -426,7 +427,14 @@ class MultiplexedConnection:
             self._connection_loop = loop
         else:
             await connection.disconnect(nowait=True)
-        await connection.connect()  # type: ignore[no-untyped-call]
+        try:
+            await connection.connect()  # type: ignore[no-untyped-call]
+        except BaseException:
+            # redis-py closes the socket after its own errors only: a connect cancelled during the
+            # handshake (aclose, the event loop ending) would leave it open.
+            with contextlib.suppress(Exception):
+                await connection.disconnect(nowait=True)
+            raise
         writer = connection._writer
         if writer is None:
             raise RedisConnectionError(f"Connection to {connection._host_error()} closed while connecting")

@@ -336,6 +336,34 @@ async def test_a_caller_cancelled_while_connecting_leaves_the_connection_to_the_
     assert await connection.execute("ECHO", "third") == "third"
 
 
+async def test_a_connect_stopped_during_the_handshake_closes_its_socket() -> None:
+    accepted: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+
+    async def mute(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append((reader, writer))  # reads the handshake, never answers it
+
+    server = await asyncio.start_server(mute, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    connection = MultiplexedConnection(lambda: Connection(host="127.0.0.1", port=port, protocol=2))
+    try:
+        call = asyncio.create_task(connection.execute("PING"))
+        while not accepted:
+            await asyncio.sleep(0.01)
+
+        await connection.aclose()
+
+        with pytest.raises(RedisConnectionError, match="closed by the client"):
+            await call
+        reader, _ = accepted[0]
+        await asyncio.wait_for(reader.read(), timeout=30)  # EOF: the client closed its end
+        assert reader.at_eof()
+    finally:
+        for _, writer in accepted:
+            writer.close()
+        server.close()
+        await server.wait_closed()
+
+
 @pytest.mark.redis_server
 async def test_a_reply_that_does_not_come_in_time_fails_the_call_and_the_next_call_reconnects(
     connections: Connections, redis_key_prefix: str
