@@ -210,7 +210,10 @@ async def test_the_commits_of_one_partition_made_together_cost_one_evalsha(
     await raw.config_resetstat()
 
     committed = await asyncio.gather(
-        *(storage.commit([SubjectChanges(name, {"status": '"paid"'})], Receipt(f"e-{name}")) for name in names)
+        *(
+            storage.commit([SubjectChanges(name, {"status": '"paid"'})], Receipt(f"e-{name}"))
+            for name in names
+        )
     )
 
     assert committed == [True] * 10
