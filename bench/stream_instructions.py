@@ -7,9 +7,9 @@ streams of a throwaway redis-server are filled with ``order.submitted`` events (
 ``valgrind --tool=callgrind`` until every order is shipped: once with no middleware, once with the
 default chain ``krules run`` installs when no trace exporter is set (logging at INFO to a handler
 that drops the lines, metrics, dead_letter, circuit_breaker, retry, timeout).  Two drains (200 and
-2,200 orders, each after 200 warm-up orders) are counted; the difference divided by 2,000 is the cost of one order
-without start-up.  Only the instance's process
-is counted, not redis-server.  Needs ``valgrind``.
+2,200 orders, each after 200 warm-up orders) are counted; the difference divided by 2,000 is the
+cost of one order without start-up.  Only the instance's process is counted, not redis-server.
+Needs ``valgrind``.
 """
 
 from __future__ import annotations
