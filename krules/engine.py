@@ -508,8 +508,10 @@ class Engine:
                 logger.error("timer %r of subject %r failed to fire: %s", timer.key, timer.subject, outcome)
         return len(due)
 
-    async def run_timers(self, every: float = 0.05) -> None:
-        """Embedded mode: fire due timers every ``every`` seconds, until cancelled."""
+    async def run_timers(self, every: float | None = None) -> None:
+        """Embedded mode: fire due timers every ``every`` seconds (``KRULES_TIMER_POLL_MS``), until
+        cancelled."""
+        every = self.settings.timer_poll_ms / 1000 if every is None else every
         while True:
             try:
                 while await self.fire_due_timers() and not self._closed:

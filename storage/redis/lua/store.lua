@@ -18,9 +18,13 @@
 --   and for each of its subjects: nchecks, nsets, ndels, followed by
 --   nchecks pairs (field, the JSON a callable update saw, or '' for "missing"),
 --   nsets pairs (field, JSON to store), and ndels fields to remove.
+--   A call with timer changes gives its number of subjects negated and, after its subjects'
+--   changes, ntimers followed by ntimers triples (member, due ms, entry JSON) to schedule, or
+--   (member, '', '') to cancel (keys.timer_member); they are applied when its changes are.
 -- KEYS     plain stores: the partition's fences hash when there is a fence; commits: the
 --          partition's processed-id set, its stream, its lease; then the subject hashes of every
---          call, in order (one partition, hence one cluster slot).
+--          call, in order, each call's followed by the partition's timers zset and timer-records
+--          hash when it has timer changes (one partition, hence one cluster slot).
 --
 -- Returns one reply per call, in order:
 --   {1}  the changes are stored (and, for a commit, the event marked processed and the entry
@@ -205,15 +209,38 @@ local function skip(first, last, pos)
   return pos
 end
 
+-- Schedule or cancel the timers listed from ARGV[pos] in the zset zkey and the records hash hkey.
+local function timers(zkey, hkey, pos)
+  for i = pos + 1, pos + 3 * tonumber(ARGV[pos]), 3 do
+    if ARGV[i + 1] == '' then
+      redis.call('ZREM', zkey, ARGV[i])
+      redis.call('HDEL', hkey, ARGV[i])
+    else
+      redis.call('ZADD', zkey, ARGV[i + 1], ARGV[i])
+      redis.call('HSET', hkey, ARGV[i], ARGV[i + 2])
+    end
+  end
+end
+
 local replies = {}
 local pos = 8
 local committed = false
 for c = 1, ncalls do
   local token, lease, event_id, entry_id = ARGV[pos], tonumber(ARGV[pos + 1]), ARGV[pos + 2], ARGV[pos + 3]
+  local nsubjects = tonumber(ARGV[pos + 4])
+  local timed = false
+  if nsubjects < 0 then
+    nsubjects = -nsubjects
+    timed = true
+  end
   local first = nextkey
-  local last = first + tonumber(ARGV[pos + 4]) - 1
+  local last = first + nsubjects - 1
   pos = pos + 5
   nextkey = last + 1
+  if timed then
+    timed = nextkey
+    nextkey = nextkey + 2
+  end
   if event_id ~= '' and redis.call('ZSCORE', KEYS[1], event_id) then
     if entry_id ~= '' then
       redis.call('XACK', KEYS[2], group, entry_id)
@@ -230,6 +257,12 @@ for c = 1, ncalls do
     end
   end
   pos = skip(first, last, pos)
+  if timed then
+    if replies[c][1] == 1 then
+      timers(KEYS[timed], KEYS[timed + 1], pos)
+    end
+    pos = pos + 1 + 3 * tonumber(ARGV[pos])
+  end
 end
 if committed and window > 0 then
   redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', committed - window)
