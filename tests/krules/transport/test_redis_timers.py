@@ -164,3 +164,54 @@ async def test_timers_due_while_no_instance_ran_fire_on_restart_in_due_order(
         assert order == [1, 2, 3]
     finally:
         await second.stop()
+
+
+async def test_no_timer_fires_twice_or_is_lost_while_partitions_move_between_two_instances(
+    redis_server: LocalRedisServer, redis_key_prefix: str
+) -> None:
+    subjects, per_subject = 60, 10
+    fired: collections.Counter[tuple[str, str]] = collections.Counter()
+    settings = {**FAST, "partitions": 8, "partition_id": "auto"}
+
+    def instance(name: str) -> RedisModeApp:
+        app = RedisModeApp(redis_server.url, redis_key_prefix, consumer=name, **settings)
+
+        @app.on("plan")
+        async def plan(ctx: EventContext) -> None:
+            for i in range(per_subject):
+                await ctx.subject.schedule("ding", after=0.3 + i * 0.15, key=f"k{i}")
+
+        @app.on("ding")
+        async def ding(ctx: EventContext) -> None:
+            fired[ctx.subject.name, str(ctx.timer_key)] += 1
+
+        return app
+
+    first = instance("first")
+    await first.start()
+    second = instance("second")
+    try:
+        for s in range(subjects):
+            await first.emit("plan", f"device-{s}")
+
+        async def some_fired() -> bool:
+            return len(fired) >= subjects * 2
+
+        await wait_until(some_fired)
+        await second.start()  # takes a share of the partitions from the first
+
+        async def shared() -> bool:
+            return bool(second.worker.source.partitions) and len(first.worker.source.partitions) < 8
+
+        await wait_until(shared)
+        await first.stop()  # hands every partition back: the second takes them all
+
+        async def all_fired() -> bool:
+            return len(fired) == subjects * per_subject
+
+        await wait_until(all_fired, timeout=30)
+        await asyncio.sleep(0.3)
+        assert set(fired.values()) == {1}
+    finally:
+        await first.stop()
+        await second.stop()
