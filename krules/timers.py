@@ -21,6 +21,7 @@ from datetime import datetime
 from typing import Any, Final
 
 from krules.errors import TimerError
+from krules.event_types import SUBJECT_EXPIRED
 from krules.events import Event, event_from_dict
 from krules.validation import check_json
 
@@ -38,8 +39,6 @@ __all__ = [
 TIMER_EXTENSION: Final = "krulestimer"
 """The CloudEvents extension of a timer's event: the timer's key."""
 
-SUBJECT_EXPIRED: Final = "subject-expired"
-"""The event announcing a subject's expiry (payload ``{"props": ..., "ext_props": ...}``)."""
 
 EXPIRE_KEY: Final = "krules.expire"
 """The reserved timer key of a subject's expiry."""
