@@ -149,6 +149,7 @@ class RedisStreams:
         self.max_backlog = max_backlog
         self._backlog: dict[int, tuple[int, float]] = {}  # partition -> (unprocessed, measured at)
         self._full: set[int] = set()  # partitions measured at or over max_backlog
+        self._timers_pending: dict[int, int] = {}  # partition -> pending timers at its last move
 
     # -- the deployment ----------------------------------------------------------------------
 
@@ -476,6 +477,7 @@ class RedisStreams:
                     leases.lost(partition)
                 continue
             most = max(most, int(reply[1]))
+            self._timers_pending[partition] = int(reply[2])
         return most
 
     def reading(self, partition: int, fence: str) -> bool:
@@ -646,7 +648,8 @@ class RedisStreams:
 
         Returns each owned partition's figures: its lag (entries not yet delivered to the group,
         None when Redis cannot tell), its pending entries (delivered, not acknowledged), its length
-        after trimming and how many entries this upkeep trimmed."""
+        after trimming, how many entries this upkeep trimmed and its pending timers (as the last
+        move of due timers counted them)."""
         owned = self.partitions
         if not owned:
             return {}
@@ -681,8 +684,9 @@ class RedisStreams:
         if gone:  # consumers of earlier owners, with nothing pending: XINFO would list them for ever
             await self._run(partial(self._commands.execute_many, gone), "forget idle consumers")
         trimmed, lengths = await self._trim(keep, list(measured))
+        timers = self._timers_pending
         return {
-            p: PartitionFigures(lag, pending, lengths[p], trimmed.get(p, 0))
+            p: PartitionFigures(lag, pending, lengths[p], trimmed.get(p, 0), timers.get(p))
             for p, (lag, pending) in measured.items()
         }
 

@@ -59,6 +59,7 @@ from krules.dead_letters.store import entry_dead_letter, store_changes
 from krules.errors import KRulesError, LeaseLostError, StorageError, StorageUnavailableError
 from krules.events import REPLAY_SIGNATURE_EXTENSION
 from krules.partitioning import partition_of
+from krules.timers import TIMER_EXTENSION
 from krules.transport.base import HOPS_FIELD
 
 if TYPE_CHECKING:
@@ -101,6 +102,9 @@ class PartitionWorker:
         """Entries handled by this worker (turns committed, duplicates dropped, dead letters)."""
         self.partition_observers: list[Callable[[int, PartitionFigures], None]] = []
         """Called with ``(partition, figures)`` at each upkeep (e.g. to export metrics)."""
+        self.timer_lag_observers: list[Callable[[float], object]] = []
+        """Called with the seconds from a timer's due time to the start of its turn (its firing lag),
+        e.g. ``MetricsMiddleware.record_timer_lag``."""
         self.dead_letter_observers: list[Callable[[str, str], object]] = []
         """Called with ``("", reason)`` for each entry dead-lettered (the handler is "": none ran),
         e.g. ``MetricsMiddleware.record_dead_letter``."""
@@ -364,6 +368,13 @@ class PartitionWorker:
             if problem is not None:
                 await self._dead_letter(delivery, RESERVED_EXTENSION, problem)
                 return
+            if TIMER_EXTENSION in event.extensions and self.timer_lag_observers:
+                lag = self.engine.clock.now() - event.time
+                for observe in self.timer_lag_observers:
+                    try:
+                        observe(lag)
+                    except Exception:
+                        logger.exception("timer lag observer %r raised", observe)
         owner = partition_of(event.subject, self._partitions)
         if owner != delivery.partition:
             if delivery.fields.get(HOPS_FIELD):

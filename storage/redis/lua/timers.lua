@@ -12,8 +12,7 @@
 -- ARGV[3]  the most timers to move
 -- ARGV[4]  the stream entry's field for the event
 --
--- Returns {0} when the lease is not the one given; else {1, timers moved, due ms of the next
--- pending timer or false}.
+-- Returns {0} when the lease is not the one given; else {1, timers moved, timers still pending}.
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then
   return { 0 }
 end
@@ -26,5 +25,4 @@ for _, member in ipairs(due) do
   end
   redis.call('ZREM', KEYS[2], member)
 end
-local next_due = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
-return { 1, #due, next_due[2] or false }
+return { 1, #due, redis.call('ZCARD', KEYS[2]) }

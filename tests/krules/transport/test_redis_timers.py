@@ -215,3 +215,34 @@ async def test_no_timer_fires_twice_or_is_lost_while_partitions_move_between_two
     finally:
         await first.stop()
         await second.stop()
+
+
+async def test_metrics_count_each_firing_lag_and_the_pending_timers(
+    redis_server: LocalRedisServer, redis_key_prefix: str
+) -> None:
+    app = RedisModeApp(redis_server.url, redis_key_prefix, middleware=True, partitions=1, **FAST)
+    fired: list[str] = []
+
+    @app.on("plan")
+    async def plan(ctx: EventContext) -> None:
+        await ctx.subject.schedule("soon", after=0.05, key="soon")
+        await ctx.subject.schedule("later", after=3600, key="later")
+
+    @app.on("soon")
+    async def soon(ctx: EventContext) -> None:
+        fired.append(ctx.subject.name)
+
+    registry = app.instance.chain.metrics.registry
+    await app.start()
+    try:
+        await app.emit("plan", "s")
+
+        async def counted() -> bool:
+            return registry.get_sample_value("krules_timers_pending", {"partition": "0"}) == 1.0 and bool(
+                fired
+            )
+
+        await wait_until(counted)
+        assert registry.get_sample_value("krules_timer_lag_seconds_count") == 1.0
+    finally:
+        await app.stop()
