@@ -485,8 +485,12 @@ class Engine:
         self, event: Event, turn: Turn, subject: Subject | None, extra: dict[str, Any] | None
     ) -> None:
         """A subject's expiry came (:meth:`Subject.expire`): announce it with the subject's last
-        properties, then delete them with the turn."""
+        properties, then delete them with the turn.  An expiry set again after this one came due
+        (a turn ran between its move into the stream and now) wins: nothing happens."""
         subject = subject or turn.subject(event.subject)
+        if any(timer["key"] == EXPIRE_KEY for timer in await subject.schedules()):
+            logger.info("the expiry of subject %r was set again before it ran; it is kept", subject.name)
+            return
         props = dict(subject._props if subject._props is not None else await subject._load())
         event.data = {"props": props, "ext_props": await subject.get_ext_props()}
         await self._dispatch(event, turn, subject, extra)

@@ -560,10 +560,18 @@ class Subject:
     async def store(self) -> None:
         """Write the cached changes now (otherwise they are written when the turn ends), then drop
         the cache, as KRules does: the next read loads what is stored, other writers' values too.
+        Timers scheduled in a handler's turn stay pending until the turn commits.
 
         Inside a handler the turn keeps its view until it ends: its reads stay consistent with what
         it loaded and wrote, and the cache is dropped when the turn ends."""
         changes = self.take_changes()
+        ctx = self._engine.handler_context()
+        if changes is not None and changes.timers and ctx is not None and not ctx.turn.closed:
+            # Timers are the turn's: they are stored when it commits, not before.
+            self._pending(ctx).timers = changes.timers
+            changes.timers = None
+            if not changes:
+                changes = None
         if changes is not None:
             try:
                 await self._engine.storage.store((changes,))
@@ -571,7 +579,6 @@ class Subject:
                 self.restore_changes(changes)
                 raise
             self.stored(changes)
-        ctx = self._engine.handler_context()
         if ctx is not None and not ctx.turn.closed:
             ctx.turn.reread_after(self)
         elif self._changes is None:  # a write made while storing stays readable until it is stored

@@ -242,3 +242,42 @@ async def test_bad_timer_input_is_one_clear_error_at_the_call_and_schedules_noth
 async def test_scheduling_outside_a_handler_is_refused(krules_app: KRulesTestApp) -> None:
     with pytest.raises(TimerError, match="only be scheduled by a handler"):
         await krules_app.subject("s").schedule("later", after=1)
+
+
+async def test_an_expiry_set_again_after_the_old_one_came_due_keeps_the_subject(
+    krules_app: KRulesTestApp,
+) -> None:
+    @krules_app.on("touch")
+    async def touch(ctx: EventContext) -> None:
+        await ctx.subject.set("n", lambda n: (n or 0) + 1)
+        await ctx.subject.expire(after=100)
+
+    storage: Any = krules_app.storage
+    await krules_app.emit("touch", "s")
+    krules_app.clock.advance(100)
+    [due] = await storage.take_due_timers(krules_app.clock.now())  # on its way, as in a stream
+    await krules_app.emit("touch", "s")  # a turn in between sets the expiry again
+    await krules_app.engine.process(due.event)
+
+    assert await krules_app.stored("s") == {"n": 2}
+    assert SUBJECT_EXPIRED not in krules_app.recorder.types()
+    assert await krules_app.advance(100) == 1
+    assert await krules_app.storage.load("s") == ({}, {})
+
+
+async def test_a_store_in_the_handler_leaves_the_timers_to_the_turns_commit() -> None:
+    storage = _FailingStorage()
+    async with KRulesTestApp(storage=storage) as app:
+
+        @app.on("go")
+        async def go(ctx: EventContext) -> None:
+            await ctx.subject.set("a", 1)
+            await ctx.subject.schedule("later", after=1)
+            await ctx.subject.store()  # writes "a" now, not the timer
+            assert await storage.timers("s") == []
+            storage.failing = True  # the turn's own commit fails
+
+        with pytest.raises(StorageUnavailableError):
+            await app.emit("go", "s")
+        assert await app.stored("s") == {"a": 1}
+        assert await app.advance(10) == 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+from collections.abc import Callable
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -20,14 +21,14 @@ FAST: dict[str, Any] = {"timer_poll_ms": 10, "lease_ms": 2000, "lease_renew_ms":
 async def test_many_timers_over_many_subjects_each_fire_exactly_once(
     redis_server: LocalRedisServer, redis_key_prefix: str, raw: aioredis.Redis
 ) -> None:
-    subjects, per_subject = 200, 10  # 2,000 timers, due within about a second
+    subjects, per_subject = 1_000, 10  # 10,000 timers, due within about a second
     app = RedisModeApp(redis_server.url, redis_key_prefix, partitions=4, **FAST)
     fired: collections.Counter[tuple[str, str]] = collections.Counter()
 
     @app.on("plan")
     async def plan(ctx: EventContext) -> None:
         for i in range(per_subject):
-            await ctx.subject.schedule("ding", after=0.2 + i * 0.08, key=f"k{i}", payload={"i": i})
+            await ctx.subject.schedule("ding", after=1.0 + i * 0.08, key=f"k{i}", payload={"i": i})
 
     @app.on("ding")
     async def ding(ctx: EventContext) -> None:
@@ -244,5 +245,78 @@ async def test_metrics_count_each_firing_lag_and_the_pending_timers(
 
         await wait_until(counted)
         assert registry.get_sample_value("krules_timer_lag_seconds_count") == 1.0
+    finally:
+        await app.stop()
+
+
+async def test_pending_timers_survive_a_redis_restart_with_an_append_only_file(
+    redis_server_factory: Callable[..., LocalRedisServer], redis_key_prefix: str
+) -> None:
+    server = redis_server_factory(persistent=True)
+    first = RedisModeApp(server.url, redis_key_prefix, partitions=2, **FAST)
+
+    @first.on("plan")
+    async def plan(ctx: EventContext) -> None:
+        await ctx.subject.schedule("ding", after=0.5, key="k")
+
+    await first.start()
+    for s in range(20):
+        await first.emit("plan", f"s-{s}")
+
+    async def scheduled() -> bool:
+        return len(await first.storage.all_timers()) == 20
+
+    await wait_until(scheduled)
+    await first.stop()
+    server.restart(kill=True)  # a crash of Redis itself: only the append-only file is left
+
+    second = RedisModeApp(server.url, redis_key_prefix, partitions=2, **FAST)
+    fired: collections.Counter[str] = collections.Counter()
+
+    @second.on("ding")
+    async def ding(ctx: EventContext) -> None:
+        fired[ctx.subject.name] += 1
+
+    await second.start()
+    try:
+
+        async def all_fired() -> bool:
+            return len(fired) == 20
+
+        await wait_until(all_fired)
+        await asyncio.sleep(0.2)
+        assert set(fired.values()) == {1}
+    finally:
+        await second.stop()
+
+
+async def test_a_timer_scheduled_for_a_subject_of_another_partition_fires_there(
+    redis_server: LocalRedisServer, redis_key_prefix: str
+) -> None:
+    app = RedisModeApp(redis_server.url, redis_key_prefix, partitions=4, **FAST)
+    keys = app.storage.keys
+    here = "order-1"
+    there = next(
+        n for n in (f"customer-{i}" for i in range(100)) if keys.partition(n) != keys.partition(here)
+    )
+    fired: list[tuple[str, Any]] = []
+
+    @app.on("order.placed")
+    async def placed(ctx: EventContext) -> None:
+        await ctx.turn.subject(there).schedule("customer.remind", after=0.1, payload={"order": here})
+
+    @app.on("customer.remind")
+    async def remind(ctx: EventContext) -> None:
+        fired.append((ctx.subject.name, ctx.payload))
+
+    await app.start()
+    try:
+        await app.emit("order.placed", here)
+
+        async def reminded() -> bool:
+            return bool(fired)
+
+        await wait_until(reminded)
+        assert fired == [(there, {"order": here})]
     finally:
         await app.stop()
