@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from pathlib import Path
 
 import pytest
 
@@ -12,9 +13,7 @@ from krules.testing.redis_server import LocalRedisServer
 from krules.timers import TIMER_EXTENSION, Timer
 from storage.base import SubjectChanges
 from storage.redis import create_redis_storage
-from tests.krules.cli.test_cli import assert_one_error_line, krules, krules_env
-
-pytestmark = pytest.mark.redis_server
+from tests.krules.cli.test_cli import KRulesProcess, assert_one_error_line, krules, krules_env
 
 
 def schedule(url: str, prefix: str, *timers: tuple[str, str, float]) -> None:
@@ -42,6 +41,7 @@ def schedule(url: str, prefix: str, *timers: tuple[str, str, float]) -> None:
     asyncio.run(store())
 
 
+@pytest.mark.redis_server
 def test_timers_list_shows_pending_timers_soonest_first_and_cancel_removes_one(
     redis_server: LocalRedisServer, redis_key_prefix: str
 ) -> None:
@@ -67,8 +67,37 @@ def test_timers_list_shows_pending_timers_soonest_first_and_cancel_removes_one(
     assert "has no pending timer 'payment'" in assert_one_error_line(again, 1)
 
 
+@pytest.mark.redis_server
 def test_a_bad_due_before_is_one_usage_error(redis_server: LocalRedisServer, redis_key_prefix: str) -> None:
     env = krules_env(KRULES_REDIS_URL=redis_server.url, KRULES_KEY_PREFIX=redis_key_prefix)
     assert "is not a time" in assert_one_error_line(
         krules("timers", "list", "--due-before", "soon", env=env), 2
     )
+
+
+EMBEDDED_RULES = """
+import logging
+from krules import on
+
+@on("remind.me")
+async def remind_me(ctx):
+    await ctx.subject.schedule("reminder", after=0.2)
+
+@on("reminder")
+async def reminder(ctx):
+    logging.getLogger("reminders").warning("reminder fired for %s", ctx.subject.name)
+"""
+
+
+def test_an_embedded_instance_fires_its_timers_and_stops_cleanly(tmp_path: Path) -> None:
+    rules = tmp_path / "reminder_rules.py"
+    rules.write_text(EMBEDDED_RULES)
+    child = KRulesProcess(str(rules), "--port", "0", env=krules_env())
+    try:
+        url = child.serving_url()
+        emitted = krules("emit", "remind.me", "user-1", "--url", url)
+        assert emitted.returncode == 0, emitted.stderr
+        child.wait_for("reminder fired for user-1")
+        assert child.terminate() == 0, child.log
+    finally:
+        child.close()
