@@ -1,7 +1,9 @@
 """Subjects: named, stateful entities whose property changes are events.
 
-One class of about 460 lines, kept whole: the KRules subject API (properties and extended
-properties, each with get/set/delete/has) shares one cache and one set of pending writes.
+One class of about 570 lines, kept whole: the KRules subject API (properties and extended
+properties, each with get/set/delete/has) and the subject's timers (``schedule``,
+``cancel_schedule``, ``schedules``, ``expire``; what a timer is: :mod:`krules.timers`) share one
+cache and one set of pending writes, so timers are stored with the turn's writes.
 
 A subject loads its properties from storage on first use and then serves reads from its cache,
 until ``store()`` drops it (at the end of the turn, when called from a handler), as in KRules.
