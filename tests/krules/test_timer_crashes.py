@@ -81,3 +81,63 @@ def test_an_instance_killed_while_timers_come_due_leaves_each_to_fire_once_in_or
     assert {s: fired(s) for s in subjects} == dict.fromkeys(subjects, expected)
     assert deployment.dead_letters() == 0
     assert_clean_exit(survivor)
+
+
+def test_timers_of_a_killed_instances_partitions_fire_once_at_the_instance_that_takes_them_over(
+    redis_server: LocalRedisServer,
+    redis_key_prefix: str,
+    deployment_factory: Callable[..., Deployment],
+    start_instance: Callable[[dict[str, str], Path], Instance],
+) -> None:
+    deployment = deployment_factory(redis_server.url, redis_key_prefix, 8)
+
+    def start(name: str) -> Instance:
+        env = instance_env(
+            redis_server.url,
+            redis_key_prefix,
+            partitions=8,
+            partition_id="auto",
+            consumer=name,
+            **SHORT_LEASE,
+        )
+        instance = start_instance(env, RULES)
+        instance.wait_reading()
+        return instance
+
+    victim, survivor = start("victim"), start("survivor")
+    wait_until(
+        lambda: set(deployment.owners().values()) == {"victim", "survivor"},
+        FINISH_TIMEOUT,
+        "both instances owning partitions",
+        deployment.describe,
+    )
+    subjects = [f"device-{n}" for n in range(SUBJECTS)]
+    deployment.emit(
+        [
+            {"type": "timers.plan", "subject": s, "data": {"start": 0.5, "spacing": 0.1, "count": TIMERS}}
+            for s in subjects
+        ]
+    )
+    wait_until(
+        lambda: deployment.committed_total() >= SUBJECTS + 200,
+        FINISH_TIMEOUT,
+        "200 timers fired",
+        deployment.describe,
+    )
+    victim.kill()
+    assert deployment.committed_total() < SUBJECTS * (1 + TIMERS), "every timer fired before the kill"
+
+    def fired(subject: str) -> list[str]:
+        return deployment.prop(subject, "fired") or []
+
+    wait_until(
+        lambda: sum(len(fired(s)) for s in subjects) >= SUBJECTS * TIMERS,
+        FINISH_TIMEOUT,
+        "every timer fired",
+        lambda: f"{deployment.describe()}\n{survivor.describe()}",
+    )
+    wait_finished(deployment, survivor)
+    assert set(deployment.owners().values()) == {"survivor"}
+    expected = [f"k{i}" for i in range(TIMERS)]
+    assert {s: fired(s) for s in subjects} == dict.fromkeys(subjects, expected)
+    assert_clean_exit(survivor)
