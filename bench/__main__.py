@@ -7,7 +7,13 @@ import subprocess
 import sys
 
 MEMORY = ["bench.order_cascade", "bench.dispatch_cost", "bench.middleware_overhead", "bench.default_chain"]
-REDIS = ["bench.redis_orders", "bench.redis_increments", "bench.stream_orders", "bench.stream_scaleout"]
+REDIS = [
+    "bench.redis_orders",
+    "bench.redis_increments",
+    "bench.stream_orders",
+    "bench.stream_scaleout",
+    "bench.timers",
+]
 
 
 def main() -> int:

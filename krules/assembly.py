@@ -175,6 +175,7 @@ def assemble(
         if metrics is not None:
             worker.partition_observers.append(_partition_exporter(metrics))
             worker.dead_letter_observers.append(metrics.record_dead_letter)
+            worker.timer_lag_observers.append(metrics.record_timer_lag)
             leases = getattr(worker.source, "leases", None)  # a transport whose partitions are leased
             if leases is not None:
                 leases.observers.append(_ownership_exporter(metrics, leases))
@@ -240,6 +241,8 @@ def _partition_exporter(metrics: Any) -> Callable[[int, PartitionFigures], None]
             metrics.record_stream_length(partition, figures.length)
         if figures.trimmed:
             metrics.record_stream_trimmed(partition, figures.trimmed)
+        if figures.timers is not None:
+            metrics.record_timers_pending(partition, figures.timers)
 
     return export
 

@@ -62,14 +62,17 @@ Change = str | _Delete | Update
 
 @dataclass(slots=True)
 class SubjectChanges:
-    """The pending writes of one subject: ordinary and extended properties, keyed by name."""
+    """The pending writes of one subject: ordinary and extended properties, keyed by name, and
+    its timer changes (``timers``: key -> a :class:`~krules.timers.Timer` to schedule, replacing
+    any of that key, or :data:`~krules.timers.CANCEL`; None, the usual case, for none)."""
 
     name: str
     props: dict[str, Change] = field(default_factory=dict)
     ext: dict[str, Change] = field(default_factory=dict)
+    timers: dict[str, Any] | None = None
 
     def __bool__(self) -> bool:
-        return bool(self.props or self.ext)
+        return bool(self.props or self.ext or self.timers)
 
 
 _encoder = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":"))

@@ -228,6 +228,7 @@ class Settings(EnvSettings):
     stream_batch: int = setting(100, integer(1, 10_000))
     stream_block_ms: int = setting(1000, integer(1, 60_000))
     claim_idle_ms: int = setting(30_000, integer(100))
+    timer_poll_ms: int = setting(20, integer(1, 60_000))
     max_deliveries: int = setting(5, integer(1))
     dedupe_window: int = setting(3600, integer(1))
     max_stream_backlog: int = setting(100_000, integer(1))

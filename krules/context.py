@@ -108,6 +108,13 @@ class EventContext:
         return self._event.data.get("value") if self._event.type in _PROPERTY_EVENTS else None
 
     @property
+    def timer_key(self) -> str | None:
+        """For an event a timer fired: the timer's key (``schedule(..., key=)``); None otherwise."""
+        extensions = self._event.extensions
+        key = extensions.get("krulestimer") if extensions is not None else None  # krules.timers'
+        return key if isinstance(key, str) else None
+
+    @property
     def handler_name(self) -> str:
         """Dotted name of the handler this context belongs to."""
         return self.rule.name

@@ -51,6 +51,7 @@ from krules.events import (
 )
 from krules.partitioning import partition_of
 from krules.subject import Subject
+from krules.timers import EXPIRE_KEY, SUBJECT_EXPIRED, TIMER_EXTENSION
 from krules.turn import HandlerFailure, Turn
 from krules.validation import check_json, check_payload, split_emit_keywords
 
@@ -350,6 +351,12 @@ class Engine:
                     turn.adopt(subject)
                 if event.extensions and REPLAY_EXTENSION in event.extensions:
                     await self._replay(event, turn, subject, extra, str(event.extensions[REPLAY_EXTENSION]))
+                elif (
+                    event.extensions
+                    and event.type == SUBJECT_EXPIRED
+                    and event.extensions.get(TIMER_EXTENSION) == EXPIRE_KEY
+                ):
+                    await self._expire(event, turn, subject, extra)
                 else:
                     await self._dispatch(event, turn, subject, extra)
                 taken = turn.close()
@@ -473,6 +480,49 @@ class Engine:
             rule = self.registry.stand_in(handler)
         ctx = EventContext(self, turn, event, subject or turn.subject(event.subject), rule, extra)
         await self._run(ctx, rule.sync_filters)  # as before: a replay's sync filters are not applied
+
+    async def _expire(
+        self, event: Event, turn: Turn, subject: Subject | None, extra: dict[str, Any] | None
+    ) -> None:
+        """A subject's expiry came (:meth:`Subject.expire`): announce it with the subject's last
+        properties, then delete them with the turn.  An expiry set again after this one came due
+        (a turn ran between its move into the stream and now) wins: nothing happens."""
+        subject = subject or turn.subject(event.subject)
+        if any(timer["key"] == EXPIRE_KEY for timer in await subject.schedules()):
+            logger.info("the expiry of subject %r was set again before it ran; it is kept", subject.name)
+            return
+        props = dict(subject._props if subject._props is not None else await subject._load())
+        event.data = {"props": props, "ext_props": await subject.get_ext_props()}
+        await self._dispatch(event, turn, subject, extra)
+        await subject.erase()
+
+    async def fire_due_timers(self, limit: int = 1000) -> int:
+        """Embedded mode: run the timers of the storage due by now, each as a root event of its
+        subject (in due order per subject); return how many fired.  A storage keeping no timers,
+        or whose owner moves them into streams (Redis mode), has none to give."""
+        take = getattr(self.storage, "take_due_timers", None)
+        if take is None:
+            return 0
+        due = await take(self._now(), limit)
+        if not due:
+            return 0
+        turns = [asyncio.ensure_future(self.process(timer.event)) for timer in due]
+        for timer, outcome in zip(due, await asyncio.gather(*turns, return_exceptions=True), strict=True):
+            if isinstance(outcome, BaseException):
+                logger.error("timer %r of subject %r failed to fire: %s", timer.key, timer.subject, outcome)
+        return len(due)
+
+    async def run_timers(self, every: float | None = None) -> None:
+        """Embedded mode: fire due timers every ``every`` seconds (``KRULES_TIMER_POLL_MS``), until
+        cancelled."""
+        every = self.settings.timer_poll_ms / 1000 if every is None else every
+        while True:
+            try:
+                while await self.fire_due_timers() and not self._closed:
+                    pass
+            except Exception:  # a bug must not stop the timers for good
+                logger.exception("firing due timers failed; trying again")
+            await asyncio.sleep(every)
 
     async def _run(self, ctx: EventContext, start: int) -> None:
         """Run one handler call whose filters before ``start`` passed (the rest still decide)."""

@@ -55,6 +55,11 @@ class TurnEndedError(KRulesError):
     """Raised when background work writes a subject or emits an event after its turn was stored."""
 
 
+class TimerError(KRulesError, ValueError):
+    """Raised when a timer cannot be scheduled as asked (bad ``after``/``at``, key, payload, or no
+    turn to carry it); nothing is scheduled."""
+
+
 class StorageError(KRulesError):
     """Raised when the subject storage fails; the turn's writes are not applied."""
 

@@ -7,6 +7,9 @@ from typing import Final
 SUBJECT_PROPERTY_CHANGED: Final = "subject-property-changed"
 SUBJECT_PROPERTY_DELETED: Final = "subject-property-deleted"
 SUBJECT_DELETED: Final = "subject-deleted"
+SUBJECT_EXPIRED: Final = "subject-expired"
+"""A subject's expiry came (``subject.expire``): payload ``{"props": ..., "ext_props": ...}``, its
+last properties; the subject is deleted once the handlers ran."""
 
 # KRules-style CamelCase aliases, so ported rule modules keep working.
 SubjectPropertyChanged: Final = SUBJECT_PROPERTY_CHANGED
@@ -20,6 +23,7 @@ SubjectFlushed: Final = SUBJECT_DELETED
 
 __all__ = [
     "SUBJECT_DELETED",
+    "SUBJECT_EXPIRED",
     "SUBJECT_FLUSHED",
     "SUBJECT_PROPERTY_CHANGED",
     "SUBJECT_PROPERTY_DELETED",

@@ -1,7 +1,9 @@
 """Subjects: named, stateful entities whose property changes are events.
 
-One class of about 460 lines, kept whole: the KRules subject API (properties and extended
-properties, each with get/set/delete/has) shares one cache and one set of pending writes.
+One class of about 570 lines, kept whole: the KRules subject API (properties and extended
+properties, each with get/set/delete/has) and the subject's timers (``schedule``,
+``cancel_schedule``, ``schedules``, ``expire``; what a timer is: :mod:`krules.timers`) share one
+cache and one set of pending writes, so timers are stored with the turn's writes.
 
 A subject loads its properties from storage on first use and then serves reads from its cache,
 until ``store()`` drops it (at the end of the turn, when called from a handler), as in KRules.
@@ -27,9 +29,10 @@ from typing import TYPE_CHECKING, Any, Final
 
 from krules.changes import DELETE, Change, SubjectChanges, Update, decode, encode
 from krules.context import _current
-from krules.errors import ConfigurationError, TurnEndedError
+from krules.errors import ConfigurationError, TimerError, TurnEndedError
 from krules.event_types import SUBJECT_DELETED, SUBJECT_PROPERTY_CHANGED, SUBJECT_PROPERTY_DELETED
 from krules.properties import PayloadConst, PropertyType
+from krules.timers import CANCEL, EXPIRE_KEY, SUBJECT_EXPIRED, Timer, check_key, due_time, new_timer
 
 if TYPE_CHECKING:
     from krules.context import EventContext
@@ -178,6 +181,8 @@ class Subject:
         if newer is None:
             self._changes = changes
             return
+        if changes.timers:
+            newer.timers = {**changes.timers, **(newer.timers or {})}
         for older_section, newer_section in ((changes.props, newer.props), (changes.ext, newer.ext)):
             for prop, older in older_section.items():
                 change = newer_section.get(prop)
@@ -441,6 +446,106 @@ class Subject:
             await self._load()
         return dict(self._ext)
 
+    # -- timers (krules.timers) ----------------------------------------------------------------
+    async def schedule(
+        self,
+        event_type: str,
+        after: float | None = None,
+        at: Any = None,
+        payload: dict[str, Any] | None = None,
+        key: str | None = None,
+    ) -> dict[str, Any]:
+        """Schedule ``event_type`` for this subject ``after`` seconds from now or ``at`` an aware
+        datetime, with ``payload``; return what is scheduled.
+
+        ``key`` (default: the event type) is unique per subject: scheduling it again replaces the
+        timer.  The timer is stored with the turn (so only if the turn commits); when due, it is an
+        ordinary event for this subject, with the extension ``krulestimer`` naming the key
+        (``ctx.timer_key``).  Bad input, or no turn to carry it: TimerError, nothing scheduled."""
+        key = check_key(event_type if key is None else key)
+        if key == EXPIRE_KEY:
+            raise TimerError(f"The timer key {key!r} is reserved for expire(); choose another key.")
+        return self._schedule(event_type, after, at, payload, key).describe()
+
+    def _schedule(self, event_type: str, after: Any, at: Any, payload: Any, key: str) -> Timer:
+        engine = self._engine
+        ctx = self._turn_context("scheduled")
+        timer = new_timer(
+            event_type,
+            self.name,
+            payload,
+            key,
+            due_time(engine.clock.now(), after, at),
+            ctx.turn.root.id,
+            engine._source,
+        )
+        self._timer_change(ctx, key, timer)
+        return timer
+
+    async def cancel_schedule(self, key: str) -> None:
+        """Cancel this subject's pending timer ``key`` (nothing when there is none), with the turn."""
+        self._timer_change(self._turn_context("cancelled"), check_key(key), CANCEL)
+
+    async def schedules(self) -> list[dict[str, Any]]:
+        """This subject's pending timers (with the ones this turn scheduled or cancelled), by due time."""
+        listed = self._timer_storage()
+        pending = {t.key: t for t in await listed(self.name)}
+        changes = self._changes
+        if changes is not None and changes.timers:
+            for key, change in changes.timers.items():
+                if change is CANCEL:
+                    pending.pop(key, None)
+                else:
+                    pending[key] = change
+        return [t.describe() for t in sorted(pending.values(), key=lambda t: (t.due, t.key))]
+
+    async def expire(self, after: float | None = None, at: Any = None) -> None:
+        """Delete this subject ``after`` seconds from now (or ``at`` an aware datetime), announced by a
+        ``subject-expired`` event carrying its last properties; ``expire(None)`` clears the expiry.
+
+        The expiry is a timer stored with the turn: calling ``expire`` again resets it, and writes to
+        the subject keep it as it is (call ``expire`` in the rule that writes for a sliding expiry)."""
+        if after is None and at is None:
+            self._timer_change(self._turn_context("cleared"), EXPIRE_KEY, CANCEL)
+            return
+        self._schedule(SUBJECT_EXPIRED, after, at, None, EXPIRE_KEY)
+
+    def _turn_context(self, what: str) -> EventContext:
+        ctx = self._engine.handler_context()
+        if ctx is None:
+            raise TimerError(
+                f"A timer of subject {self.name!r} can only be {what} by a handler (it is stored with "
+                "the handler's turn); emit an event and schedule from its rule."
+            )
+        self._timer_storage()
+        return ctx
+
+    def _timer_storage(self) -> Callable[[str], Any]:
+        listed = getattr(self._engine.storage, "timers", None)
+        if listed is None:
+            raise TimerError(
+                f"The subject storage {self._engine.storage!r} keeps no timers; use the memory or the "
+                "Redis storage."
+            )
+        return listed  # type: ignore[no-any-return]
+
+    def _timer_change(self, ctx: EventContext, key: str, change: Any) -> None:
+        changes = self._pending(ctx)
+        if changes.timers is None:
+            changes.timers = {}
+        changes.timers[key] = change
+
+    async def erase(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Delete every property and extended property with the turn, firing no event (what expiry
+        does after announcing it); return what they were."""
+        props = dict(self._props if self._props is not None else await self._load())
+        ext = dict(self._ext)
+        changes = self._pending(self._engine.handler_context())
+        changes.props.update(dict.fromkeys(props, DELETE))
+        changes.ext.update(dict.fromkeys(ext, DELETE))
+        self._props, self._ext = {}, {}
+        return props, ext
+
     # -- whole subject -----------------------------------------------------------------------
     async def dict(self, use_cache: bool | None = None) -> dict[str, Any]:
         """``{"name": ..., <properties>..., "ext": {<extended properties>}}``."""
@@ -457,10 +562,18 @@ class Subject:
     async def store(self) -> None:
         """Write the cached changes now (otherwise they are written when the turn ends), then drop
         the cache, as KRules does: the next read loads what is stored, other writers' values too.
+        Timers scheduled in a handler's turn stay pending until the turn commits.
 
         Inside a handler the turn keeps its view until it ends: its reads stay consistent with what
         it loaded and wrote, and the cache is dropped when the turn ends."""
         changes = self.take_changes()
+        ctx = self._engine.handler_context()
+        if changes is not None and changes.timers and ctx is not None and not ctx.turn.closed:
+            # Timers are the turn's: they are stored when it commits, not before.
+            self._pending(ctx).timers = changes.timers
+            changes.timers = None
+            if not changes:
+                changes = None
         if changes is not None:
             try:
                 await self._engine.storage.store((changes,))
@@ -468,7 +581,6 @@ class Subject:
                 self.restore_changes(changes)
                 raise
             self.stored(changes)
-        ctx = self._engine.handler_context()
         if ctx is not None and not ctx.turn.closed:
             ctx.turn.reread_after(self)
         elif self._changes is None:  # a write made while storing stays readable until it is stored

@@ -40,6 +40,10 @@ and tests never collide); ``registry=`` injects one.  Metrics:
   renewed them, e.g. paused or cut off from Redis, or found taken): the turns it had under way for
   those partitions were not committed and their new owner runs them
   (:meth:`MetricsMiddleware.record_lease_lost`).
+- ``krules_timers_pending{partition}``: timers pending in an owned partition, at each upkeep
+  (:meth:`MetricsMiddleware.record_timers_pending`).
+- ``krules_timer_lag_seconds``: histogram of timer firing lags, from a timer's due time to the start
+  of its turn, buckets from 5 ms to 60 s (:meth:`MetricsMiddleware.record_timer_lag`).
 
 Register it before (outside) the retry middleware: it then counts one call per event and handler,
 with the final attempt count; inside it, every attempt would count as a call and the retries
@@ -62,7 +66,14 @@ from fnmatch import fnmatchcase
 from time import perf_counter, time
 from typing import TYPE_CHECKING, Final
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -114,6 +125,7 @@ CIRCUIT_STATES: Final = {"closed": 0, "half-open": 1, "half_open": 1, "open": 2}
 """Circuit breaker state -> value of the ``krules_circuit_state`` gauge."""
 
 HANDOVER_DIRECTIONS: Final = ("acquired", "released")
+TIMER_LAG_BUCKETS: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 """The ``direction`` labels of ``krules_partition_handovers_total``."""
 
 OTHER_EVENT_TYPE: Final = "other"
@@ -223,6 +235,18 @@ class MetricsMiddleware(Observer):
             self.partition_leases_lost = Counter(
                 "krules_partition_leases_lost",
                 "Partition leases this instance lost (expired or taken) instead of handing them back",
+                registry=registry,
+            )
+            self.timers_pending = Gauge(
+                "krules_timers_pending",
+                "Timers pending in a partition this instance owns, per partition",
+                ["partition"],
+                registry=registry,
+            )
+            self.timer_lag = Histogram(
+                "krules_timer_lag_seconds",
+                "Seconds from a timer's due time to the start of its turn",
+                buckets=TIMER_LAG_BUCKETS,
                 registry=registry,
             )
         except ValueError as exc:  # "Duplicated timeseries in CollectorRegistry"
@@ -345,6 +369,14 @@ class MetricsMiddleware(Observer):
     def record_lease_lost(self) -> None:
         """Count a partition lease this instance lost (it did not hand the partition back)."""
         self.partition_leases_lost.inc()
+
+    def record_timers_pending(self, partition: int, timers: int) -> None:
+        """Set the timers pending in ``partition``."""
+        self.timers_pending.labels(str(partition)).set(timers)
+
+    def record_timer_lag(self, seconds: float) -> None:
+        """Observe a timer's firing lag: from its due time to the start of its turn."""
+        self.timer_lag.observe(max(0.0, seconds))
 
     def __repr__(self) -> str:
         return f"MetricsMiddleware(handlers={len(self._hot.handlers)})"

@@ -15,4 +15,8 @@ emits and shows the commands to try it.
   pluggable client.
 - :mod:`rulesets.loops`: the three ways to react to property changes without looping forever
   (muted write, filter on the property name, extended property).
+- :mod:`rulesets.payment_timeouts`: a durable timer: an order not paid within 30 minutes is
+  cancelled; the payment cancels the timer in the same turn.
+- :mod:`rulesets.watchdog`: a timer reset by every heartbeat alerts on a device silent for
+  5 minutes, and subject expiry forgets a device silent for a day.
 """

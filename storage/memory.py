@@ -5,13 +5,19 @@ on both (tuples come back as lists, a set is refused when written).  Every metho
 awaiting in between reads and writes, which makes each call atomic on the event loop; callable
 updates re-apply on the stored value, so none is lost to a concurrent turn.  Nothing survives the
 process: embedded mode is at-most-once on a crash.
+
+Timers (:mod:`krules.timers`) are kept here too, per subject and key, with a heap by due time
+from which :meth:`MemoryStorage.take_due_timers` hands the due ones to the engine.
 """
 
 from __future__ import annotations
 
+import heapq
+import itertools
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from krules.timers import CANCEL, Timer
 from storage.base import DELETE, Change, SubjectChanges, Update, decode, encode
 
 __all__ = ["MemoryStorage", "create_memory_storage"]
@@ -25,6 +31,10 @@ class MemoryStorage:
 
     def __init__(self) -> None:
         self._subjects: dict[str, _Maps] = {}
+        self._timers: dict[str, dict[str, Timer]] = {}  # subject -> key -> pending timer
+        # (due, order, timer): a replaced or cancelled timer stays here until it comes up, skipped
+        self._due: list[tuple[float, int, Timer]] = []
+        self._order = itertools.count()
 
     async def load(self, name: str) -> tuple[dict[str, Any], dict[str, Any]]:
         maps = self._subjects.get(name)
@@ -55,6 +65,55 @@ class MemoryStorage:
                 self._apply(changes.ext, maps[1])
             if not maps[0] and not maps[1]:
                 del self._subjects[changes.name]
+            if changes.timers:
+                self._store_timers(changes.name, changes.timers)
+
+    def _store_timers(self, name: str, changes: dict[str, Any]) -> None:
+        pending = self._timers.setdefault(name, {})
+        for key, change in changes.items():
+            if change is CANCEL:
+                pending.pop(key, None)
+            else:
+                pending[key] = change
+                heapq.heappush(self._due, (change.due, next(self._order), change))
+        if not pending:
+            del self._timers[name]
+        if len(self._due) > 64 and len(self._due) > 2 * sum(map(len, self._timers.values())):
+            # Mostly replaced or cancelled timers: rebuild, so the heap stays bounded by the pending ones.
+            self._due = [entry for entry in self._due if self._pending(entry[2])]
+            heapq.heapify(self._due)
+
+    def _pending(self, timer: Timer) -> bool:
+        return self._timers.get(timer.subject, {}).get(timer.key) is timer
+
+    async def timers(self, name: str) -> list[Timer]:
+        """The pending timers of subject ``name``."""
+        return list(self._timers.get(name, {}).values())
+
+    async def all_timers(self) -> list[Timer]:
+        """Every pending timer, by due time."""
+        return sorted((t for p in self._timers.values() for t in p.values()), key=lambda t: t.due)
+
+    async def take_due_timers(self, now: float, limit: int = 1000) -> list[Timer]:
+        """Remove and return up to ``limit`` timers due by ``now``, in due order."""
+        due: list[Timer] = []
+        heap = self._due
+        while heap and heap[0][0] <= now and len(due) < limit:
+            timer = heapq.heappop(heap)[2]
+            if self._pending(timer):
+                pending = self._timers[timer.subject]
+                del pending[timer.key]
+                if not pending:
+                    del self._timers[timer.subject]
+                due.append(timer)
+        return due
+
+    def next_due(self) -> float | None:
+        """The due time of the next pending timer (None: none)."""
+        heap = self._due
+        while heap and not self._pending(heap[0][2]):
+            heapq.heappop(heap)
+        return heap[0][0] if heap else None
 
     @staticmethod
     def _resolve(name: str, changes: dict[str, Change], stored: dict[str, str]) -> None:

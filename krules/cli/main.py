@@ -1,7 +1,8 @@
 """The ``krules`` command line: its argument parser and :func:`main`, the console script.
 
 The commands are one module each: :mod:`~krules.cli.run`, :mod:`~krules.cli.emit`,
-:mod:`~krules.cli.subjects`, :mod:`~krules.cli.partitions` and :mod:`~krules.cli.dlq`.
+:mod:`~krules.cli.subjects`, :mod:`~krules.cli.partitions`, :mod:`~krules.cli.dlq` and
+:mod:`~krules.cli.timers`.
 
 Every mistake a user can make (a module that does not import, bad JSON, a bad ``KRULES_*`` value,
 an unreachable instance or storage) ends as one line ``krules: error: <sentence>`` on stderr and a
@@ -24,6 +25,7 @@ from krules.cli.emit import command_emit
 from krules.cli.partitions import command_partitions
 from krules.cli.run import command_run
 from krules.cli.subjects import command_subject_show
+from krules.cli.timers import add_timer_commands
 from krules.errors import ConfigurationError, EventFormatError, KRulesError, RuleModuleError
 
 __all__ = ["main"]
@@ -112,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     partitions_cmd.set_defaults(handler=command_partitions)
 
     add_dlq_commands(commands)
+    add_timer_commands(commands)
     return parser
 
 
@@ -132,12 +135,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         if handler is None:
             if args.command == "subject":
                 raise UsageError("Missing subject command; use 'krules subject show NAME'.")
+            if args.command == "timers":
+                raise UsageError("Missing timers command; use 'krules timers list' or 'cancel SUBJECT KEY'.")
             if args.command == "dlq":
                 raise UsageError(
                     "Missing dlq command; use 'krules dlq list', 'show ID', 'replay ID' or 'purge'."
                 )
             raise UsageError(
-                "Missing command; use one of run, emit, subject, partitions or dlq (see 'krules --help')."
+                "Missing command; use one of run, emit, subject, partitions, dlq or timers "
+                "(see 'krules --help')."
             )
         return handler(args)
     except UsageError as exc:

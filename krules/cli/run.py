@@ -115,6 +115,8 @@ def command_run(args: argparse.Namespace) -> int:
     worker = instance.worker
     if worker is not None:
         companions.append(lambda server: worker.run())
+    else:  # embedded: timers fire in this process
+        companions.append(lambda server: engine.run_timers())
     if args.demo:
         engine.event_observers.append(log_event)
         companions.append(lambda server: feed_demo(engine, server))

@@ -35,6 +35,7 @@ from krules.events import (
     REPLAY_SIGNATURE_EXTENSION,
     Event,
 )
+from krules.timers import TIMER_EXTENSION
 from krules.validation import RESERVED_PREFIX
 
 __all__ = ["entry_problem", "new_replay_key", "sign_replay"]
@@ -70,11 +71,18 @@ def entry_problem(event: Event, key: str | None) -> str | None:
     reserved = [name for name in extensions if name.startswith(RESERVED_PREFIX)]
     if not reserved:
         return None
+    if TIMER_EXTENSION in extensions:  # a due timer the partition's owner moved into the stream
+        if not isinstance(extensions[TIMER_EXTENSION], str):
+            return f"Event {event.id!r} carries a {TIMER_EXTENSION} extension that is not a timer key."
+        reserved.remove(TIMER_EXTENSION)
+        if not reserved:
+            return None
     unknown = [name for name in reserved if name not in _REPLAY_PARTS]
     if unknown:
         return (
             f"Event {event.id!r} carries the extension {unknown[0]!r}; extensions named {RESERVED_PREFIX}* "
-            f"are the krules engine's own (only {DEPTH_EXTENSION} and a signed replay may be in a stream)."
+            f"are the krules engine's own (only {DEPTH_EXTENSION}, {TIMER_EXTENSION} and a signed replay "
+            "may be in a stream)."
         )
     handler = extensions.get(REPLAY_EXTENSION)
     dead_letter = extensions.get(DEAD_LETTER_EXTENSION)

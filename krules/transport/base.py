@@ -141,6 +141,8 @@ class PartitionFigures(NamedTuple):
     """Entries in the stream after trimming (None when the source keeps no such thing)."""
     trimmed: int = 0
     """Entries removed by this upkeep (all processed: trimming stops at the oldest one still needed)."""
+    timers: int | None = None
+    """Timers pending in the partition, as its last move of due timers counted them (None: unknown)."""
 
 
 class PartitionSource(Protocol):

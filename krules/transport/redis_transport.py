@@ -32,6 +32,9 @@ What an instance does, per partition it owns:
   event re-sent by a re-run turn, a client retry), acknowledging them;
 * :meth:`~RedisStreams.reclaim`: claim back its own entries idle longer than ``claim_idle_ms`` (a
   turn whose commit kept failing), with their delivery counts from ``XPENDING``;
+* :meth:`~RedisStreams.move_due_timers` (every ``KRULES_TIMER_POLL_MS``): append the partition's
+  due timers to its stream and remove them, in due order, in one fenced script (``lua/timers.lua``),
+  so each due timer reaches the stream exactly once, and its turn commits like any entry's;
 * :meth:`~RedisStreams.forward` appends an entry that belongs to another partition there, marked
   ``hops=1``, and acknowledges it (an entry the worker will not process becomes a dead-letter
   subject, committed with its ack through the storage: see :mod:`krules.transport.worker`);
@@ -145,13 +148,16 @@ class RedisStreams:
         self._cursors: dict[int, str] = {}  # "0": own pending entries first; ">": new ones
         self._owned_changed = asyncio.Event()
         self._ready: set[int] = set()  # owned partitions whose takeover is done: those are read
-        self._scripts = {name: storage.script(name) for name in ("read", "claim", "reclaim", "append")}
+        self._scripts = {
+            name: storage.script(name) for name in ("read", "claim", "reclaim", "append", "timers")
+        }
         self._count_checked = count_checked
         self.max_backlog = max_backlog
         self._backlog: dict[int, tuple[int, float]] = {}  # partition -> (unprocessed, measured at)
         self._full: set[int] = set()  # partitions measured at or over max_backlog
         self.failing: str | None = None
         """Why the last read of the owned partitions failed (None: it did not)."""
+        self._timers_pending: dict[int, int] = {}  # partition -> pending timers at its last move
 
     # -- the deployment ----------------------------------------------------------------------
 
@@ -457,6 +463,42 @@ class RedisStreams:
             return []
         return await self._drop_committed(deliveries)
 
+    async def move_due_timers(self, now: float, limit: int = 1000) -> int:
+        """Move the owned partitions' timers due by ``now`` (seconds since the epoch) into their
+        streams, at most ``limit`` per partition, one script per partition in one round trip;
+        return the most moved from one partition (``limit``: more may be due)."""
+        leases, owned = self.leases, self.partitions
+        if leases is None or not owned:
+            return 0
+        keys, sha = self.keys, self._scripts["timers"].sha
+        fences = {p: leases.fence(p) for p in owned}
+        commands: list[Command] = [
+            (
+                "EVALSHA",
+                sha,
+                4,
+                keys.lease(p),
+                keys.timers(p),
+                keys.timer_records(p),
+                keys.stream(p),
+                fences[p],
+                int(now * 1000),
+                limit,
+                ENTRY_FIELD,
+            )
+            for p in owned
+        ]
+        replies = await self._run(partial(self._commands.execute_many, commands), "move the due timers")
+        most = 0
+        for partition, reply in zip(owned, replies, strict=True):
+            if int(reply[0]) != 1:
+                if self.reading(partition, fences[partition]):
+                    leases.lost(partition)
+                continue
+            most = max(most, int(reply[1]))
+            self._timers_pending[partition] = int(reply[2])
+        return most
+
     def reading(self, partition: int, fence: str) -> bool:
         """Whether ``partition`` is still read under the lease ``fence``: not handed back, lost or
         taken again (with a new epoch) since a call made under that lease was sent."""
@@ -657,7 +699,8 @@ class RedisStreams:
 
         Returns each owned partition's figures: its lag (entries not yet delivered to the group,
         None when Redis cannot tell), its pending entries (delivered, not acknowledged), its length
-        after trimming and how many entries this upkeep trimmed."""
+        after trimming, how many entries this upkeep trimmed and its pending timers (as the last
+        move of due timers counted them)."""
         owned = self.partitions
         if not owned:
             return {}
@@ -692,8 +735,9 @@ class RedisStreams:
         if gone:  # consumers of earlier owners, with nothing pending: XINFO would list them for ever
             await self._run(partial(self._commands.execute_many, gone), "forget idle consumers")
         trimmed, lengths = await self._trim(keep, list(measured))
+        timers = self._timers_pending
         return {
-            p: PartitionFigures(lag, pending, lengths[p], trimmed.get(p, 0))
+            p: PartitionFigures(lag, pending, lengths[p], trimmed.get(p, 0), timers.get(p))
             for p, (lag, pending) in measured.items()
         }
 

@@ -30,6 +30,8 @@ writes of the entry's partition in one script; its writes to other partitions (t
 subject and the index usually live elsewhere) are stored just before and are idempotent, so a crash
 in between only means the entry is taken again and the same dead letter rewritten.
 
+A timer task moves the owned partitions' due timers into their streams every
+``KRULES_TIMER_POLL_MS`` (:mod:`krules.timers`): from there they are entries like any other.
 A maintenance task reclaims entries left idle longer than ``KRULES_CLAIM_IDLE_MS`` and keeps the
 streams trimmed.  Another keeps the partitions (every ``KRULES_LEASE_RENEW_MS``: the source's
 ``tend``): a partition the source hands back (the share moved to another instance) or lost (its
@@ -57,6 +59,7 @@ from krules.dead_letters.store import entry_dead_letter, store_changes
 from krules.errors import KRulesError, LeaseLostError, StorageError, StorageUnavailableError
 from krules.events import REPLAY_SIGNATURE_EXTENSION
 from krules.partitioning import partition_of
+from krules.timers import TIMER_EXTENSION
 from krules.transport.base import HOPS_FIELD
 
 if TYPE_CHECKING:
@@ -71,6 +74,7 @@ _READ_BACKOFF: Final = 0.1
 _READ_BACKOFF_CAP: Final = 5.0
 _RETRY_BACKOFF: Final = 0.1
 _RETRY_CAP: Final = 5.0
+_TIMER_BATCH: Final = 500  # due timers one move takes per partition
 
 
 class PartitionWorker:
@@ -84,6 +88,7 @@ class PartitionWorker:
         self.block_ms = settings.stream_block_ms
         self.max_deliveries = settings.max_deliveries
         self.maintain_every = max(0.05, settings.claim_idle_ms / 2000)
+        self.timer_every = settings.timer_poll_ms / 1000
         self.max_inflight = max(settings.max_concurrent_turns, settings.stream_batch)
         self._partitions = settings.partition_count
         self._replay_key: str | None = None  # read when a signed replay first arrives
@@ -97,6 +102,9 @@ class PartitionWorker:
         """Entries handled by this worker (turns committed, duplicates dropped, dead letters)."""
         self.partition_observers: list[Callable[[int, PartitionFigures], None]] = []
         """Called with ``(partition, figures)`` at each upkeep (e.g. to export metrics)."""
+        self.timer_lag_observers: list[Callable[[float], object]] = []
+        """Called with the seconds from a timer's due time to the start of its turn (its firing lag),
+        e.g. ``MetricsMiddleware.record_timer_lag``."""
         self.dead_letter_observers: list[Callable[[str, str], object]] = []
         """Called with ``("", reason)`` for each entry dead-lettered (the handler is "": none ran),
         e.g. ``MetricsMiddleware.record_dead_letter``."""
@@ -111,13 +119,18 @@ class PartitionWorker:
             ",".join(map(str, self.source.partitions)) or "none yet",
         )
         upkeep = asyncio.ensure_future(self._maintain())
+        moving = (
+            asyncio.ensure_future(self._move_timers()) if hasattr(self.source, "move_due_timers") else None
+        )
         # The leases are kept while the turns under way drain, so that those can still commit.
         tending = asyncio.ensure_future(self._tend()) if self.source.tend_every else None
         try:
             await self._read_loop()
         finally:
-            upkeep.cancel()
-            await asyncio.gather(upkeep, return_exceptions=True)
+            background = [upkeep, *([moving] if moving is not None else [])]
+            for job in background:
+                job.cancel()
+            await asyncio.gather(*background, return_exceptions=True)
             try:
                 await self.drain()
             except asyncio.CancelledError:  # cut short (a shutdown deadline): the turns are abandoned,
@@ -218,6 +231,21 @@ class PartitionWorker:
                     await asyncio.sleep(self.source.tend_every or 1.0)
         finally:
             del self._handing[partition]
+
+    async def _move_timers(self) -> None:
+        """Move the owned partitions' due timers into their streams every ``KRULES_TIMER_POLL_MS``
+        (at once again while a partition had more due than one move takes)."""
+        move = self.source.move_due_timers  # type: ignore[attr-defined]
+        clock = self.engine.clock
+        while True:
+            await asyncio.sleep(self.timer_every)
+            try:
+                while await move(clock.now(), _TIMER_BATCH) >= _TIMER_BATCH:
+                    pass
+            except KRulesError as exc:
+                logger.warning("moving due timers failed (%s); trying again", exc)
+            except Exception:  # a bug must not stop the timers for good
+                logger.exception("moving due timers failed unexpectedly; trying again")
 
     async def _maintain(self) -> None:
         while True:
@@ -340,6 +368,13 @@ class PartitionWorker:
             if problem is not None:
                 await self._dead_letter(delivery, RESERVED_EXTENSION, problem)
                 return
+            if TIMER_EXTENSION in event.extensions and self.timer_lag_observers:
+                lag = self.engine.clock.now() - event.time
+                for observe in self.timer_lag_observers:
+                    try:
+                        observe(lag)
+                    except Exception:
+                        logger.exception("timer lag observer %r raised", observe)
         owner = partition_of(event.subject, self._partitions)
         if owner != delivery.partition:
             if delivery.fields.get(HOPS_FIELD):

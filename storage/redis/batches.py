@@ -18,6 +18,7 @@ import random
 from collections.abc import Sequence
 from typing import Any, Final
 
+from krules.timers import CANCEL
 from storage.base import DELETE, Change, SubjectChanges, Update
 from storage.redis._resp_connection import Arg
 from storage.redis.commands import text
@@ -27,6 +28,7 @@ from storage.redis.keys import (
     PROPERTY_FIELD_PREFIX,
     WRITE_TOKENS_FIELD,
     KeySchema,
+    timer_member,
 )
 
 __all__ = [
@@ -97,10 +99,21 @@ def add_call(
     """Append one store-script call to a run's keys and arguments: the subject hashes of ``group``
     to ``call_keys``, its header (``token``, claim ``lease``, the ``event_id`` and stream
     ``entry_id`` of a commit, '' for a plain store) and changes to ``call_args``.  Without callable
-    updates no token nor claim is sent."""
+    updates no token nor claim is sent.
+
+    Timer changes (:mod:`krules.timers`) go after the subjects' changes, with the partition's timer
+    keys after its subject hashes; the call's subject count is then negative to say so, so that a
+    call without timers is laid out (and costs) as before."""
     body: list[Any] = []
     any_checks = False
+    timed: list[Any] | None = None
     for changes in group:
+        if changes.timers:
+            if timed is None:
+                timed = []
+            for key, change in changes.timers.items():
+                member = timer_member(changes.name, key)
+                timed += (member, "", "") if change is CANCEL else (member, change.due_ms, change.entry)
         call_keys.append(keys.subject(changes.name))
         checks: list[str] = []
         sets: list[str] = []
@@ -122,7 +135,12 @@ def add_call(
         body += (len(checks) // 2, len(sets) // 2, len(dels), *checks, *sets, *dels)
     if not any_checks:
         token, lease = "", 0
-    call_args += (token, lease, event_id, entry_id, len(group), *body)
+    if timed is None:
+        call_args += (token, lease, event_id, entry_id, len(group), *body)
+        return
+    partition = keys.partition(group[0].name)
+    call_keys += (keys.timers(partition), keys.timer_records(partition))
+    call_args += (token, lease, event_id, entry_id, -len(group), *body, len(timed) // 3, *timed)
 
 
 def store_call(

@@ -18,6 +18,12 @@ Keys::
                                          this partition's slot: a write made on behalf of a turn of
                                          partition ``q`` with an older epoch is refused here; field
                                          ``<p>`` itself is partition ``p``'s epoch counter
+    <prefix>{p<p>}:timers        zset    the partition's pending timers (:mod:`krules.timers`): member
+                                         ``<n>:<subject><key>`` (``n`` the subject's length in UTF-8
+                                         bytes, :func:`timer_member`), scored by due time in ms
+    <prefix>{p<p>}:timer-records hash    the same member -> the timer's event as a stream entry's JSON;
+                                         written with a turn's commit, moved into the stream and
+                                         removed (with the zset member) in one script by the owner
     <prefix>partitions           string  the partition count, recorded by the first instance started
     <prefix>instances            hash    instance name -> JSON ``{"partitions": [...], "seen": <ms>, ...}``,
                                          refreshed by each running instance with the server's clock
@@ -81,6 +87,8 @@ __all__ = [
     "lease_epoch",
     "lease_holder",
     "property_field",
+    "timer_member",
+    "timer_member_parts",
 ]
 
 PROPERTY_FIELD_PREFIX: Final = "p:"
@@ -99,6 +107,19 @@ _GLOB_SPECIAL: Final = re.compile(r"([*?\[\]\\])")
 def property_field(prop: str, ext: bool = False) -> str:
     """Return the hash field of property ``prop`` (an extended one when ``ext``)."""
     return (EXTENDED_FIELD_PREFIX if ext else PROPERTY_FIELD_PREFIX) + prop
+
+
+def timer_member(subject: str, key: str) -> str:
+    """The member naming timer ``key`` of ``subject`` in a partition's timer keys."""
+    return f"{len(subject.encode())}:{subject}{key}"
+
+
+def timer_member_parts(member: str) -> tuple[str, str]:
+    """``(subject, key)`` of a :func:`timer_member`."""
+    head, _, rest = member.partition(":")
+    raw = rest.encode()
+    size = int(head)
+    return raw[:size].decode(), raw[size:].decode()
 
 
 def lease_epoch(lease: str) -> int:
@@ -190,6 +211,14 @@ class KeySchema:
     def fences(self, partition: int) -> str:
         """Return the key of the owner epochs known in ``partition``'s slot (see the module docstring)."""
         return f"{self.prefix}{{p{partition}}}:fences"
+
+    def timers(self, partition: int) -> str:
+        """Return the key of ``partition``'s pending timers by due time."""
+        return f"{self.prefix}{{p{partition}}}:timers"
+
+    def timer_records(self, partition: int) -> str:
+        """Return the key of ``partition``'s timer records (the events the timers become)."""
+        return f"{self.prefix}{{p{partition}}}:timer-records"
 
     def instances(self) -> str:
         """Return the key of the hash of running instances and the partitions they own."""

@@ -21,6 +21,7 @@ from typing import Any, Final, Protocol, TypeVar
 from redis.exceptions import NoScriptError, RedisError
 
 from krules.errors import ConfigurationError, LeaseLostError, UpdateConflictError
+from krules.timers import CANCEL, Timer, timer_from_entry
 from storage.base import SubjectChanges, decode, encode
 from storage.redis._resp_connection import Arg, Command
 from storage.redis.batches import (
@@ -59,8 +60,11 @@ from storage.redis.keys import (
     PROPERTY_FIELD_PREFIX,
     WRITE_TOKENS_FIELD,
     KeySchema,
+    escape_glob,
     lease_epoch,
     property_field,
+    timer_member,
+    timer_member_parts,
 )
 from storage.redis.scripts import LuaScript, lua_script
 
@@ -190,6 +194,70 @@ class RedisStorage:
                     return found
 
         return sorted(await self._run(scan, "list subjects starting with %r", prefix))
+
+    # -- timers (krules.timers) ----------------------------------------------------------------
+
+    async def timers(self, name: str) -> list[Timer]:
+        """The pending timers of subject ``name`` (one ``HSCAN`` of its partition's timer records)."""
+        if not self._layout_known:
+            await self.layout(record=False)
+        records = self.keys.timer_records(self.keys.partition(name))
+        pattern = escape_glob(timer_member(name, "")) + "*"
+
+        async def scan() -> list[Timer]:
+            found: list[Timer] = []
+            cursor = 0
+            while True:
+                cursor, flat = await self._commands.execute(
+                    "HSCAN", records, cursor, "MATCH", pattern, "COUNT", _SCAN_COUNT
+                )
+                cursor = int(cursor)
+                for i in range(0, len(flat), 2):
+                    if timer_member_parts(text(flat[i]))[0] == name:
+                        found.append(timer_from_entry(text(flat[i + 1])))
+                if cursor == 0:
+                    return found
+
+        return await self._run(scan, "list the timers of subject %r", name)
+
+    async def all_timers(self, due_before: float | None = None, limit: int = 1000) -> list[Timer]:
+        """Pending timers of every partition due before ``due_before`` (seconds since the epoch;
+        None: any time), the soonest first, at most ``limit``."""
+        if not self._layout_known:
+            await self.layout(record=False)
+        keys = self.keys
+        until = "+inf" if due_before is None else f"({int(due_before * 1000)}"
+        commands: list[Command] = [
+            ("ZRANGEBYSCORE", keys.timers(p), "-inf", until, "LIMIT", 0, limit)
+            for p in range(keys.partitions)
+        ]
+        members = await self._run(partial(self._commands.execute_many, commands), "list the timers")
+        reads: list[Command] = [
+            ("HMGET", keys.timer_records(p), *found) for p, found in enumerate(members) if found
+        ]
+        records = (
+            await self._run(partial(self._commands.execute_many, reads), "read the timers") if reads else []
+        )
+        found = [timer_from_entry(text(r)) for rows in records for r in rows if r is not None]
+        return sorted(found, key=lambda t: (t.due, t.subject, t.key))[:limit]
+
+    async def cancel_timer(self, name: str, key: str) -> bool:
+        """Cancel subject ``name``'s pending timer ``key`` now; False when there was none."""
+        if not self._layout_known:
+            await self.layout()
+        exists = await self._run(
+            partial(
+                self._commands.execute,
+                "HEXISTS",
+                self.keys.timer_records(self.keys.partition(name)),
+                timer_member(name, key),
+            ),
+            "read timer %r of subject %r",
+            key,
+            name,
+        )
+        await self.store([SubjectChanges(name, timers={key: CANCEL})])
+        return bool(int(exists))
 
     # -- writes --------------------------------------------------------------------------------
 

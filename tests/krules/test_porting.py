@@ -28,6 +28,7 @@ def test_event_types_has_every_name_krules_exports_with_its_value() -> None:
         "SubjectDeleted": "subject-deleted",
         "SUBJECT_FLUSHED": "subject-deleted",
         "SubjectFlushed": "subject-deleted",
+        "SUBJECT_EXPIRED": "subject-expired",  # krules' own: subject expiry
     }
 
 

@@ -18,9 +18,13 @@
 --   and for each of its subjects: nchecks, nsets, ndels, followed by
 --   nchecks pairs (field, the JSON a callable update saw, or '' for "missing"),
 --   nsets pairs (field, JSON to store), and ndels fields to remove.
+--   A call with timer changes gives its number of subjects negated and, after its subjects'
+--   changes, ntimers followed by ntimers triples (member, due ms, entry JSON) to schedule, or
+--   (member, '', '') to cancel (keys.timer_member); they are applied when its changes are.
 -- KEYS     plain stores: the partition's fences hash when there is a fence; commits: the
 --          partition's processed-id set, its stream, its lease; then the subject hashes of every
---          call, in order (one partition, hence one cluster slot).
+--          call, in order, each call's followed by the partition's timers zset and timer-records
+--          hash when it has timer changes (one partition, hence one cluster slot).
 --
 -- Returns one reply per call, in order:
 --   {1}  the changes are stored (and, for a commit, the event marked processed and the entry
@@ -215,16 +219,40 @@ local function skip(first, last, pos)
   return pos
 end
 
--- Where each call starts; for commits, which events were committed before (one ZMSCORE for all).
-local starts, ids = {}, {}
+-- Schedule or cancel the timers listed from ARGV[pos] in the zset zkey and the records hash hkey.
+local function timers(zkey, hkey, pos)
+  for i = pos + 1, pos + 3 * tonumber(ARGV[pos]), 3 do
+    if ARGV[i + 1] == '' then
+      redis.call('ZREM', zkey, ARGV[i])
+      redis.call('HDEL', hkey, ARGV[i])
+    else
+      redis.call('ZADD', zkey, ARGV[i + 1], ARGV[i])
+      redis.call('HSET', hkey, ARGV[i], ARGV[i + 2])
+    end
+  end
+end
+
+-- Where each call starts, its subject keys and its timer changes (if any); for commits, which
+-- events were committed before (one ZMSCORE for all).
+local starts, ids, firsts, lasts, timed = {}, {}, {}, {}, {}
 do
   local at, k = 8, nextkey
   for c = 1, ncalls do
     starts[c] = at
     ids[c] = ARGV[at + 2]
-    local last = k + tonumber(ARGV[at + 4]) - 1
-    at = skip(k, last, at + 5)
-    k = last + 1
+    local nsubjects = tonumber(ARGV[at + 4])
+    local has_timers = nsubjects < 0
+    if has_timers then
+      nsubjects = -nsubjects
+    end
+    firsts[c], lasts[c] = k, k + nsubjects - 1
+    at = skip(k, lasts[c], at + 5)
+    k = lasts[c] + 1
+    if has_timers then -- the timers zset and records hash follow the call's subjects
+      timed[c] = { k, at }
+      k = k + 2
+      at = at + 1 + 3 * tonumber(ARGV[at])
+    end
   end
 end
 local before = {}
@@ -244,18 +272,21 @@ local processed, acks = {}, {}
 for c = 1, ncalls do
   local pos = starts[c]
   local token, lease, event_id, entry_id = ARGV[pos], tonumber(ARGV[pos + 1]), ids[c], ARGV[pos + 3]
-  local first = nextkey
-  local last = first + tonumber(ARGV[pos + 4]) - 1
-  nextkey = last + 1
   local reply
   if committing and before[event_id] then
     reply = DONE_BEFORE
   else
-    reply = store(token, lease, first, last, pos + 5)
-    if committing and reply == STORED then
-      before[event_id] = true -- the same event again later in this run is a duplicate
-      processed[#processed + 1] = clock()
-      processed[#processed + 1] = event_id
+    reply = store(token, lease, firsts[c], lasts[c], pos + 5)
+    if reply == STORED then
+      local timer_changes = timed[c]
+      if timer_changes then
+        timers(KEYS[timer_changes[1]], KEYS[timer_changes[1] + 1], timer_changes[2])
+      end
+      if committing then
+        before[event_id] = true -- the same event again later in this run is a duplicate
+        processed[#processed + 1] = clock()
+        processed[#processed + 1] = event_id
+      end
     end
   end
   replies[c] = reply
