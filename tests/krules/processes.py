@@ -27,6 +27,7 @@ from typing import Any
 
 import pytest
 import redis
+from redis.cluster import ClusterNode, RedisCluster
 
 from krules.transport.stream_client import AsyncStreamClient
 from storage.redis.keys import CONSUMER_GROUP, KeySchema, lease_epoch, lease_holder
@@ -161,6 +162,15 @@ def partitions_status(env: dict[str, str]) -> dict[str, Any]:
 
 
 # -- the deployment, read from Redis ---------------------------------------------------------------
+def _open_redis(url: str) -> Any:
+    """A redis-py client for ``url``: a ``RedisCluster`` for krules' ``redis+cluster://`` URLs."""
+    if not url.startswith("redis+cluster://"):
+        return redis.Redis.from_url(url, decode_responses=True)
+    seeds = url.removeprefix("redis+cluster://").rstrip("/").split(",")
+    nodes = [ClusterNode(host, int(port)) for host, port in (seed.rsplit(":", 1) for seed in seeds)]
+    return RedisCluster(startup_nodes=nodes, decode_responses=True)
+
+
 class Deployment:
     """What the tests read and send, straight from Redis: stream progress, leases, registrations,
     committed event ids, dead letters."""
@@ -169,7 +179,7 @@ class Deployment:
         self.url = url
         self.prefix = prefix
         self.keys = KeySchema(prefix, partitions)
-        self.redis = redis.Redis.from_url(url, decode_responses=True)
+        self.redis: Any = _open_redis(url)
 
     def close(self) -> None:
         self.redis.close()
@@ -190,13 +200,19 @@ class Deployment:
 
     def owners(self) -> dict[int, str | None]:
         """Each partition's owner, by its lease ``<epoch>:<instance>:<nonce>`` (None: no lease)."""
-        leases = self.redis.mget([self.keys.lease(p) for p in range(self.keys.partitions)])
+        leases = self._leases()
         return {p: None if lease is None else lease_holder(lease) for p, lease in enumerate(leases)}
 
     def epochs(self) -> dict[int, int | None]:
         """Each partition's lease epoch (None: no lease)."""
-        leases = self.redis.mget([self.keys.lease(p) for p in range(self.keys.partitions)])
+        leases = self._leases()
         return {p: None if lease is None else lease_epoch(lease) for p, lease in enumerate(leases)}
+
+    def _leases(self) -> list[str | None]:
+        keys = [self.keys.lease(p) for p in range(self.keys.partitions)]
+        if isinstance(self.redis, RedisCluster):  # one slot per partition: no MGET across them
+            return list(self.redis.mget_nonatomic(keys))
+        return list(self.redis.mget(keys))
 
     def registered(self) -> dict[str, list[int]]:
         """The registered instances, each with the partitions it says it holds."""

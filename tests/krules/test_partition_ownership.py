@@ -34,6 +34,7 @@ from dependency_injector import providers
 
 from krules import KRulesContainer
 from krules.partitioning import partition_of
+from krules.testing.redis_cluster import LocalRedisCluster
 from krules.testing.redis_server import LocalRedisServer
 from storage.redis import create_redis_storage
 from tests.krules.processes import (
@@ -187,17 +188,14 @@ def steps_deployment(
     return make
 
 
-@pytest.fixture
-def start_auto(
-    redis_server: LocalRedisServer, redis_key_prefix: str, start_instance: StartInstance
-) -> Callable[..., Instance]:
-    """Start an ``auto`` instance named ``name`` of a ``partitions``-partition deployment (None: the
-    count the deployment recorded, as an instance joining one is started)."""
+def auto_starter(url: str, prefix: str, start_instance: StartInstance) -> Callable[..., Instance]:
+    """Start an ``auto`` instance named ``name`` of a ``partitions``-partition deployment at ``url``
+    (None: the count the deployment recorded, as an instance joining one is started)."""
 
     def start(name: str, partitions: int | None, **more: str) -> Instance:
         env = instance_env(
-            redis_server.url,
-            redis_key_prefix,
+            url,
+            prefix,
             partitions=partitions,
             partition_id="auto",
             consumer=name,
@@ -207,6 +205,14 @@ def start_auto(
         return start_instance(env, RULES)
 
     return start
+
+
+@pytest.fixture
+def start_auto(
+    redis_server: LocalRedisServer, redis_key_prefix: str, start_instance: StartInstance
+) -> Callable[..., Instance]:
+    """:func:`auto_starter` on the session's redis-server."""
+    return auto_starter(redis_server.url, redis_key_prefix, start_instance)
 
 
 # -- ownership -------------------------------------------------------------------------------------
@@ -306,7 +312,22 @@ def test_scaling_from_one_instance_to_three_and_back_to_one_mid_run_keeps_every_
 def test_the_partitions_of_an_instance_killed_mid_run_resume_elsewhere_once_its_lease_expires(
     start_auto: Callable[..., Instance], steps_deployment: Callable[[int], StepsDeployment]
 ) -> None:
-    deployment = steps_deployment(8)
+    kill_one_of_three_mid_run(start_auto, steps_deployment(8))
+
+
+def test_on_a_redis_cluster_the_partitions_of_an_instance_killed_mid_run_resume_elsewhere(
+    redis_cluster: LocalRedisCluster,
+    redis_key_prefix: str,
+    start_instance: StartInstance,
+    deployment_factory: MakeDeployment,
+) -> None:
+    deployment = deployment_factory(redis_cluster.url, redis_key_prefix, 8, StepsDeployment)
+    kill_one_of_three_mid_run(auto_starter(redis_cluster.url, redis_key_prefix, start_instance), deployment)
+
+
+def kill_one_of_three_mid_run(start_auto: Callable[..., Instance], deployment: StepsDeployment) -> None:
+    """Three ``auto`` instances share 8 partitions; one is killed with SIGKILL mid-run: its partitions
+    resume on the others once its lease expires, and every step is applied once, in order."""
     instances = [start_auto(f"crash-{n}", 8, **SHORT_LEASE) for n in range(3)]
     owned = wait_balanced(deployment, instances)
     deployment.send_steps(200)
