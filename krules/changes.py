@@ -64,7 +64,8 @@ Change = str | _Delete | Update
 class SubjectChanges:
     """The pending writes of one subject: ordinary and extended properties, keyed by name, and
     its timer changes (``timers``: key -> a :class:`~krules.timers.Timer` to schedule, replacing
-    any of that key, or :data:`~krules.timers.CANCEL`; None, the usual case, for none)."""
+    any of that key, :data:`~krules.timers.CANCEL`, or :class:`~krules.timers.Fired` at the end of
+    that key's firing; None, the usual case, for none)."""
 
     name: str
     props: dict[str, Change] = field(default_factory=dict)

@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from krules.admission import Admission
 from krules.chain import SkipEvent
+from krules.changes import SubjectChanges
 from krules.clock import Clock, SystemClock
 from krules.config import Settings
 from krules.context import EventContext, _current
@@ -51,7 +52,7 @@ from krules.events import (
 )
 from krules.partitioning import partition_of
 from krules.subject import Subject
-from krules.timers import EXPIRE_KEY, SUBJECT_EXPIRED, TIMER_EXTENSION
+from krules.timers import EXPIRE_KEY, SUBJECT_EXPIRED, TIMER_EXTENSION, Fired
 from krules.turn import HandlerFailure, Turn
 from krules.validation import check_json, check_payload, split_emit_keywords
 
@@ -131,6 +132,9 @@ class Engine:
         self._closed = False
         self.event_observers: list[EventObserver] = []
         self.failure_observers: list[FailureObserver] = []
+        self.stale_timers = 0
+        """Timer firings that ran nothing: cancelled or scheduled again before their turn, or not
+        fired by krules (see :meth:`_fire`)."""
 
     # -- building events and subjects ----------------------------------------------------------
     def new_event(
@@ -338,6 +342,10 @@ class Engine:
         the turn's writes cannot be stored, or when a handler let a StorageError through (a read
         that gave up): nothing of the turn is then stored, and a stream event stays pending to be
         taken again.  Other handler failures do not raise, they are on ``turn.failures``.
+
+        A timer's firing (an event carrying ``krulestimer``) is handled only if, now that the turn
+        has its subject's lane, it is still live (:meth:`_fire`): otherwise it runs nothing and the
+        turn only commits.
         """
         name = event.subject
         self._inflight += 1
@@ -349,14 +357,13 @@ class Engine:
                 turn = Turn(self, event, receipt)
                 if subject is not None:
                     turn.adopt(subject)
-                if event.extensions and REPLAY_EXTENSION in event.extensions:
-                    await self._replay(event, turn, subject, extra, str(event.extensions[REPLAY_EXTENSION]))
-                elif (
-                    event.extensions
-                    and event.type == SUBJECT_EXPIRED
-                    and event.extensions.get(TIMER_EXTENSION) == EXPIRE_KEY
-                ):
-                    await self._expire(event, turn, subject, extra)
+                extensions = event.extensions
+                if not extensions:
+                    await self._dispatch(event, turn, subject, extra)
+                elif REPLAY_EXTENSION in extensions:
+                    await self._replay(event, turn, subject, extra, str(extensions[REPLAY_EXTENSION]))
+                elif TIMER_EXTENSION in extensions:
+                    await self._fire(event, turn, subject, extra, receipt, str(extensions[TIMER_EXTENSION]))
                 else:
                     await self._dispatch(event, turn, subject, extra)
                 taken = turn.close()
@@ -481,16 +488,54 @@ class Engine:
         ctx = EventContext(self, turn, event, subject or turn.subject(event.subject), rule, extra)
         await self._run(ctx, rule.sync_filters)  # as before: a replay's sync filters are not applied
 
+    async def _fire(
+        self,
+        event: Event,
+        turn: Turn,
+        subject: Subject | None,
+        extra: dict[str, Any] | None,
+        receipt: Receipt | None,
+        key: str,
+    ) -> None:
+        """The turn of a timer's firing (an event carrying ``krulestimer``), holding its subject's
+        lane: handled only if the firing is still on its way (:meth:`Receipt.timer_live`, or the
+        storage's bookkeeping in embedded mode), so that a cancel or a reschedule of the key
+        committed by an earlier turn wins, and an event that no storage fired (written to a stream
+        by hand) runs nothing; such a turn only commits (the event processed, its entry
+        acknowledged).  A live firing's turn ends by forgetting its marker (:class:`Fired`)."""
+        name = event.subject
+        if receipt is not None:
+            live = await receipt.timer_live(name, key)
+        else:
+            fired = getattr(self.storage, "timer_live", None)
+            live = fired is not None and await fired(name, key, event.id)
+        if not live:
+            self.stale_timers += 1
+            logger.info(
+                "timer %r of subject %r (event %s) was cancelled or scheduled again before its turn, "
+                "or was not fired by krules: it runs nothing",
+                key,
+                name,
+                event.id,
+            )
+            return
+        if event.type == SUBJECT_EXPIRED and key == EXPIRE_KEY:
+            await self._expire(event, turn, subject, extra)
+        else:
+            await self._dispatch(event, turn, subject, extra)
+        changes = (subject or turn.subject(name))._pending(None)
+        if changes.timers is None:
+            changes.timers = {key: Fired(event.id)}
+        else:  # a schedule or cancel of the key in this turn forgets the marker itself
+            changes.timers.setdefault(key, Fired(event.id))
+
     async def _expire(
         self, event: Event, turn: Turn, subject: Subject | None, extra: dict[str, Any] | None
     ) -> None:
         """A subject's expiry came (:meth:`Subject.expire`): announce it with the subject's last
-        properties, then delete them with the turn.  An expiry set again after this one came due
-        (a turn ran between its move into the stream and now) wins: nothing happens."""
+        properties, then delete them with the turn.  (An expiry set again after this one came due
+        wins: this firing is then not live, see :meth:`_fire`.)"""
         subject = subject or turn.subject(event.subject)
-        if any(timer["key"] == EXPIRE_KEY for timer in await subject.schedules()):
-            logger.info("the expiry of subject %r was set again before it ran; it is kept", subject.name)
-            return
         props = dict(subject._props if subject._props is not None else await subject._load())
         event.data = {"props": props, "ext_props": await subject.get_ext_props()}
         await self._dispatch(event, turn, subject, extra)
@@ -510,6 +555,14 @@ class Engine:
         for timer, outcome in zip(due, await asyncio.gather(*turns, return_exceptions=True), strict=True):
             if isinstance(outcome, BaseException):
                 logger.error("timer %r of subject %r failed to fire: %s", timer.key, timer.subject, outcome)
+                # Lost, as anything embedded mode fails to store: forget its firing's marker too.
+                done = SubjectChanges(timer.subject, timers={timer.key: Fired(timer.event.id)})
+                try:
+                    await self.storage.store([done])
+                except Exception:
+                    logger.exception(
+                        "forgetting the firing of timer %r of subject %r failed", timer.key, timer.subject
+                    )
         return len(due)
 
     async def run_timers(self, every: float | None = None) -> None:

@@ -91,6 +91,13 @@ class Receipt(Protocol):
         event had been committed before."""
         ...
 
+    def timer_live(self, subject: str, key: str) -> Awaitable[bool]:
+        """Whether the event delivered, carrying ``krulestimer`` = ``key``, is the firing of
+        ``subject``'s timer ``key`` still on its way: fired by krules (not written by hand) and
+        neither cancelled nor scheduled again since.  Asked only of timer events, once their turn
+        has its subject's lane; False: the turn runs nothing and only commits."""
+        ...
+
 
 class EventTransport(Protocol):
     """Appends events to the streams of their subjects' partitions."""

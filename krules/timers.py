@@ -8,6 +8,13 @@ storage keeps at most one pending timer per (subject, key).  When a timer is due
 an ordinary root event of its subject (the memory storage hands due timers to the engine; in Redis
 mode the partition's owner moves them into the partition's stream).
 
+A due timer's firing is *on its way* until its turn runs: the storage keeps a marker of it
+(the memory storage in its bookkeeping, Redis in the partition's ``timers-fired`` hash), a schedule
+or a cancel of the key removes the marker, and the engine runs the firing's turn only if the marker
+is still its own (:meth:`krules.engine.Engine.process`): a cancel or a reschedule committed before
+the firing's turn wins, and an event carrying ``krulestimer`` that no storage fired runs nothing.
+The firing's turn ends with a :class:`Fired` change, which removes the marker if it is still its own.
+
 Subject expiry is a timer with the reserved key :data:`EXPIRE_KEY` and type :data:`SUBJECT_EXPIRED`:
 the engine announces it with the subject's last properties, then deletes the subject.
 """
@@ -31,6 +38,7 @@ __all__ = [
     "MAX_KEY_LENGTH",
     "SUBJECT_EXPIRED",
     "TIMER_EXTENSION",
+    "Fired",
     "Timer",
     "due_time",
     "timer_id",
@@ -56,6 +64,22 @@ class _Cancel:
 
 CANCEL: Final = _Cancel()
 """A timer change: remove the pending timer of this key (nothing when there is none)."""
+
+
+class Fired:
+    """A timer change made by the turn of a timer's firing: the firing is over, so forget its
+    marker (the storage's note of the firing on its way), but only if the marker is still this
+    firing's, not a newer one's.  A schedule or cancel of the key made in the same turn replaces it
+    (those remove any marker anyway).  ``event_id`` is the firing's event id; the Redis storage
+    names the firing by the stream entry its commit acknowledges instead."""
+
+    __slots__ = ("event_id",)
+
+    def __init__(self, event_id: str) -> None:
+        self.event_id = event_id
+
+    def __repr__(self) -> str:
+        return f"Fired({self.event_id!r})"
 
 
 class Timer:

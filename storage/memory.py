@@ -7,7 +7,10 @@ updates re-apply on the stored value, so none is lost to a concurrent turn.  Not
 process: embedded mode is at-most-once on a crash.
 
 Timers (:mod:`krules.timers`) are kept here too, per subject and key, with a heap by due time
-from which :meth:`MemoryStorage.take_due_timers` hands the due ones to the engine.
+from which :meth:`MemoryStorage.take_due_timers` hands the due ones to the engine.  Each timer
+handed over stays *fired* (its event id noted per subject and key) until its turn ends; a schedule
+or a cancel of the key made meanwhile forgets it, and :meth:`MemoryStorage.timer_live` tells the
+engine, so that such a firing runs nothing.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import itertools
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from krules.timers import CANCEL, Timer
+from krules.timers import CANCEL, Fired, Timer
 from storage.base import DELETE, Change, SubjectChanges, Update, decode, encode
 
 __all__ = ["MemoryStorage", "create_memory_storage"]
@@ -35,6 +38,8 @@ class MemoryStorage:
         # (due, order, timer): a replaced or cancelled timer stays here until it comes up, skipped
         self._due: list[tuple[float, int, Timer]] = []
         self._order = itertools.count()
+        # (subject, key) -> the event id of the timer handed over and whose turn has not ended
+        self._fired: dict[tuple[str, str], str] = {}
 
     async def load(self, name: str) -> tuple[dict[str, Any], dict[str, Any]]:
         maps = self._subjects.get(name)
@@ -70,7 +75,14 @@ class MemoryStorage:
 
     def _store_timers(self, name: str, changes: dict[str, Any]) -> None:
         pending = self._timers.setdefault(name, {})
+        fired = self._fired
         for key, change in changes.items():
+            if isinstance(change, Fired):
+                if fired.get((name, key)) == change.event_id:
+                    del fired[name, key]
+                continue
+            if fired:
+                fired.pop((name, key), None)  # a firing on its way is stale now
             if change is CANCEL:
                 pending.pop(key, None)
             else:
@@ -94,8 +106,14 @@ class MemoryStorage:
         """Every pending timer, by due time."""
         return sorted((t for p in self._timers.values() for t in p.values()), key=lambda t: t.due)
 
+    async def timer_live(self, name: str, key: str, event_id: str) -> bool:
+        """Whether event ``event_id`` is the firing of subject ``name``'s timer ``key`` handed over by
+        :meth:`take_due_timers` and neither cancelled nor scheduled again since."""
+        return self._fired.get((name, key)) == event_id
+
     async def take_due_timers(self, now: float, limit: int = 1000) -> list[Timer]:
-        """Remove and return up to ``limit`` timers due by ``now``, in due order."""
+        """Remove and return up to ``limit`` timers due by ``now``, in due order, each noted as fired
+        until its turn ends (:meth:`timer_live`)."""
         due: list[Timer] = []
         heap = self._due
         while heap and heap[0][0] <= now and len(due) < limit:
@@ -105,6 +123,7 @@ class MemoryStorage:
                 del pending[timer.key]
                 if not pending:
                     del self._timers[timer.subject]
+                self._fired[timer.subject, timer.key] = timer.event.id
                 due.append(timer)
         return due
 

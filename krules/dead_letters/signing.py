@@ -16,7 +16,10 @@ so it cannot forge a replay; anyone who can read every key can, as they could wr
 
 What the worker does with a stream entry carrying ``krules*`` extensions (:func:`entry_problem`):
 ``krulesdepth`` is accepted (the engine writes it on events it sends to other partitions; it only
-shortens the event's own cascade), a correctly signed replay is run, anything else (an unsigned or
+shortens the event's own cascade), so is a string ``krulestimer`` (a due timer the partition's
+owner moved into the stream; the engine runs it only if the partition's fired-timer marker names
+its entry, so one written by hand runs nothing and is only acknowledged: see
+:meth:`krules.engine.Engine.process`), a correctly signed replay is run, anything else (an unsigned or
 wrongly signed replay, an unknown ``krules*`` extension) becomes a dead letter with reason
 ``reserved_extension``, committed with the entry's ack.
 """

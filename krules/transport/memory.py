@@ -45,6 +45,11 @@ class MemoryReceipt:
         """See :class:`krules.ports.Receipt`."""
         return self._streams.commit(batch, self)
 
+    async def timer_live(self, subject: str, key: str) -> bool:
+        """See :class:`krules.ports.Receipt`: never; nothing moves timers into memory streams, so an
+        entry carrying ``krulestimer`` here is no timer's firing."""
+        return False
+
 
 class MemoryStreams:
     """``partitions`` streams in this process, read by one consumer that owns them all."""

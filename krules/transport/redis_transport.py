@@ -111,6 +111,11 @@ class StreamReceipt:
         """See :class:`krules.ports.Receipt` (a plain method: no coroutine of its own per turn)."""
         return self._storage.commit(batch, self)
 
+    async def timer_live(self, subject: str, key: str) -> bool:
+        """See :class:`krules.ports.Receipt`: the partition's fired marker of the timer (one
+        ``HGET``) still names this entry, which the owner moved into the stream as its firing."""
+        return await self._storage.fired_timer(subject, key) == self.entry_id
+
 
 class RedisStreams:
     """The partition streams of one deployment; see the module docstring."""
@@ -476,11 +481,12 @@ class RedisStreams:
             (
                 "EVALSHA",
                 sha,
-                4,
+                5,
                 keys.lease(p),
                 keys.timers(p),
                 keys.timer_records(p),
                 keys.stream(p),
+                keys.timers_fired(p),
                 fences[p],
                 int(now * 1000),
                 limit,

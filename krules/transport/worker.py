@@ -31,7 +31,9 @@ subject and the index usually live elsewhere) are stored just before and are ide
 in between only means the entry is taken again and the same dead letter rewritten.
 
 A timer task moves the owned partitions' due timers into their streams every
-``KRULES_TIMER_POLL_MS`` (:mod:`krules.timers`): from there they are entries like any other.
+``KRULES_TIMER_POLL_MS`` (:mod:`krules.timers`): from there they are entries like any other,
+except that the engine runs a timer's turn only while its firing is live (not cancelled or
+scheduled again since it was moved, and moved at all: see :meth:`krules.engine.Engine.process`).
 A maintenance task reclaims entries left idle longer than ``KRULES_CLAIM_IDLE_MS`` and keeps the
 streams trimmed.  Another keeps the partitions (every ``KRULES_LEASE_RENEW_MS``: the source's
 ``tend``): a partition the source hands back (the share moved to another instance) or lost (its
@@ -53,13 +55,14 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING, Final
 
+from krules.changes import SubjectChanges
 from krules.dead_letters.record import INVALID_EVENT, MAX_DELIVERIES, MISROUTED, RESERVED_EXTENSION
 from krules.dead_letters.signing import entry_problem
 from krules.dead_letters.store import entry_dead_letter, store_changes
 from krules.errors import KRulesError, LeaseLostError, StorageError, StorageUnavailableError
 from krules.events import REPLAY_SIGNATURE_EXTENSION
 from krules.partitioning import partition_of
-from krules.timers import TIMER_EXTENSION
+from krules.timers import TIMER_EXTENSION, Fired
 from krules.transport.base import HOPS_FIELD
 
 if TYPE_CHECKING:
@@ -410,10 +413,17 @@ class PartitionWorker:
     async def _dead_letter(
         self, delivery: Delivery, reason: str, message: str, error: Exception | None = None
     ) -> None:
-        """Store the entry as a dead-letter subject and acknowledge it, in one commit."""
+        """Store the entry as a dead-letter subject and acknowledge it, in one commit (which also
+        forgets the fired marker of a timer's firing: it will not run now)."""
         record = entry_dead_letter(delivery, reason, message, self.engine.clock.now(), error)
         receipt = self.source.receipt(delivery, f"entry:{delivery.partition}:{delivery.entry_id}")
-        await receipt.commit(store_changes(record))
+        changes = store_changes(record)
+        event = delivery.event
+        if event is not None and event.extensions:
+            key = event.extensions.get(TIMER_EXTENSION)
+            if isinstance(key, str) and partition_of(event.subject, self._partitions) == delivery.partition:
+                changes.append(SubjectChanges(event.subject, timers={key: Fired(event.id)}))
+        await receipt.commit(changes)
         logger.error(
             "dead-lettered stream entry %s of partition %d as %s (%s): %s",
             delivery.entry_id,

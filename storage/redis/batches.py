@@ -18,7 +18,7 @@ import random
 from collections.abc import Sequence
 from typing import Any, Final
 
-from krules.timers import CANCEL
+from krules.timers import CANCEL, Fired
 from storage.base import DELETE, Change, SubjectChanges, Update
 from storage.redis._resp_connection import Arg
 from storage.redis.commands import text
@@ -103,7 +103,9 @@ def add_call(
 
     Timer changes (:mod:`krules.timers`) go after the subjects' changes, with the partition's timer
     keys after its subject hashes; the call's subject count is then negative to say so, so that a
-    call without timers is laid out (and costs) as before."""
+    call without timers is laid out (and costs) as before.  A :class:`~krules.timers.Fired` change
+    names the firing by ``entry_id`` (the stream entry the call acknowledges, what the mover
+    recorded as the firing's marker); in a call with none it has nothing to remove."""
     body: list[Any] = []
     any_checks = False
     timed: list[Any] | None = None
@@ -113,7 +115,13 @@ def add_call(
                 timed = []
             for key, change in changes.timers.items():
                 member = timer_member(changes.name, key)
-                timed += (member, "", "") if change is CANCEL else (member, change.due_ms, change.entry)
+                if change is CANCEL:
+                    timed += (member, "", "")
+                elif isinstance(change, Fired):
+                    if entry_id:
+                        timed += (member, "=", entry_id)
+                else:
+                    timed += (member, change.due_ms, change.entry)
         call_keys.append(keys.subject(changes.name))
         checks: list[str] = []
         sets: list[str] = []
@@ -139,7 +147,7 @@ def add_call(
         call_args += (token, lease, event_id, entry_id, len(group), *body)
         return
     partition = keys.partition(group[0].name)
-    call_keys += (keys.timers(partition), keys.timer_records(partition))
+    call_keys += (keys.timers(partition), keys.timer_records(partition), keys.timers_fired(partition))
     call_args += (token, lease, event_id, entry_id, -len(group), *body, len(timed) // 3, *timed)
 
 

@@ -24,6 +24,12 @@ Keys::
     <prefix>{p<p>}:timer-records hash    the same member -> the timer's event as a stream entry's JSON;
                                          written with a turn's commit, moved into the stream and
                                          removed (with the zset member) in one script by the owner
+    <prefix>{p<p>}:timers-fired  hash    the same member -> the stream entry id of the timer's firing on
+                                         its way (set by the script that moves it into the stream): the
+                                         firing's turn runs only if it still finds its entry id here;
+                                         a schedule or cancel of the member removes it (the firing is
+                                         then stale), the firing's commit (or its entry's dead letter)
+                                         removes it if it still holds that entry id
     <prefix>partitions           string  the partition count, recorded by the first instance started
     <prefix>instances            hash    instance name -> JSON ``{"partitions": [...], "seen": <ms>, ...}``,
                                          refreshed by each running instance with the server's clock
@@ -219,6 +225,10 @@ class KeySchema:
     def timer_records(self, partition: int) -> str:
         """Return the key of ``partition``'s timer records (the events the timers become)."""
         return f"{self.prefix}{{p{partition}}}:timer-records"
+
+    def timers_fired(self, partition: int) -> str:
+        """Return the key of ``partition``'s fired-timer markers (the firings on their way)."""
+        return f"{self.prefix}{{p{partition}}}:timers-fired"
 
     def instances(self) -> str:
         """Return the key of the hash of running instances and the partitions they own."""

@@ -242,22 +242,36 @@ class RedisStorage:
         return sorted(found, key=lambda t: (t.due, t.subject, t.key))[:limit]
 
     async def cancel_timer(self, name: str, key: str) -> bool:
-        """Cancel subject ``name``'s pending timer ``key`` now; False when there was none."""
+        """Cancel subject ``name``'s timer ``key`` now, pending or fired and not yet run (its firing
+        then runs nothing); False when there was none."""
         if not self._layout_known:
             await self.layout()
+        partition, member = self.keys.partition(name), timer_member(name, key)
+        commands: list[Command] = [
+            ("HEXISTS", self.keys.timer_records(partition), member),
+            ("HEXISTS", self.keys.timers_fired(partition), member),
+        ]
         exists = await self._run(
+            partial(self._commands.execute_many, commands), "read timer %r of subject %r", key, name
+        )
+        await self.store([SubjectChanges(name, timers={key: CANCEL})])
+        return any(int(found) for found in exists)
+
+    async def fired_timer(self, name: str, key: str) -> str | None:
+        """The stream entry id of subject ``name``'s timer ``key`` fired and on its way (moved into
+        its partition's stream, its turn not yet committed); None when there is none: it was
+        cancelled or scheduled again since, or its turn is over."""
+        raw = await self._run(
             partial(
-                self._commands.execute,
-                "HEXISTS",
-                self.keys.timer_records(self.keys.partition(name)),
+                self._commands.hget,
+                self.keys.timers_fired(self.keys.partition(name)),
                 timer_member(name, key),
             ),
-            "read timer %r of subject %r",
+            "read fired timer %r of subject %r",
             key,
             name,
         )
-        await self.store([SubjectChanges(name, timers={key: CANCEL})])
-        return bool(int(exists))
+        return None if raw is None else text(raw)
 
     # -- writes --------------------------------------------------------------------------------
 

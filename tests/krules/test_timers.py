@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -11,8 +12,9 @@ import pytest
 from krules.changes import SubjectChanges
 from krules.context import EventContext
 from krules.errors import StorageUnavailableError, TimerError
+from krules.events import Event
 from krules.testing import KRulesTestApp
-from krules.timers import SUBJECT_EXPIRED
+from krules.timers import EXPIRE_KEY, SUBJECT_EXPIRED, TIMER_EXTENSION
 from storage.memory import MemoryStorage
 
 
@@ -281,3 +283,105 @@ async def test_a_store_in_the_handler_leaves_the_timers_to_the_turns_commit() ->
             await app.emit("go", "s")
         assert await app.stored("s") == {"a": 1}
         assert await app.advance(10) == 0
+
+
+async def test_a_timer_that_came_due_while_its_subject_was_busy_runs_nothing_once_that_turn_cancels_it(
+    krules_app: KRulesTestApp,
+) -> None:
+    holding, release = asyncio.Event(), asyncio.Event()
+    timeouts: list[Any] = []
+
+    @krules_app.on("order.placed")
+    async def placed(ctx: EventContext) -> None:
+        await ctx.subject.schedule("order.payment_timeout", after=1800, key="payment")
+
+    @krules_app.on("order.paid")
+    async def paid(ctx: EventContext) -> None:
+        holding.set()
+        await release.wait()
+        await ctx.subject.cancel_schedule("payment")
+
+    @krules_app.on("order.payment_timeout")
+    async def timeout(ctx: EventContext) -> None:
+        timeouts.append(ctx.subject.name)
+
+    await krules_app.emit("order.placed", "order-1")
+    paying = asyncio.ensure_future(krules_app.emit("order.paid", "order-1"))
+    await holding.wait()  # the payment's turn holds the order's lane
+    krules_app.clock.advance(1800)
+    firing = asyncio.ensure_future(krules_app.engine.fire_due_timers())  # due: waits for the lane
+    await asyncio.sleep(0)
+    release.set()
+    await paying
+    assert await firing == 1
+    assert timeouts == []
+    assert krules_app.engine.stale_timers == 1
+
+
+async def test_a_timer_on_its_way_that_is_scheduled_again_fires_once_at_its_new_time(
+    krules_app: KRulesTestApp,
+) -> None:
+    @krules_app.on("touch")
+    async def touch(ctx: EventContext) -> None:
+        await ctx.subject.schedule("idle", after=60, key="idle", payload={"at": ctx.clock.now()})
+
+    fired: list[Any] = []
+
+    @krules_app.on("idle")
+    async def idle(ctx: EventContext) -> None:
+        fired.append(ctx.payload["at"])
+
+    storage: Any = krules_app.storage
+    start = krules_app.clock.now()
+    await krules_app.emit("touch", "session")
+    krules_app.clock.advance(60)
+    [due] = await storage.take_due_timers(krules_app.clock.now())  # on its way
+    await krules_app.emit("touch", "session")  # a turn in between schedules the key again
+    await krules_app.engine.process(due.event)
+    assert fired == []
+    assert await krules_app.advance(60) == 1
+    assert fired == [start + 60]
+
+
+async def test_an_event_carrying_krulestimer_that_no_timer_fired_runs_nothing_and_deletes_nothing(
+    krules_app: KRulesTestApp,
+) -> None:
+    ran: list[str] = []
+
+    @krules_app.on("user.created")
+    async def created(ctx: EventContext) -> None:
+        await ctx.subject.set("name", "ann")
+
+    @krules_app.on("user.reminder")
+    async def remind(ctx: EventContext) -> None:
+        ran.append(ctx.event_type)
+
+    await krules_app.emit("user.created", "user-1")
+    for event_type, key in ((SUBJECT_EXPIRED, EXPIRE_KEY), ("user.reminder", "reminder")):
+        forged = Event(
+            event_type, "user-1", {}, f"forged-{key}", "test", 0.0, 0, None, {TIMER_EXTENSION: key}
+        )
+        await krules_app.engine.process(forged)
+    assert ran == []
+    assert await krules_app.stored("user-1") == {"name": "ann"}
+    assert krules_app.engine.stale_timers == 2
+
+
+async def test_a_firing_is_forgotten_once_its_turn_is_over_even_when_the_turn_fails() -> None:
+    storage = _FailingStorage()
+    async with KRulesTestApp(storage=storage) as app:
+
+        @app.on("plan")
+        async def plan(ctx: EventContext) -> None:
+            await ctx.subject.schedule("ding", after=1, key="a")
+            await ctx.subject.schedule("ding", after=2, key="b")
+
+        @app.on("ding")
+        async def ding(ctx: EventContext) -> None:
+            await ctx.subject.set("n", lambda n: (n or 0) + 1)
+            storage.failing = ctx.timer_key == "b"  # the second firing's turn is not stored
+
+        await app.emit("plan", "s")
+        assert await app.advance(5) == 2
+        assert await app.stored("s") == {"n": 1}
+        assert storage._fired == {}

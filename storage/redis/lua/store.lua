@@ -20,11 +20,15 @@
 --   nsets pairs (field, JSON to store), and ndels fields to remove.
 --   A call with timer changes gives its number of subjects negated and, after its subjects'
 --   changes, ntimers followed by ntimers triples (member, due ms, entry JSON) to schedule, or
---   (member, '', '') to cancel (keys.timer_member); they are applied when its changes are.
+--   (member, '', '') to cancel (keys.timer_member), or (member, '=', entry id) when the call ends
+--   the turn of that timer's firing; they are applied when its changes are.  A schedule or a
+--   cancel also removes the member's fired marker (its firing on the way, if any, is stale now);
+--   a firing's end removes it only if it still names that firing's entry (not a newer firing's).
 -- KEYS     plain stores: the partition's fences hash when there is a fence; commits: the
 --          partition's processed-id set, its stream, its lease; then the subject hashes of every
---          call, in order, each call's followed by the partition's timers zset and timer-records
---          hash when it has timer changes (one partition, hence one cluster slot).
+--          call, in order, each call's followed by the partition's timers zset, timer-records
+--          hash and timers-fired hash when it has timer changes (one partition, hence one cluster
+--          slot).
 --
 -- Returns one reply per call, in order:
 --   {1}  the changes are stored (and, for a commit, the event marked processed and the entry
@@ -219,15 +223,23 @@ local function skip(first, last, pos)
   return pos
 end
 
--- Schedule or cancel the timers listed from ARGV[pos] in the zset zkey and the records hash hkey.
-local function timers(zkey, hkey, pos)
+-- Apply the timer changes listed from ARGV[pos] to the zset zkey, the records hash hkey and the
+-- fired markers fkey.
+local function timers(zkey, hkey, fkey, pos)
   for i = pos + 1, pos + 3 * tonumber(ARGV[pos]), 3 do
-    if ARGV[i + 1] == '' then
-      redis.call('ZREM', zkey, ARGV[i])
-      redis.call('HDEL', hkey, ARGV[i])
+    local member, due = ARGV[i], ARGV[i + 1]
+    if due == '=' then
+      if redis.call('HGET', fkey, member) == ARGV[i + 2] then
+        redis.call('HDEL', fkey, member)
+      end
+    elseif due == '' then
+      redis.call('ZREM', zkey, member)
+      redis.call('HDEL', hkey, member)
+      redis.call('HDEL', fkey, member)
     else
-      redis.call('ZADD', zkey, ARGV[i + 1], ARGV[i])
-      redis.call('HSET', hkey, ARGV[i], ARGV[i + 2])
+      redis.call('ZADD', zkey, due, member)
+      redis.call('HSET', hkey, member, ARGV[i + 2])
+      redis.call('HDEL', fkey, member)
     end
   end
 end
@@ -248,9 +260,9 @@ do
     firsts[c], lasts[c] = k, k + nsubjects - 1
     at = skip(k, lasts[c], at + 5)
     k = lasts[c] + 1
-    if has_timers then -- the timers zset and records hash follow the call's subjects
+    if has_timers then -- the timers zset, records hash and fired markers follow the call's subjects
       timed[c] = { k, at }
-      k = k + 2
+      k = k + 3
       at = at + 1 + 3 * tonumber(ARGV[at])
     end
   end
@@ -280,7 +292,8 @@ for c = 1, ncalls do
     if reply == STORED then
       local timer_changes = timed[c]
       if timer_changes then
-        timers(KEYS[timer_changes[1]], KEYS[timer_changes[1] + 1], timer_changes[2])
+        local k = timer_changes[1]
+        timers(KEYS[k], KEYS[k + 1], KEYS[k + 2], timer_changes[2])
       end
       if committing then
         before[event_id] = true -- the same event again later in this run is a duplicate

@@ -1,12 +1,15 @@
 -- Move a partition's due timers into its stream, as its owner: each due timer's event is appended
 -- to the stream and the timer removed in this one step, in due order, so a due timer reaches the
 -- stream exactly once whatever happens to the instance; nothing unless the lease is still the one
--- given (a former owner moves nothing).
+-- given (a former owner moves nothing).  Each moved timer leaves a marker, member -> the entry id
+-- of its firing, which its turn checks before running: a schedule or cancel of the member made
+-- meanwhile removes it (lua/store.lua), and an entry no script moved has none.
 --
 -- KEYS[1]  the partition's lease
 -- KEYS[2]  its timers zset (member -> due ms)
 -- KEYS[3]  its timer-records hash (member -> the event as a stream entry's JSON)
 -- KEYS[4]  its stream
+-- KEYS[5]  its timers-fired hash (member -> the stream entry id of its firing on the way)
 -- ARGV[1]  the lease as its owner holds it
 -- ARGV[2]  now, in ms: timers due at or before it are moved
 -- ARGV[3]  the most timers to move (at most a few thousand: they are unpacked as arguments)
@@ -22,10 +25,15 @@ if #due == 0 then
   return { 1, 0, redis.call('ZCARD', KEYS[2]) }
 end
 local entries = redis.call('HMGET', KEYS[3], unpack(due))
+local fired = {}
 for i = 1, #due do
   if entries[i] then
-    redis.call('XADD', KEYS[4], '*', ARGV[4], entries[i])
+    fired[#fired + 1] = due[i]
+    fired[#fired + 1] = redis.call('XADD', KEYS[4], '*', ARGV[4], entries[i])
   end
+end
+if #fired > 0 then
+  redis.call('HSET', KEYS[5], unpack(fired))
 end
 redis.call('HDEL', KEYS[3], unpack(due))
 redis.call('ZREM', KEYS[2], unpack(due))

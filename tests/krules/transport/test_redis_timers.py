@@ -5,15 +5,18 @@ from __future__ import annotations
 
 import asyncio
 import collections
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import redis.asyncio as aioredis
 
 from krules.context import EventContext
+from krules.errors import StorageError
+from krules.events import Event
 from krules.testing import RedisModeApp, wait_until
 from krules.testing.redis_server import LocalRedisServer
-from krules.timers import SUBJECT_EXPIRED
+from krules.timers import EXPIRE_KEY, SUBJECT_EXPIRED, TIMER_EXTENSION
+from krules.transport.base import encode_entry
 
 FAST: dict[str, Any] = {"timer_poll_ms": 10, "lease_ms": 2000, "lease_renew_ms": 200}
 
@@ -318,5 +321,190 @@ async def test_a_timer_scheduled_for_a_subject_of_another_partition_fires_there(
 
         await wait_until(reminded)
         assert fired == [(there, {"order": here})]
+    finally:
+        await app.stop()
+
+
+class _Held:
+    """A turn of a subject that holds the subject's lane until released, then runs ``then``."""
+
+    def __init__(self) -> None:
+        self.holding = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def hold(self) -> None:
+        self.holding.set()
+        await self.release.wait()
+
+
+def _fired_markers(app: RedisModeApp, raw: aioredis.Redis) -> Callable[[], Awaitable[dict[str, str]]]:
+    async def markers() -> dict[str, str]:
+        return await raw.hgetall(app.storage.keys.timers_fired(0))  # type: ignore[no-any-return]
+
+    return markers
+
+
+async def _pending_entries(app: RedisModeApp, raw: aioredis.Redis) -> int:
+    return int((await raw.xpending(app.storage.keys.stream(0), "krules"))["pending"])
+
+
+async def test_a_timer_in_the_stream_cancelled_by_an_earlier_turn_of_its_subject_runs_nothing(
+    redis_server: LocalRedisServer, redis_key_prefix: str, raw: aioredis.Redis
+) -> None:
+    app = RedisModeApp(redis_server.url, redis_key_prefix, partitions=1, **FAST)
+    held = _Held()
+    alarms: list[Any] = []
+    markers = _fired_markers(app, raw)
+
+    @app.on("order.paid")
+    async def paid(ctx: EventContext) -> None:
+        await held.hold()
+        await ctx.subject.cancel_schedule("payment")
+
+    @app.on("clock.arm")
+    async def arm(ctx: EventContext) -> None:  # another subject: its turn runs while the order's is held
+        await ctx.turn.subject("order-1").schedule("order.payment_timeout", after=0.05, key="payment")
+
+    @app.on("order.payment_timeout")
+    async def timeout(ctx: EventContext) -> None:
+        alarms.append(ctx.payload)
+
+    await app.start()
+    try:
+        await app.emit("order.paid", "order-1")
+        await asyncio.wait_for(held.holding.wait(), 10)
+        await app.emit("clock.arm", "clock")
+
+        async def moved_into_the_stream() -> bool:
+            return bool(await markers())
+
+        await wait_until(moved_into_the_stream)
+        held.release.set()  # the payment's turn cancels the timer, then the timer's turn runs
+
+        async def recognised_as_stale() -> bool:
+            return app.engine.stale_timers == 1 and await _pending_entries(app, raw) == 0
+
+        await wait_until(recognised_as_stale)
+        assert alarms == []
+        assert await markers() == {}
+        assert await app.storage.all_timers() == []
+        assert await app.storage.subjects("dlq") == []
+    finally:
+        await app.stop()
+
+
+async def test_a_timer_in_the_stream_rescheduled_by_an_earlier_turn_fires_once_at_its_new_time(
+    redis_server: LocalRedisServer, redis_key_prefix: str, raw: aioredis.Redis
+) -> None:
+    app = RedisModeApp(redis_server.url, redis_key_prefix, partitions=1, **FAST)
+    held = _Held()
+    alarms: list[Any] = []
+    markers = _fired_markers(app, raw)
+
+    @app.on("session.touched")
+    async def touched(ctx: EventContext) -> None:
+        await held.hold()
+        await ctx.subject.schedule("session.idle", after=0.1, key="idle", payload={"n": 2})
+
+    @app.on("clock.arm")
+    async def arm(ctx: EventContext) -> None:
+        await ctx.turn.subject("session-1").schedule("session.idle", after=0.05, key="idle", payload={"n": 1})
+
+    @app.on("session.idle")
+    async def idle(ctx: EventContext) -> None:
+        alarms.append(ctx.payload)
+
+    await app.start()
+    try:
+        await app.emit("session.touched", "session-1")
+        await asyncio.wait_for(held.holding.wait(), 10)
+        await app.emit("clock.arm", "clock")
+
+        async def moved_into_the_stream() -> bool:
+            return bool(await markers())
+
+        await wait_until(moved_into_the_stream)
+        held.release.set()
+
+        async def the_new_one_fired() -> bool:
+            return bool(alarms) and await _pending_entries(app, raw) == 0 and not await markers()
+
+        await wait_until(the_new_one_fired)
+        assert alarms == [{"n": 2}]
+        assert app.engine.stale_timers == 1
+        assert await app.storage.all_timers() == []
+    finally:
+        await app.stop()
+
+
+async def test_a_forged_timer_entry_written_to_the_stream_by_hand_runs_nothing_and_deletes_nothing(
+    redis_server: LocalRedisServer, redis_key_prefix: str, raw: aioredis.Redis
+) -> None:
+    app = RedisModeApp(redis_server.url, redis_key_prefix, partitions=1, **FAST)
+    ran: list[str] = []
+
+    @app.on("user.created")
+    async def created(ctx: EventContext) -> None:
+        await ctx.subject.set("name", "ann")
+
+    @app.on("user.reminder")
+    async def remind(ctx: EventContext) -> None:
+        ran.append(ctx.event_type)
+
+    @app.on(SUBJECT_EXPIRED)
+    async def archive(ctx: EventContext) -> None:
+        ran.append(ctx.event_type)
+
+    await app.start()
+    try:
+        await app.emit("user.created", "user-1")
+
+        async def created_and_committed() -> bool:
+            return (await app.storage.load("user-1"))[0] == {"name": "ann"}
+
+        await wait_until(created_and_committed)
+        stream = app.storage.keys.stream(0)
+        for event_type, key in ((SUBJECT_EXPIRED, EXPIRE_KEY), ("user.reminder", "reminder")):
+            forged = Event(
+                event_type, "user-1", {}, f"forged-{key}", "mallory", 0.0, 0, None, {TIMER_EXTENSION: key}
+            )
+            await raw.xadd(stream, encode_entry(forged))  # type: ignore[arg-type]
+
+        async def both_handled() -> bool:
+            return app.engine.stale_timers == 2 and await _pending_entries(app, raw) == 0
+
+        await wait_until(both_handled)
+        assert ran == []
+        assert (await app.storage.load("user-1"))[0] == {"name": "ann"}
+        assert await app.storage.subjects("dlq") == []
+    finally:
+        await app.stop()
+
+
+async def test_the_marker_of_a_firing_that_is_dead_lettered_is_removed_with_it(
+    redis_server: LocalRedisServer, redis_key_prefix: str, raw: aioredis.Redis
+) -> None:
+    app = RedisModeApp(
+        redis_server.url, redis_key_prefix, partitions=1, max_deliveries=1, claim_idle_ms=100, **FAST
+    )
+    markers = _fired_markers(app, raw)
+
+    @app.on("plan")
+    async def plan(ctx: EventContext) -> None:
+        await ctx.subject.schedule("ding", after=0.05)
+
+    @app.on("ding")
+    async def ding(ctx: EventContext) -> None:
+        raise StorageError("the storage failed under this turn")  # the turn is never committed
+
+    await app.start()
+    try:
+        await app.emit("plan", "s")
+
+        async def dead_lettered() -> bool:
+            return bool(await app.storage.subjects("dlq-")) and await _pending_entries(app, raw) == 0
+
+        await wait_until(dead_lettered)
+        assert await markers() == {}
     finally:
         await app.stop()

@@ -10,7 +10,7 @@ import redis.asyncio as aioredis
 
 from krules.events import Event
 from krules.testing.redis_server import LocalRedisServer
-from krules.timers import CANCEL, TIMER_EXTENSION, Timer
+from krules.timers import CANCEL, TIMER_EXTENSION, Fired, Timer
 from storage.base import SubjectChanges
 from storage.redis import RedisStorage, create_redis_storage
 
@@ -82,3 +82,42 @@ async def test_a_store_cancels_and_replaces_timers_by_key(storage: RedisStorage)
     assert [t.subject for t in await storage.all_timers(due_before=10)] == [name]
     assert await storage.all_timers(due_before=9) == []
     assert not await storage.cancel_timer(name, "a")
+
+
+async def test_a_firings_commit_forgets_its_own_marker_and_never_a_newer_firings(
+    storage: RedisStorage, raw: aioredis.Redis
+) -> None:
+    name = in_partition(storage, 3)
+    markers = storage.keys.timers_fired(3)
+    member = f"{len(name)}:{name}k"
+    await raw.hset(markers, member, "2-0")  # a newer firing, moved after the one committing now
+
+    done = [SubjectChanges(name, timers={"k": Fired("t-1")})]
+    assert await storage.commit(done, Receipt("t-1", partition=3, entry_id="1-0"))
+    assert await storage.fired_timer(name, "k") == "2-0"
+
+    assert await storage.commit(
+        [SubjectChanges(name, timers={"k": Fired("t-2")})], Receipt("t-2", partition=3, entry_id="2-0")
+    )
+    assert await storage.fired_timer(name, "k") is None
+
+
+async def test_a_schedule_or_a_cancel_of_a_key_makes_its_firing_on_the_way_stale(
+    storage: RedisStorage, raw: aioredis.Redis
+) -> None:
+    name = in_partition(storage, 1)
+    markers = storage.keys.timers_fired(1)
+    member = f"{len(name)}:{name}k"
+
+    await raw.hset(markers, member, "1-0")
+    await storage.store([SubjectChanges(name, timers={"k": timer(name, "k", 5)})])
+    assert await storage.fired_timer(name, "k") is None
+
+    await raw.hset(markers, member, "2-0")
+    await storage.store([SubjectChanges(name, timers={"k": CANCEL})])
+    assert await storage.fired_timer(name, "k") is None
+
+    await raw.hset(markers, member, "3-0")  # fired and not yet run: the CLI's cancel reaches it
+    assert await storage.cancel_timer(name, "k")
+    assert await storage.fired_timer(name, "k") is None
+    assert not await storage.cancel_timer(name, "k")
