@@ -38,14 +38,13 @@ from urllib.parse import unquote
 
 import redis.asyncio as aioredis
 from redis.asyncio.connection import parse_url
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
 from redis.exceptions import AskError, ClusterDownError, MovedError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from storage.redis._resp_connection import Arg, Command, MultiplexedConnection
+from storage.redis.commands import blocking_options, connection_options
 
 __all__ = ["CLUSTER_SCHEMES", "ClusterCommands", "ClusterNodeError", "ClusterRedirectError", "slot_of"]
 
@@ -156,19 +155,11 @@ class ClusterCommands:
         """Commands on the cluster ``url`` names (nothing is sent before the first call); ValueError
         for a bad URL.  Options of the URL win over the timeouts given here."""
         seeds, parsed = parse_cluster_url(url)
-        options: dict[str, Any] = {
-            "decode_responses": True,
-            "retry": Retry(NoBackoff(), 0),
-            "socket_connect_timeout": connect_timeout,
-            "socket_timeout": socket_timeout,
-        }
-        options.update(parsed)
-        options["protocol"] = 2
+        options = connection_options(parsed, connect_timeout=connect_timeout, socket_timeout=socket_timeout)
         return cls(seeds, options)
 
     def blocking(self, timeout: float) -> ClusterCommands:
-        options = dict(self._options)
-        options["socket_timeout"] = max(options.get("socket_timeout") or 0.0, timeout + 5.0)
+        options = blocking_options(self._options, timeout)
         return ClusterCommands(self._topology.seeds, options, topology=self._topology)
 
     # -- the storage's commands ----------------------------------------------------------------

@@ -17,7 +17,7 @@ connection of its own for commands made from a URL, the client itself (a pool) o
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Final, Protocol
 
 import redis.asyncio as aioredis
@@ -111,6 +111,28 @@ class RedisCommands(Protocol):
         ...
 
 
+def connection_options(
+    parsed: Mapping[str, Any], *, connect_timeout: float, socket_timeout: float
+) -> dict[str, Any]:
+    """redis-py connection options for the fast connection: the URL's ``parsed`` options win over the
+    timeouts given; no retry inside redis-py (retrying is the storage's policy); RESP2 (what
+    ``_Link`` reads)."""
+    options: dict[str, Any] = {
+        "decode_responses": True,
+        "retry": Retry(NoBackoff(), 0),
+        "socket_connect_timeout": connect_timeout,
+        "socket_timeout": socket_timeout,
+    }
+    options.update(parsed)
+    options["protocol"] = 2
+    return options
+
+
+def blocking_options(options: dict[str, Any], timeout: float) -> dict[str, Any]:
+    """``options`` with a socket timeout long enough for blocking reads of up to ``timeout`` s."""
+    return {**options, "socket_timeout": max(options.get("socket_timeout") or 0.0, timeout + 5.0)}
+
+
 class ConnectionCommands:
     """The storage's commands on a :class:`MultiplexedConnection` (which this object owns)."""
 
@@ -128,14 +150,9 @@ class ConnectionCommands:
         Options in the URL's query string win over the timeouts given here, as with redis-py's
         ``from_url``.  redis-py does not retry on its own: retrying is the storage's policy.
         """
-        options: dict[str, Any] = {
-            "decode_responses": True,
-            "retry": Retry(NoBackoff(), 0),
-            "socket_connect_timeout": connect_timeout,
-            "socket_timeout": socket_timeout,
-        }
-        options.update(parse_url(url))
-        options["protocol"] = 2  # what _Link reads
+        options = connection_options(
+            parse_url(url), connect_timeout=connect_timeout, socket_timeout=socket_timeout
+        )
         # The pool only makes the connection (TLS, AUTH, SELECT as the URL says); it lends none.
         return cls._open(options)
 
@@ -148,9 +165,7 @@ class ConnectionCommands:
     def blocking(self, timeout: float) -> ConnectionCommands:
         if self._options is None:
             raise TypeError("these commands were not made from a URL; pass a client for blocking reads")
-        options = dict(self._options)
-        options["socket_timeout"] = max(options.get("socket_timeout") or 0.0, timeout + 5.0)
-        return self._open(options)
+        return self._open(blocking_options(self._options, timeout))
 
     async def hgetall(self, key: str) -> dict[Any, Any]:
         flat = await self._execute("HGETALL", key)

@@ -23,13 +23,11 @@ from typing import Any, Final
 from urllib.parse import parse_qsl, unquote
 
 from redis.asyncio.connection import parse_url
-from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool, SentinelManagedConnection
-from redis.backoff import NoBackoff
 from redis.exceptions import ReadOnlyError
 
 from storage.redis._resp_connection import Arg, Command, MultiplexedConnection
-from storage.redis.commands import ConnectionCommands
+from storage.redis.commands import ConnectionCommands, connection_options
 
 __all__ = ["SENTINEL_SCHEMES", "SentinelCommands", "parse_sentinel_url"]
 
@@ -114,14 +112,7 @@ class SentinelCommands(ConnectionCommands):
         """Commands on the primary of ``url`` (nothing is asked before the first call); ValueError
         for a bad URL.  Options of the URL win over the timeouts given here."""
         sentinels, service, parsed = parse_sentinel_url(url)
-        options: dict[str, Any] = {
-            "decode_responses": True,
-            "retry": Retry(NoBackoff(), 0),
-            "socket_connect_timeout": connect_timeout,
-            "socket_timeout": socket_timeout,
-        }
-        options.update(parsed)
-        options["protocol"] = 2  # what _Link reads
+        options = connection_options(parsed, connect_timeout=connect_timeout, socket_timeout=socket_timeout)
         options["sentinels"] = sentinels
         options["service_name"] = service
         return cls._open(options)
