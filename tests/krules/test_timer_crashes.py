@@ -31,6 +31,32 @@ def deployment(
     return deployment_factory(redis_server.url, redis_key_prefix, 4)
 
 
+def plan_timers_then_kill(deployment: Deployment, victim: Instance, *, spacing: float) -> list[str]:
+    """Plan ``TIMERS`` timers on each of ``SUBJECTS`` subjects (due from 0.5 s on, ``spacing`` s
+    apart), let 200 fire, then kill ``victim`` with SIGKILL while the rest are due; the subjects."""
+    subjects = [f"device-{n}" for n in range(SUBJECTS)]
+    deployment.emit(
+        [
+            {"type": "timers.plan", "subject": s, "data": {"start": 0.5, "spacing": spacing, "count": TIMERS}}
+            for s in subjects
+        ]
+    )
+    wait_until(
+        lambda: deployment.committed_total() >= SUBJECTS + 200,
+        FINISH_TIMEOUT,
+        "200 timers fired",
+        deployment.describe,
+    )
+    victim.kill()
+    assert deployment.committed_total() < SUBJECTS * (1 + TIMERS), "every timer fired before the kill"
+    return subjects
+
+
+def fired_keys(deployment: Deployment, subject: str) -> list[str]:
+    """The keys of ``subject``'s timers that fired, in the order handled."""
+    return deployment.prop(subject, "fired") or []
+
+
 def test_an_instance_killed_while_timers_come_due_leaves_each_to_fire_once_in_order_after_restart(
     redis_server: LocalRedisServer,
     redis_key_prefix: str,
@@ -46,30 +72,13 @@ def test_an_instance_killed_while_timers_come_due_leaves_each_to_fire_once_in_or
         return instance
 
     victim = start("victim")
-    subjects = [f"device-{n}" for n in range(SUBJECTS)]
-    deployment.emit(
-        [
-            {"type": "timers.plan", "subject": s, "data": {"start": 0.5, "spacing": 0.08, "count": TIMERS}}
-            for s in subjects
-        ]
-    )
-    wait_until(
-        lambda: deployment.committed_total() >= SUBJECTS + 200,
-        FINISH_TIMEOUT,
-        "200 timers fired",
-        deployment.describe,
-    )
-    victim.kill()
-    assert deployment.committed_total() < SUBJECTS * (1 + TIMERS), "every timer fired before the kill"
+    subjects = plan_timers_then_kill(deployment, victim, spacing=0.08)
 
     survivor = start("survivor")
 
-    def fired(subject: str) -> list[str]:
-        return deployment.prop(subject, "fired") or []
-
     wait_until(
         lambda: (
-            sum(len(fired(s)) for s in subjects) >= SUBJECTS * TIMERS
+            sum(len(fired_keys(deployment, s)) for s in subjects) >= SUBJECTS * TIMERS
             and not any(deployment.redis.zcard(deployment.keys.timers(p)) for p in range(4))
         ),
         FINISH_TIMEOUT,
@@ -78,7 +87,7 @@ def test_an_instance_killed_while_timers_come_due_leaves_each_to_fire_once_in_or
     )
     wait_finished(deployment, survivor)
     expected = [f"k{i}" for i in range(TIMERS)]
-    assert {s: fired(s) for s in subjects} == dict.fromkeys(subjects, expected)
+    assert {s: fired_keys(deployment, s) for s in subjects} == dict.fromkeys(subjects, expected)
     assert deployment.dead_letters() == 0
     assert_clean_exit(survivor)
 
@@ -111,27 +120,10 @@ def test_timers_of_a_killed_instances_partitions_fire_once_at_the_instance_that_
         "both instances owning partitions",
         deployment.describe,
     )
-    subjects = [f"device-{n}" for n in range(SUBJECTS)]
-    deployment.emit(
-        [
-            {"type": "timers.plan", "subject": s, "data": {"start": 0.5, "spacing": 0.1, "count": TIMERS}}
-            for s in subjects
-        ]
-    )
-    wait_until(
-        lambda: deployment.committed_total() >= SUBJECTS + 200,
-        FINISH_TIMEOUT,
-        "200 timers fired",
-        deployment.describe,
-    )
-    victim.kill()
-    assert deployment.committed_total() < SUBJECTS * (1 + TIMERS), "every timer fired before the kill"
-
-    def fired(subject: str) -> list[str]:
-        return deployment.prop(subject, "fired") or []
+    subjects = plan_timers_then_kill(deployment, victim, spacing=0.1)
 
     wait_until(
-        lambda: sum(len(fired(s)) for s in subjects) >= SUBJECTS * TIMERS,
+        lambda: sum(len(fired_keys(deployment, s)) for s in subjects) >= SUBJECTS * TIMERS,
         FINISH_TIMEOUT,
         "every timer fired",
         lambda: f"{deployment.describe()}\n{survivor.describe()}",
@@ -139,5 +131,5 @@ def test_timers_of_a_killed_instances_partitions_fire_once_at_the_instance_that_
     wait_finished(deployment, survivor)
     assert set(deployment.owners().values()) == {"survivor"}
     expected = [f"k{i}" for i in range(TIMERS)]
-    assert {s: fired(s) for s in subjects} == dict.fromkeys(subjects, expected)
+    assert {s: fired_keys(deployment, s) for s in subjects} == dict.fromkeys(subjects, expected)
     assert_clean_exit(survivor)
