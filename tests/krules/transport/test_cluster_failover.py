@@ -10,9 +10,9 @@ from collections.abc import Callable
 import pytest
 from redis.crc import key_slot
 
-from krules.context import EventContext
-from krules.testing import RedisModeApp, wait_until
+from krules.testing import wait_until
 from krules.testing.redis_cluster import LocalRedisCluster
+from tests.failover_counting import counted, counting_app, send_round
 
 pytestmark = [pytest.mark.redis_server, pytest.mark.slow]
 
@@ -21,21 +21,10 @@ async def test_a_primary_killed_mid_run_is_replaced_by_its_replica_and_every_eve
     redis_cluster_factory: Callable[..., LocalRedisCluster], redis_key_prefix: str
 ) -> None:
     cluster = redis_cluster_factory()
-    app = RedisModeApp(cluster.url, redis_key_prefix, partitions=4, redis_wait_replicas=1)
-
-    @app.on("count.inc")
-    async def count(ctx: EventContext) -> None:
-        await ctx.subject.set("count", lambda n: (n or 0) + 1)
-
+    app = counting_app(cluster.url, redis_key_prefix, partitions=4)
     await app.start()
-    subjects = [f"s{i}" for i in range(8)]
-
-    async def counted(expected: int) -> bool:
-        return [await _count(app, name) for name in subjects] == [expected] * len(subjects)
-
-    for name in subjects:
-        await app.emit("count.inc", name)
-    await wait_until(lambda: counted(1), timeout=30)
+    await send_round(app)
+    await wait_until(lambda: counted(app, 1), timeout=30)
 
     slot = key_slot(app.storage.keys.stream(0).encode())
     victim = cluster.primary_of(slot)
@@ -43,8 +32,7 @@ async def test_a_primary_killed_mid_run_is_replaced_by_its_replica_and_every_eve
     async def replaced() -> bool:
         return await asyncio.to_thread(cluster.primary_of, slot) is not victim
 
-    for name in subjects:  # each append acknowledged by the replica of its stream's primary
-        await app.emit("count.inc", name)
+    await send_round(app)  # each append acknowledged by the replica of its stream's primary
     victim.stop(kill=True)  # while those are being processed and committed
     await wait_until(replaced, timeout=60)
     await asyncio.to_thread(cluster.wait_until_ok, 60.0, replicas=0)
@@ -53,16 +41,7 @@ async def test_a_primary_killed_mid_run_is_replaced_by_its_replica_and_every_eve
     victim.start()
     await asyncio.to_thread(cluster.wait_until_ok, 60.0)
 
-    for name in subjects:
-        await app.emit("count.inc", name)
-    await wait_until(lambda: counted(3), timeout=90)
+    await send_round(app)
+    await wait_until(lambda: counted(app, 3), timeout=90)
     await app.stop()
     assert cluster.replicas_of(cluster.primary_of(slot)) == [victim]
-
-
-async def _count(app: RedisModeApp, name: str) -> int | None:
-    try:
-        value: int = await app.storage.get(name, "count")
-    except KeyError:
-        return None
-    return value

@@ -7,12 +7,12 @@ from collections.abc import Callable
 
 import pytest
 
-from krules.context import EventContext
 from krules.errors import ConfigurationError
-from krules.testing import RedisModeApp, wait_until
+from krules.testing import wait_until
 from krules.testing.redis_sentinel import LocalRedisSentinel
 from storage.redis import create_redis_storage
 from storage.redis.sentinel import parse_sentinel_url
+from tests.failover_counting import counted, counting_app, send_round
 
 
 def test_a_sentinel_url_names_the_sentinels_the_service_and_the_primarys_options() -> None:
@@ -33,43 +33,22 @@ async def test_a_killed_primary_is_replaced_by_its_replica_and_every_event_count
     redis_sentinel_factory: Callable[..., LocalRedisSentinel], redis_key_prefix: str
 ) -> None:
     setup = redis_sentinel_factory()
-    app = RedisModeApp(setup.url, redis_key_prefix, partitions=2, redis_wait_replicas=1)
-
-    @app.on("count.inc")
-    async def count(ctx: EventContext) -> None:
-        await ctx.subject.set("count", lambda n: (n or 0) + 1)
-
+    app = counting_app(setup.url, redis_key_prefix, partitions=2)
     await app.start()
-    subjects = [f"s{i}" for i in range(8)]
-
-    async def counted(expected: int) -> bool:
-        return [await _count(app, name) for name in subjects] == [expected] * len(subjects)
-
-    for name in subjects:
-        await app.emit("count.inc", name)
-    await wait_until(lambda: counted(1), timeout=30)
+    await send_round(app)
+    await wait_until(lambda: counted(app, 1), timeout=30)
     victim = setup.primary
 
     async def replaced() -> bool:
         return await asyncio.to_thread(lambda: setup.primary is not victim)
 
-    for name in subjects:  # each append acknowledged by the replica
-        await app.emit("count.inc", name)
+    await send_round(app)  # each append acknowledged by the replica
     victim.stop(kill=True)  # while those are being processed and committed
     await wait_until(replaced, timeout=60)
     victim.start()  # back, empty, and made the new primary's replica by the sentinels
     await asyncio.to_thread(setup.wait_until_watched, 60.0)
 
-    for name in subjects:
-        await app.emit("count.inc", name)
-    await wait_until(lambda: counted(3), timeout=90)
+    await send_round(app)
+    await wait_until(lambda: counted(app, 3), timeout=90)
     await app.stop()
     assert setup.primary is not victim
-
-
-async def _count(app: RedisModeApp, name: str) -> int | None:
-    try:
-        value: int = await app.storage.get(name, "count")
-    except KeyError:
-        return None
-    return value
