@@ -15,13 +15,12 @@ import socket
 import subprocess
 import time
 from pathlib import Path
-from types import TracebackType
 from typing import Any, Final
 
 import redis
 
 from krules.errors import ConfigurationError, StorageUnavailableError
-from krules.testing.redis_server import LocalRedisServer, find_redis_server
+from krules.testing.redis_server import LocalRedisServer, StartedByWith, find_redis_server
 
 __all__ = ["LocalRedisCluster"]
 
@@ -47,7 +46,7 @@ def _free(port: int) -> bool:
         return True
 
 
-class LocalRedisCluster:
+class LocalRedisCluster(StartedByWith):
     """``primaries`` primaries with ``replicas`` replicas each, all on 127.0.0.1."""
 
     def __init__(
@@ -212,15 +211,3 @@ class LocalRedisCluster:
             return False
         (view,) = views
         return sum(end - start + 1 for start, end, _ in view) == 16384
-
-    def __enter__(self) -> LocalRedisCluster:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.stop()

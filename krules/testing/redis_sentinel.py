@@ -13,13 +13,12 @@ import signal
 import subprocess
 import time
 from pathlib import Path
-from types import TracebackType
 from typing import Final
 
 import redis
 
 from krules.errors import ConfigurationError, StorageUnavailableError
-from krules.testing.redis_server import LocalRedisServer, find_redis_server, free_port
+from krules.testing.redis_server import LocalRedisServer, StartedByWith, find_redis_server, free_port
 
 __all__ = ["LocalRedisSentinel"]
 
@@ -60,7 +59,7 @@ class _SentinelProcess:
             process.wait()
 
 
-class LocalRedisSentinel:
+class LocalRedisSentinel(StartedByWith):
     """A primary with ``replicas`` replicas, watched by ``sentinels`` sentinels, all on 127.0.0.1."""
 
     def __init__(
@@ -163,15 +162,3 @@ class LocalRedisSentinel:
             if name.startswith("slave") and isinstance(value, dict) and value.get("state") == "online"
         )
         return online >= replicas
-
-    def __enter__(self) -> LocalRedisSentinel:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.stop()

@@ -16,7 +16,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Final
+from typing import Final, Self
 
 from krules.errors import ConfigurationError, StorageUnavailableError
 
@@ -45,7 +45,29 @@ def _command(*parts: str) -> bytes:
     return b"*%d\r\n" % len(encoded) + b"".join(b"$%d\r\n%s\r\n" % (len(p), p) for p in encoded)
 
 
-class LocalRedisServer:
+class StartedByWith:
+    """``with`` starts it and stops it again (the subclass's ``start()`` and ``stop()``)."""
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+class LocalRedisServer(StartedByWith):
     """One ``redis-server`` process; ``start``/``stop``/``restart`` keep the same port and directory."""
 
     def __init__(
@@ -166,15 +188,3 @@ class LocalRedisServer:
         with contextlib.suppress(OSError):
             return self.log_path.read_text(errors="replace").strip()[-500:]
         return "(no log)"
-
-    def __enter__(self) -> LocalRedisServer:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.stop()
